@@ -1,0 +1,81 @@
+"""The contract between the worker and a video generator backend.
+
+This module must stay importable without torch: the worker, the CLI and most tests only see these types.
+A backend (e.g. `daemon.generate.i2vgenxl`) imports torch/diffusers lazily and implements `Generator`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+    from PIL import Image
+
+StepCallback = Callable[[int, int, float], None]
+"""Called after each denoising step with (step index starting at 1, total steps, seconds the step took)."""
+
+InterruptCheck = Callable[[], bool]
+"""Polled between denoising steps; True makes the generator raise `JobInterrupted`."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything one video needs, already resolved and validated (sizes are multiples of 8)."""
+
+    image: Image.Image
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    num_frames: int
+    target_fps: int
+    steps: int
+    guidance_scale: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The decoded frames plus what the manifest and the metrics need to know about how they were made."""
+
+    frames: npt.NDArray[np.uint8]
+    """(num_frames, height, width, 3) RGB."""
+    timings: Mapping[str, float] = field(default_factory=dict)
+    """Seconds per internal stage: encode_prompt, encode_image, denoise, decode."""
+    peak_vram_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity of the loaded model, for manifests, logs and `build_info`."""
+
+    model_id: str
+    revision: str | None
+    device: str
+    dtype: str
+    load_seconds: float
+    library_versions: Mapping[str, str] = field(default_factory=dict)
+
+
+class Generator(Protocol):
+    """A loaded, warm pipeline. Loaded once per process and reused by every job."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        on_step: StepCallback | None = None,
+        should_interrupt: InterruptCheck | None = None,
+    ) -> GenerationResult:
+        """Generate one video. Raises `TransientJobError` on out-of-memory, `JobInterrupted` when asked to stop."""
+        ...
+
+    def memory_stats(self) -> Mapping[str, int]:
+        """Device memory in bytes: keys `allocated`, `reserved`, `total`, `free` (empty on CPU)."""
+        ...
