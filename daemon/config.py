@@ -67,7 +67,7 @@ class GenerationConfig(_Frozen):
 
     defaults: GenerationSettings = SEED_DEFAULTS
     presets: dict[PresetName, GenerationSettings] = Field(default_factory=lambda: dict(SEED_PRESETS))
-    max_pixels: Annotated[int, Field(ge=64 * 64)] = 1024 * 1024
+    max_pixels: Annotated[int, Field(ge=64 * 64)] = 1824 * 1024  # 1024p at 16:9
     negative_prompt: str = ""
 
 

@@ -1,0 +1,257 @@
+"""The sidecar contract: parse hostile YAML safely into a strict `JobSpec`, then resolve it into a `ResolvedJob`.
+
+A sidecar is written by people and scripts we do not control, so parsing refuses anything surprising: aliases and
+anchors (billion-laughs), duplicate keys (PyYAML silently keeps the last), non-string keys, unknown keys, and
+values of the wrong type (`strict`: `true` is not a number, `"16"` is not an int). Every refusal names the key.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from daemon.config import (
+    SEED_DEFAULTS,
+    TIER_SHORT_SIDE,
+    EncodeConfig,
+    GenerationConfig,
+    GenerationSettings,
+    PresetName,
+    TierName,
+)
+from daemon.errors import JobRejected
+
+MAX_PROMPT_CHARS = 2000
+MAX_SEED = 2**63 - 1
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+# I2VGen-XL's VAE downsamples by 8, so pixel sizes must be multiples of 8.
+SIZE_MULTIPLE = 8
+MAX_ASPECT = 16 / 9
+# Peak VRAM model for the real I2VGen-XL in fp16 (batched CFG), fitted on the stock pipeline's measured 7.3 GiB at
+# 512x512x16 frames on one H100 with ~4.64 GiB of weights: the rest scales with latent positions (H/8*W/8*frames).
+_WEIGHTS_BYTES_FP16 = int(4.64 * 2**30)
+_BYTES_PER_LATENT_POSITION = int((7.3 - 4.64) * 2**30 / (64 * 64 * 16))
+
+
+def sanitize_output_name(raw: str) -> str:
+    """Reduce a user-supplied stem to `[A-Za-z0-9._-]`, no leading dot, at most 64 chars; refuse an empty result."""
+    cleaned = _UNSAFE_NAME_CHARS.sub("_", raw).strip("._-")[:64].rstrip("._-")
+    if not cleaned:
+        raise ValueError("output_name has no usable characters (allowed: letters, digits, '.', '_', '-')")
+    return cleaned
+
+
+class JobSpec(BaseModel):
+    """What a sidecar asked for. All keys except `prompt` are optional; unknown keys are an error."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+    negative_prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | None = None
+    preset: PresetName | None = None
+    resolution: TierName | None = None
+    width: Annotated[int, Field(ge=64, le=2048, multiple_of=SIZE_MULTIPLE)] | None = None
+    height: Annotated[int, Field(ge=64, le=2048, multiple_of=SIZE_MULTIPLE)] | None = None
+    num_frames: Annotated[int, Field(ge=8, le=32)] | None = None
+    fps: Annotated[int, Field(ge=1, le=60)] | None = None
+    target_fps: Annotated[int, Field(ge=1, le=60)] | None = None
+    steps: Annotated[int, Field(ge=1, le=200)] | None = None
+    guidance_scale: Annotated[float, Field(ge=1.0, le=30.0)] | None = None
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+    # YAML gives lists; strict mode would refuse a list for a tuple, so this field alone is lax (items stay str).
+    variants: Annotated[tuple[Annotated[str, Field(max_length=32)], ...], Field(strict=False, max_length=16)] | None = None
+    priority: Annotated[int, Field(ge=-100, le=100)] = 0
+    output_name: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be blank")
+        return value.strip()
+
+    @field_validator("output_name")
+    @classmethod
+    def _sanitize_name(cls, value: str | None) -> str | None:
+        return None if value is None else sanitize_output_name(value)
+
+    @model_validator(mode="after")
+    def _size_is_one_choice(self) -> JobSpec:
+        if (self.width is None) != (self.height is None):
+            raise ValueError("width and height must be given together")
+        if self.width is not None and self.resolution is not None:
+            raise ValueError("give either resolution or width+height, not both")
+        return self
+
+    def settings(self) -> GenerationSettings:
+        """The generation settings this sidecar set explicitly (the top layer of resolution)."""
+        return GenerationSettings(
+            resolution=self.resolution,
+            width=self.width,
+            height=self.height,
+            num_frames=self.num_frames,
+            fps=self.fps,
+            target_fps=self.target_fps,
+            steps=self.steps,
+            guidance_scale=self.guidance_scale,
+        )
+
+
+class ResolvedJob(BaseModel):
+    """A job with every setting decided: what the worker runs and what the manifest records as 'used'."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prompt: str
+    negative_prompt: str
+    preset: PresetName | None
+    resolution: TierName | None
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    target_fps: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    variants: tuple[str, ...]
+    priority: int
+    output_name: str
+    estimated_vram_bytes: int
+
+    @property
+    def duration_seconds(self) -> float:
+        return self.num_frames / self.fps
+
+
+class _StrictSafeLoader(yaml.SafeLoader):
+    """SafeLoader that also refuses duplicate keys and non-string keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if not isinstance(key, str):
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is not a string", key_node.start_mark)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _refuse_aliases(text: str) -> None:
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise JobRejected("sidecar uses YAML anchors/aliases, which are not allowed", reason="sidecar_yaml")
+
+
+def load_sidecar_mapping(data: bytes) -> dict[str, Any]:
+    """Decode and safely parse sidecar bytes into a plain mapping, or raise `JobRejected` saying why."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise JobRejected(f"sidecar is not UTF-8 text: {exc}", reason="sidecar_encoding") from exc
+    try:
+        _refuse_aliases(text)
+        document = yaml.load(text, Loader=_StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise JobRejected(f"sidecar is not valid YAML: {exc}", reason="sidecar_yaml") from exc
+    if not isinstance(document, dict):
+        raise JobRejected("sidecar must be a YAML mapping with at least a 'prompt' key", reason="sidecar_yaml")
+    return document
+
+
+def parse_sidecar(data: bytes) -> JobSpec:
+    """Parse sidecar bytes into a `JobSpec`; every problem becomes one `key: message` line of the rejection."""
+    mapping = load_sidecar_mapping(data)
+    try:
+        return JobSpec.model_validate(mapping)
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(p) for p in err['loc']) or 'sidecar'}: {err['msg']}" for err in exc.errors()
+        ]
+        raise JobRejected("; ".join(problems), reason="sidecar_invalid", detail=problems) from exc
+
+
+def _merge(layers: list[GenerationSettings]) -> dict[str, Any]:
+    """Fold settings layers (lowest precedence first). Size (tier or width+height) is one unit."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        values = layer.model_dump(exclude_none=True)
+        if "resolution" in values or "width" in values:
+            for key in ("resolution", "width", "height"):
+                merged.pop(key, None)
+        merged.update(values)
+    return merged
+
+
+def tier_size(tier: TierName, image_size: tuple[int, int] | None) -> tuple[int, int]:
+    """A tier fixes the short side; the long side follows the image's aspect ratio (capped at 16:9)."""
+    short = TIER_SHORT_SIDE[tier]
+    if image_size is None:
+        return short, short
+    width, height = image_size
+    aspect = min(max(width, height) / max(1, min(width, height)), MAX_ASPECT)
+    long = int(round(short * aspect / SIZE_MULTIPLE)) * SIZE_MULTIPLE
+    return (long, short) if width >= height else (short, long)
+
+
+def estimate_vram_bytes(width: int, height: int, num_frames: int) -> int:
+    """Rough peak VRAM of the real I2VGen-XL in fp16 with batched CFG (see the fit above)."""
+    latent_positions = math.ceil(width / 8) * math.ceil(height / 8) * num_frames
+    return _WEIGHTS_BYTES_FP16 + latent_positions * _BYTES_PER_LATENT_POSITION
+
+
+def resolve_job(
+    spec: JobSpec,
+    generation: GenerationConfig,
+    encode: EncodeConfig,
+    *,
+    stem: str,
+    image_size: tuple[int, int] | None = None,
+    seed: int | None = None,
+) -> ResolvedJob:
+    """Apply precedence sidecar > preset > config defaults > seed defaults, and check the result against limits."""
+    layers = [SEED_DEFAULTS, generation.defaults]
+    if spec.preset is not None:
+        layers.append(generation.presets.get(spec.preset, GenerationSettings()))
+    layers.append(spec.settings())
+    merged = _merge(layers)
+    if "width" in merged:
+        width, height = merged["width"], merged["height"]
+    else:
+        width, height = tier_size(merged["resolution"], image_size)
+    if width * height > generation.max_pixels:
+        raise JobRejected(
+            f"{width}x{height} is {width * height} pixels; this daemon allows at most {generation.max_pixels}",
+            reason="too_large",
+        )
+    variants = spec.variants if spec.variants is not None else encode.default_variants
+    unknown = [name for name in variants if name not in encode.variants]
+    if unknown:
+        raise JobRejected(
+            f"variants: unknown {unknown}; allowed: {sorted(encode.variants)}", reason="sidecar_invalid"
+        )
+    return ResolvedJob(
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt if spec.negative_prompt is not None else generation.negative_prompt,
+        preset=spec.preset,
+        resolution=merged.get("resolution"),
+        width=width,
+        height=height,
+        num_frames=merged["num_frames"],
+        fps=merged["fps"],
+        target_fps=merged["target_fps"],
+        steps=merged["steps"],
+        guidance_scale=merged["guidance_scale"],
+        seed=spec.seed if spec.seed is not None else (seed if seed is not None else secrets.randbelow(2**32)),
+        variants=tuple(dict.fromkeys(variants)),
+        priority=spec.priority,
+        output_name=spec.output_name or sanitize_output_name(stem),
+        estimated_vram_bytes=estimate_vram_bytes(width, height, merged["num_frames"]),
+    )
