@@ -167,6 +167,14 @@ class PublishConfig(_Frozen):
     processed_inputs: Literal["archive", "delete"] = "archive"
 
 
+class WorkerConfig(_Frozen):
+    """Per-job error policy: transient failures (OOM, ffmpeg crash, full disk) are retried, then quarantined."""
+
+    max_attempts: Annotated[int, Field(ge=1, le=20)] = 3
+    retry_delay_seconds: Annotated[float, Field(ge=0.0, le=3600.0)] = 5.0
+    stop_timeout_seconds: Annotated[float, Field(gt=0.0, le=3600.0)] = 60.0
+
+
 class MetricsConfig(_Frozen):
     """The Prometheus exporter. Loopback by default: metrics are not for the whole network."""
 
@@ -184,7 +192,7 @@ class DaemonConfig(BaseSettings):
     """The whole configuration. Sources, highest first: CLI flags, `I2VD_*` environment, the YAML file, defaults."""
 
     model_config = SettingsConfigDict(
-        frozen=True, extra="forbid", env_prefix="I2VD_", env_nested_delimiter="__", nested_model_default_partial_update=True
+        frozen=True, extra="forbid", env_prefix="I2VD_", env_nested_delimiter="__"
     )
 
     inbox: Path = Path("inbox")
@@ -195,6 +203,7 @@ class DaemonConfig(BaseSettings):
     intake: IntakeConfig = IntakeConfig()
     encode: EncodeConfig = EncodeConfig()
     publish: PublishConfig = PublishConfig()
+    worker: WorkerConfig = WorkerConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
 
@@ -240,16 +249,18 @@ def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> DaemonConfig:
+def load_config(path: Path | None = None, path_overrides: dict[str, str | Path | None] | None = None) -> DaemonConfig:
     """Load and validate the configuration; raise `ConfigError` with a readable message when it is wrong."""
     data = _read_yaml_mapping(path) if path is not None else {}
     source = str(path) if path is not None else "defaults/environment"
     try:
         config = DaemonConfig(**data)
-        flags = {key: value for key, value in (overrides or {}).items() if value is not None}
-        if flags:
-            # model_validate skips the settings sources, so CLI flags win over the environment.
-            config = DaemonConfig.model_validate(config.model_dump() | flags)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from exc
-    return config
+    flags = {key: Path(value) for key, value in (path_overrides or {}).items() if value is not None}
+    unknown = set(flags) - {"inbox", "outbox", "state_dir"}
+    if unknown:
+        raise ConfigError(f"unknown path override(s): {sorted(unknown)}")
+    # Applied after the settings sources, so CLI flags win over the environment. Only paths, which need no
+    # validation beyond the Path conversion above.
+    return config.model_copy(update=flags) if flags else config

@@ -1,0 +1,194 @@
+"""The `i2vd` command. It parses arguments, calls the service or a stage, and maps errors to exit codes.
+
+Exit codes (sysexits.h where one fits): 0 ok; 1 runtime failure; 2 usage; 65 (EX_DATAERR) invalid sidecar or
+image; 78 (EX_CONFIG) invalid configuration — the systemd unit does not restart on 78, since retrying cannot help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from daemon import __version__
+from daemon.config import DaemonConfig, load_config
+from daemon.errors import ConfigError, FatalError, JobRejected
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_DATAERR = 65
+EXIT_CONFIG = 78
+
+
+def _load(args: argparse.Namespace) -> DaemonConfig:
+    path = args.config or os.environ.get("I2VD_CONFIG")
+    overrides = {"inbox": getattr(args, "inbox", None), "outbox": getattr(args, "outbox", None)}
+    return load_config(Path(path) if path else None, overrides)
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from daemon.logs import configure_logging
+    from daemon.service import Service
+    from daemon.signals import StopSignals
+
+    config = _load(args)
+    configure_logging(config.logging.level, config.logging.format)
+    signals = StopSignals()
+    signals.install()
+    # The service polls the signal flags: a signal during start-up (model loading can take minutes) stops it
+    # as soon as it is up; a second signal makes the stop stop waiting for the running job.
+    service = Service(config, once=args.once, stop_requested=signals.stop_requested, force=signals.force_requested)
+    service.start()
+    return service.run_until_stopped()
+
+
+def command_validate(args: argparse.Namespace) -> int:
+    """Print the resolved job as JSON; never loads the model."""
+    from daemon.intake import load_image_rgb
+    from daemon.jobspec import parse_sidecar, resolve_job
+
+    config = _load(args)
+    sidecar = Path(args.sidecar)
+    try:
+        spec = parse_sidecar(sidecar.read_bytes())
+        image_size = None
+        if args.image:
+            with load_image_rgb(Path(args.image), config.intake.max_image_pixels) as image:
+                image_size = image.size
+        resolved = resolve_job(spec, config.generation, config.encode, stem=sidecar.stem, image_size=image_size)
+    except JobRejected as exc:
+        print(json.dumps({"valid": False, "reason": exc.reason, "message": exc.message, "detail": exc.detail}))
+        print(f"invalid: {exc.message}", file=sys.stderr)
+        return EXIT_DATAERR
+    except OSError as exc:
+        print(f"cannot read input: {exc}", file=sys.stderr)
+        return EXIT_DATAERR
+    plan: dict[str, Any] = {"valid": True, **resolved.model_dump(mode="json")}
+    plan["seed_source"] = "sidecar" if spec.seed is not None else "random (chosen at claim time)"
+    plan["estimated_vram_gib"] = round(resolved.estimated_vram_bytes / 2**30, 2)
+    plan["duration_seconds"] = resolved.duration_seconds
+    print(json.dumps(plan, indent=2))
+    return EXIT_OK
+
+
+def _sidecar_bytes(args: argparse.Namespace) -> bytes:
+    from daemon.jobspec import parse_sidecar
+
+    data = Path(args.sidecar).read_bytes() if args.sidecar else yaml.safe_dump({"prompt": args.prompt}).encode()
+    parse_sidecar(data)  # refuse to drop what the daemon would reject
+    return data
+
+
+def _drop_atomically(data_source: Path | bytes, destination: Path) -> None:
+    """Write under a `.part` name the daemon ignores, then rename: the daemon never sees a half file."""
+    partial = destination.with_name(f"{destination.name}.{uuid.uuid4().hex[:8]}.part")
+    if isinstance(data_source, Path):
+        shutil.copyfile(data_source, partial)
+    else:
+        partial.write_bytes(data_source)
+    with partial.open("rb+") as handle:
+        os.fsync(handle.fileno())
+    os.rename(partial, destination)
+
+
+def command_submit(args: argparse.Namespace) -> int:
+    """Drop a pair into the inbox: image first, sidecar last (the daemon waits for both)."""
+    from daemon.intake import IMAGE_EXTENSIONS
+    from daemon.jobspec import sanitize_output_name
+
+    config = _load(args)
+    image = Path(args.image)
+    suffix = image.suffix.lower()
+    if suffix not in IMAGE_EXTENSIONS:
+        print(f"{image}: extension must be one of {sorted(IMAGE_EXTENSIONS)}", file=sys.stderr)
+        return EXIT_DATAERR
+    try:
+        sidecar = _sidecar_bytes(args)
+    except JobRejected as exc:
+        print(f"invalid sidecar: {exc.message}", file=sys.stderr)
+        return EXIT_DATAERR
+    inbox = config.inbox
+    inbox.mkdir(parents=True, exist_ok=True)
+    stem = sanitize_output_name(args.name or image.stem)
+    while any((inbox / f"{stem}{ext}").exists() for ext in (suffix, ".yaml")):
+        stem = f"{stem}-{uuid.uuid4().hex[:6]}"
+    _drop_atomically(image, inbox / f"{stem}{suffix}")
+    _drop_atomically(sidecar, inbox / f"{stem}.yaml")
+    print(json.dumps({"submitted": stem, "image": str(inbox / f"{stem}{suffix}"), "sidecar": str(inbox / f"{stem}.yaml")}))
+    return EXIT_OK
+
+
+def command_status(args: argparse.Namespace) -> int:
+    from daemon.status import collect_status, format_status
+
+    config = _load(args)
+    report = collect_status(config)
+    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return EXIT_OK
+
+
+def command_check_config(args: argparse.Namespace) -> int:
+    config = load_config(Path(args.file))
+    print(json.dumps(config.model_dump(mode="json"), indent=2) if args.show else f"{args.file}: OK")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="i2vd", description="Image-to-video hot-folder daemon (I2VGen-XL).")
+    parser.add_argument("--version", action="version", version=f"i2vd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("--config", help="YAML config file (default: $I2VD_CONFIG, else built-in defaults)")
+        return sub
+
+    run = with_config(commands.add_parser("run", help="watch the inbox and generate videos"))
+    run.add_argument("--inbox")
+    run.add_argument("--outbox")
+    run.add_argument("--once", action="store_true", help="process what is in the inbox, then exit 0")
+    run.set_defaults(handler=command_run)
+
+    validate = with_config(commands.add_parser("validate", help="check a sidecar (and image); print the plan"))
+    validate.add_argument("sidecar")
+    validate.add_argument("image", nargs="?")
+    validate.set_defaults(handler=command_validate)
+
+    submit = with_config(commands.add_parser("submit", help="drop an image + sidecar into the inbox atomically"))
+    submit.add_argument("image")
+    source = submit.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt")
+    source.add_argument("--sidecar")
+    submit.add_argument("--name", help="job name (default: the image's stem)")
+    submit.add_argument("--inbox")
+    submit.set_defaults(handler=command_submit)
+
+    status = with_config(commands.add_parser("status", help="queue, running job, recent outcomes"))
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=command_status)
+
+    check = commands.add_parser("check-config", help="validate a config file")
+    check.add_argument("file")
+    check.add_argument("--show", action="store_true", help="print the resolved configuration")
+    check.set_defaults(handler=command_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except ConfigError as exc:
+        print(exc.message, file=sys.stderr)
+        return EXIT_CONFIG
+    except FatalError as exc:
+        print(f"fatal: {exc.message}", file=sys.stderr)
+        return EXIT_FAILURE
+    return code

@@ -1,0 +1,154 @@
+"""Prometheus metrics on an own registry, served with `/healthz` on loopback by default.
+
+Conventions (Prometheus naming docs): prefix `i2vd_`, base units (seconds, bytes), `_total` counters, no unbounded
+labels (never a file name or a job id), every label value initialised to 0 so `rate()` works from the first scrape.
+Counters satisfy `received = succeeded + failed + in_progress + pending` where `failed` counts rejected input too.
+"""
+
+from __future__ import annotations
+
+import json
+import socketserver
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+OUTCOMES = ("succeeded", "failed", "rejected", "retried", "interrupted")
+STAGES = ("validate", "queue_wait", "load_image", "generate", "encode", "variants", "publish")
+# 0.1 s .. 1 h: a tiny CPU job takes well under a second, a 1024p GPU job can take many minutes.
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+MEMORY_KINDS = ("allocated", "reserved", "total", "free")
+
+MemorySource = Callable[[], Mapping[str, int]]
+HealthSource = Callable[[], Mapping[str, bool]]
+
+
+class _GpuMemoryCollector(Collector):
+    """Reads device memory at scrape time, so the gauge is never stale between jobs."""
+
+    def __init__(self, device_label: Callable[[], str], source: Callable[[], MemorySource | None]) -> None:
+        self._device_label = device_label
+        self._source = source
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "i2vd_gpu_memory_bytes", "Device memory by kind (0 on CPU)", labels=["device", "kind"]
+        )
+        reader = self._source()
+        stats: Mapping[str, int] = reader() if reader is not None else {}
+        for kind in MEMORY_KINDS:
+            family.add_metric([self._device_label(), kind], float(stats.get(kind, 0)))
+        yield family
+
+
+class DaemonMetrics:
+    """Every metric the daemon exports. One instance per process, passed to the stages that update it."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        self.jobs = Counter("i2vd_jobs", "Jobs by outcome", ["outcome"], registry=registry)
+        self.received = Counter("i2vd_jobs_received", "Pairs taken from the inbox", registry=registry)
+        self.in_progress = Gauge("i2vd_jobs_in_progress", "Jobs being generated or finished now", registry=registry)
+        self.pending = Gauge("i2vd_jobs_pending", "Claimed jobs waiting in the queue", registry=registry)
+        self.queue_depth = Gauge("i2vd_queue_depth", "Jobs waiting in the queue", registry=registry)
+        self.oldest_pending_age = Gauge(
+            "i2vd_oldest_pending_age_seconds", "Age of the oldest job waiting in the queue", registry=registry
+        )
+        self.job_duration = Histogram(
+            "i2vd_job_duration_seconds", "Claim to publish", buckets=DURATION_BUCKETS, registry=registry
+        )
+        self.stage_duration = Histogram(
+            "i2vd_stage_duration_seconds", "Time per stage", ["stage"], buckets=DURATION_BUCKETS, registry=registry
+        )
+        self.denoise_step = Histogram(
+            "i2vd_denoise_step_seconds", "One denoising step (with CFG)", buckets=STEP_BUCKETS, registry=registry
+        )
+        self.frames_generated = Counter("i2vd_frames_generated", "Frames generated", registry=registry)
+        self.video_seconds_generated = Counter(
+            "i2vd_video_seconds_generated", "Seconds of video generated (at encode fps)", registry=registry
+        )
+        self.job_peak_gpu_memory = Gauge(
+            "i2vd_job_peak_gpu_memory_bytes", "Peak device memory of the last job", registry=registry
+        )
+        self.oom = Counter("i2vd_oom", "Out-of-memory errors", registry=registry)
+        self.degraded_jobs = Counter("i2vd_degraded_jobs", "Jobs run with degraded settings", registry=registry)
+        self.model_load_seconds = Gauge("i2vd_model_load_seconds", "Time to load the model", registry=registry)
+        self.model_loaded = Gauge("i2vd_model_loaded", "1 while the model is loaded", registry=registry)
+        self.watcher_up = Gauge("i2vd_watcher_up", "1 while the inbox watcher runs", registry=registry)
+        self.watcher_mode = Gauge(
+            "i2vd_watcher_mode", "Watcher implementation in use (1 = active)", ["mode"], registry=registry
+        )
+        self.last_success = Gauge(
+            "i2vd_last_success_timestamp_seconds", "Unix time of the last published job", registry=registry
+        )
+        self.build_info = Info("i2vd_build", "Versions and model", registry=registry)
+        self._device = "cpu"
+        self._memory_source: MemorySource | None = None
+        registry.register(_GpuMemoryCollector(lambda: self._device, lambda: self._memory_source))
+        for outcome in OUTCOMES:
+            self.jobs.labels(outcome=outcome)
+        for stage in STAGES:
+            self.stage_duration.labels(stage=stage)
+        for mode in ("inotify", "polling"):
+            self.watcher_mode.labels(mode=mode).set(0)
+
+    def watch_device_memory(self, device: str, source: MemorySource) -> None:
+        """Export `source()` as `i2vd_gpu_memory_bytes{device=...}` at every scrape."""
+        self._device = device
+        self._memory_source = source
+
+    def set_watcher_mode(self, mode: str) -> None:
+        for known in ("inotify", "polling"):
+            self.watcher_mode.labels(mode=known).set(1 if known == mode else 0)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        """Scrapes every 15 s would flood the journal; access logs are not useful here."""
+
+
+class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class MetricsServer:
+    """Serves `/metrics` (Prometheus text format) and `/healthz` (200 or 503 with a JSON body naming each part)."""
+
+    def __init__(self, metrics: DaemonMetrics, health: HealthSource, host: str, port: int) -> None:
+        metrics_app = make_wsgi_app(metrics.registry)
+        self._health = health
+
+        def app(environ: dict[str, object], start_response: Callable[..., object]) -> list[bytes]:
+            if environ.get("PATH_INFO") == "/healthz":
+                parts = dict(self._health())
+                healthy = all(parts.values())
+                body = json.dumps({"healthy": healthy, "parts": parts}).encode()
+                status = "200 OK" if healthy else "503 Service Unavailable"
+                start_response(status, [("Content-Type", "application/json")])
+                return [body]
+            result: list[bytes] = metrics_app(environ, start_response)
+            return result
+
+        self._server = make_server(host, port, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="i2vd-metrics", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_port)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

@@ -1,0 +1,191 @@
+"""Atomic publication into the outbox, Maildir-style.
+
+Outputs are written in a staging directory inside the outbox (`outbox/.i2vd-staging/<job_id>/`): the same
+filesystem, so moving a finished file into place is an atomic rename, and hidden, so tools watching the outbox
+ignore it. Publishing then follows Maildir's delivery rules: fsync each file, give it its final name with a
+hard link (`link_no_clobber`: fails instead of replacing a file that is already there, so nothing is ever
+overwritten), fsync the outbox directory, and only then deliver the manifest the same way. A reader never sees
+a partial file, and a manifest's presence means every output it lists is complete and durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path, PurePath
+from typing import Any
+
+from daemon.errors import TransientJobError
+from daemon.fsio import fsync_dir, fsync_file, link_no_clobber
+
+STAGING_DIR_NAME = ".i2vd-staging"
+MANIFEST_SUFFIX = ".json"
+_COUNTER_SUFFIX = re.compile(r"^(.*)-(\d+)$")
+
+ManifestSource = Mapping[str, Any] | Callable[[str], Mapping[str, Any]]
+
+
+def sha256_file(path: Path) -> str:
+    """The file's SHA-256 as hex, read in 1 MiB chunks so large videos never sit in memory."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _json_default(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, PurePath):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _check_single_name(value: str, what: str) -> None:
+    if not value or value in (".", "..") or "/" in value or "\0" in value:
+        raise ValueError(f"{what} {value!r} must be a single non-empty path component")
+
+
+def next_base_name(base: str) -> str:
+    """The name to try after `base` clashed: `x` -> `x-2`, `x-2` -> `x-3`."""
+    match = _COUNTER_SUFFIX.match(base)
+    if match and int(match.group(2)) >= 2:
+        return f"{match.group(1)}-{int(match.group(2)) + 1}"
+    return f"{base}-2"
+
+
+class Publisher:
+    """Delivers a job's outputs and manifest into the outbox, atomically and without ever overwriting."""
+
+    def __init__(
+        self, outbox: Path, now: Callable[[], datetime] = lambda: datetime.now().astimezone()
+    ) -> None:
+        self.outbox = outbox
+        self.now = now
+        self.staging_root = outbox / STAGING_DIR_NAME
+
+    def staging_dir(self, job_id: str) -> Path:
+        """`outbox/.i2vd-staging/<job_id>/`, created if needed (existing content is kept)."""
+        _check_single_name(job_id, "job id")
+        directory = self.staging_root / job_id
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory
+
+    def discard_staging(self, job_id: str) -> None:
+        """Remove the job's staging directory and whatever a failed attempt left in it."""
+        _check_single_name(job_id, "job id")
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(self.staging_root / job_id)
+
+    def _taken(self, base: str) -> bool:
+        """Whether any outbox entry already uses `base` (`base` itself or `base.<anything>`)."""
+        try:
+            with os.scandir(self.outbox) as entries:
+                return any(entry.name == base or entry.name.startswith(base + ".") for entry in entries)
+        except FileNotFoundError:
+            return False
+
+    def _first_free(self, base: str) -> str:
+        while self._taken(base):
+            base = next_base_name(base)
+        return base
+
+    def reserve_base_name(self, output_name: str) -> str:
+        """`video_YYYYMMDD_HHMMSS_<output_name>` from the injected clock, with `-2`, `-3`... appended when
+        published files already use that base. Only a check: `publish` checks again and moves on if it lost a
+        race."""
+        _check_single_name(output_name, "output name")
+        return self._first_free(f"video_{self.now():%Y%m%d_%H%M%S}_{output_name}")
+
+    def publish(self, base: str, files: Sequence[tuple[Path, str]], manifest: ManifestSource) -> list[Path]:
+        """Move staged `files` ((path, suffix such as ".mp4" or ".vertical.mp4")) into the outbox as
+        `<base><suffix>`, then the manifest as `<base>.json`; return the published paths, manifest last.
+
+        If a name was taken meanwhile (another worker, same second, same name), the whole set moves to the
+        next base (`-2`, `-3`...); pass `manifest` as a callable taking the final base when it records output
+        names.
+        On an OS error (disk full...) the files already moved are moved back into staging, so the outbox holds
+        no partial set, and `TransientJobError` is raised; the staged files stay for a retry or discard.
+        """
+        _check_single_name(base, "base name")
+        suffixes = [suffix for _, suffix in files]
+        if len(set(suffixes)) != len(suffixes) or MANIFEST_SUFFIX in suffixes:
+            raise ValueError(f"suffixes must be distinct and not {MANIFEST_SUFFIX!r}: {suffixes}")
+        try:
+            for staged, _ in files:
+                fsync_file(staged)
+            while True:
+                base = self._first_free(base)
+                published = self._deliver(base, files, manifest)
+                if published is not None:
+                    break
+                base = next_base_name(base)
+        except OSError as exc:
+            raise TransientJobError(
+                f"cannot publish {base}: {exc.strerror or exc}", detail={"base": base, "errno": exc.errno}
+            ) from exc
+        for directory in {staged.parent for staged, _ in files}:
+            with contextlib.suppress(OSError):  # not empty, or not ours: leave it
+                directory.rmdir()
+        return published
+
+    def _deliver(
+        self, base: str, files: Sequence[tuple[Path, str]], manifest: ManifestSource
+    ) -> list[Path] | None:
+        """Link every file, then the manifest, under `base`; None (and everything moved back) on a clash."""
+        moved: list[tuple[Path, Path]] = []
+        try:
+            for staged, suffix in files:
+                target = self.outbox / f"{base}{suffix}"
+                if not link_no_clobber(staged, target):
+                    self._move_back(moved)
+                    return None
+                moved.append((staged, target))
+            fsync_dir(self.outbox)
+            content = manifest(base) if callable(manifest) else manifest
+            manifest_path = self._deliver_manifest(base, content)
+        except BaseException:
+            self._move_back(moved)
+            raise
+        if manifest_path is None:
+            self._move_back(moved)
+            return None
+        return [target for _, target in moved] + [manifest_path]
+
+    def _deliver_manifest(self, base: str, content: Mapping[str, Any]) -> Path | None:
+        data = (
+            json.dumps(content, indent=2, ensure_ascii=False, default=_json_default).encode("utf-8") + b"\n"
+        )
+        self.staging_root.mkdir(parents=True, exist_ok=True)
+        temp = self.staging_root / f".manifest-{uuid.uuid4().hex}.tmp"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            target = self.outbox / f"{base}{MANIFEST_SUFFIX}"
+            if not link_no_clobber(temp, target):
+                return None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+        fsync_dir(self.outbox)
+        return target
+
+    def _move_back(self, moved: list[tuple[Path, Path]]) -> None:
+        """Undo a partial delivery: rename the published names back to their staged names (best effort)."""
+        for staged, target in reversed(moved):
+            with contextlib.suppress(OSError):
+                os.rename(target, staged)
+        moved.clear()
+        with contextlib.suppress(OSError):
+            fsync_dir(self.outbox)

@@ -1,0 +1,288 @@
+"""The composition root: builds every stage, starts and supervises the threads, and stops them in order.
+
+Threads: the main thread supervises (signals, systemd watchdog, restarting a dead watcher or metrics server); an
+intake thread polls the inbox (woken early by watcher hints, else every `rescan_seconds`: events are hints, the
+rescan is the truth); a worker thread runs jobs on the warm generator.
+
+Start order: directories -> metrics server (so /healthz can say "model loading") -> store recovery (claimed jobs
+from a previous run are queued first) -> model load -> worker -> watcher -> intake -> READY=1.
+Stop order: intake and watcher (no new claims) -> queue closed and the running job interrupted between denoising
+steps (it stays claimed on disk and is resumed by the next start) -> worker joined -> metrics server -> STOPPING.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from pathlib import Path
+
+import structlog
+
+from daemon import __version__
+from daemon.config import DaemonConfig
+from daemon.errors import FatalError, JobRejected
+from daemon.generate import load_generator
+from daemon.generate.base import Generator
+from daemon.intake import Intake, IntakeResult, validate_claimed
+from daemon.jobqueue import JobQueue
+from daemon.metrics import DaemonMetrics, MetricsServer
+from daemon.store import ClaimedJob, JobStore
+from daemon.systemd import SystemdNotifier, watchdog_interval_seconds
+from daemon.watch import InboxWatcher
+from daemon.worker import Worker
+
+log = structlog.get_logger(__name__)
+SUPERVISE_SECONDS = 0.5
+
+
+class Service:
+    """`start()`, then `run_until_stopped()` from the main thread; `request_stop()` from anywhere."""
+
+    def __init__(
+        self,
+        config: DaemonConfig,
+        *,
+        once: bool = False,
+        notifier: SystemdNotifier | None = None,
+        generator_factory: Callable[[DaemonConfig], Generator] = lambda c: load_generator(c.model),
+        stop_requested: threading.Event | None = None,
+        force: threading.Event | None = None,
+    ) -> None:
+        self.config = config
+        self.once = once
+        self.notifier = notifier or SystemdNotifier()
+        self.metrics = DaemonMetrics()
+        self.queue: JobQueue[ClaimedJob] = JobQueue()
+        self.store = JobStore(config.inbox, config.state_path)
+        self.stop_requested = stop_requested or threading.Event()
+        self.force = force or threading.Event()
+        self.interrupt = threading.Event()
+        self._stop_intake = threading.Event()
+        self._hint = threading.Event()
+        self._generator_factory = generator_factory
+        self._generator: Generator | None = None
+        self._worker: Worker | None = None
+        self._worker_thread: threading.Thread | None = None
+        self._intake_thread: threading.Thread | None = None
+        self._watcher: InboxWatcher | None = None
+        self._metrics_server: MetricsServer | None = None
+        self._last_intake: IntakeResult | None = None
+        self._started_at = datetime.now().astimezone()
+        self.exit_code = 0
+
+    # ----- start -----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        for directory in (self.config.inbox, self.config.outbox, self.config.state_path):
+            directory.mkdir(parents=True, exist_ok=True)
+        self._start_metrics_server()
+        self._recover_claimed_jobs()
+        self._load_model()
+        self._start_worker()
+        if not self.once:
+            self._start_watcher()
+        self._intake_thread = threading.Thread(target=self._intake_loop, name="i2vd-intake", daemon=True)
+        self._intake_thread.start()
+        self._write_status("ready")
+        self.notifier.ready(f"ready; {len(self.queue)} job(s) queued")
+        log.info("service_ready", inbox=str(self.config.inbox), outbox=str(self.config.outbox), once=self.once)
+
+    def _start_metrics_server(self) -> None:
+        settings = self.config.metrics
+        if not settings.enabled:
+            return
+        try:
+            self._metrics_server = MetricsServer(self.metrics, self.health, settings.host, settings.port)
+        except OSError as exc:
+            raise FatalError(f"cannot serve metrics on {settings.host}:{settings.port}: {exc.strerror}") from exc
+        self._metrics_server.start()
+        log.info("metrics_serving", host=settings.host, port=self._metrics_server.port)
+
+    def _recover_claimed_jobs(self) -> None:
+        for claimed in self.store.recover():
+            self.metrics.received.inc()
+            job = claimed if claimed.resolved is not None else self._revalidate(claimed)
+            if job is not None:
+                self._enqueue(job)
+                log.info("job_recovered", job_id=job.job_id, attempts=job.attempts)
+
+    def _revalidate(self, job: ClaimedJob) -> ClaimedJob | None:
+        """A job claimed but not yet validated when the last run stopped: validate it now, like intake would."""
+        try:
+            resolved, image_sha256 = validate_claimed(job, self.config)
+        except JobRejected as exc:
+            self.store.fail(job, exc, exc.reason, exc.message, exc.detail)
+            self.metrics.jobs.labels(outcome="rejected").inc()
+            return None
+        return self.store.mark_validated(job, resolved, image_sha256)
+
+    def _load_model(self) -> None:
+        self.notifier.status("loading model")
+        generator = self._generator_factory(self.config)
+        info = generator.info
+        self._generator = generator
+        self.metrics.model_load_seconds.set(info.load_seconds)
+        self.metrics.model_loaded.set(1)
+        self.metrics.watch_device_memory(info.device, generator.memory_stats)
+        self.metrics.build_info.info(
+            {"version": __version__, "model": info.model_id, "revision": info.revision or "", "device": info.device,
+             "dtype": info.dtype, **{k.replace("-", "_"): v for k, v in info.library_versions.items()}}
+        )
+        log.info("model_loaded", model=info.model_id, device=info.device, dtype=info.dtype,
+                 seconds=round(info.load_seconds, 3))
+
+    def _start_worker(self) -> None:
+        assert self._generator is not None
+        self._worker = Worker(
+            self.config, self._generator, self.store, self.queue, self.metrics,
+            interrupt=self.interrupt, on_status=self.notifier.status,
+        )
+        self._worker_thread = threading.Thread(target=self._worker.run, name="i2vd-worker", daemon=True)
+        self._worker_thread.start()
+
+    def _start_watcher(self) -> None:
+        watcher = InboxWatcher(self.config.inbox, self.config.intake.observer, on_hint=self._hint.set)
+        watcher.start()
+        self._watcher = watcher
+        self.metrics.watcher_up.set(1)
+        self.metrics.set_watcher_mode(watcher.mode_in_use)
+        log.info("watcher_started", mode=watcher.mode_in_use)
+
+    # ----- intake ----------------------------------------------------------------------------------------
+    def _enqueue(self, job: ClaimedJob) -> None:
+        priority = job.resolved.priority if job.resolved is not None else 0
+        self.queue.put(job, priority=priority, sequence=job.sequence)
+        self.metrics.pending.inc()
+        self.metrics.queue_depth.set(len(self.queue))
+
+    def _intake_loop(self) -> None:
+        intake = Intake(self.config, self.store)
+        while not self._stop_intake.is_set():
+            try:
+                result = intake.poll()
+            except Exception:
+                log.exception("intake_poll_failed")
+                result = IntakeResult(accepted=[], rejected=[], waiting=1)
+            for job in result.accepted:
+                self.metrics.received.inc()
+                self._enqueue(job)
+            for _stem, _error, _failed_dir in result.rejected:
+                self.metrics.received.inc()
+                self.metrics.jobs.labels(outcome="rejected").inc()
+            self._last_intake = result
+            self.metrics.oldest_pending_age.set(self.queue.oldest_age())
+            self._wait_for_next_poll(result)
+
+    def _wait_for_next_poll(self, result: IntakeResult) -> None:
+        settings = self.config.intake
+        delay = settings.rescan_seconds
+        if result.waiting:
+            # Something is settling: look again soon so the stability window, not the rescan period, sets latency.
+            delay = min(delay, max(0.05, settings.stable_seconds / 2))
+        self._hint.wait(timeout=delay)
+        self._hint.clear()
+
+    # ----- supervision -----------------------------------------------------------------------------------
+    def health(self) -> Mapping[str, bool]:
+        """What /healthz reports: each part must be up for a 200."""
+        return {
+            "watcher": self.once or (self._watcher is not None and self._watcher.is_alive()),
+            "intake": self._intake_thread is not None and self._intake_thread.is_alive(),
+            "worker": self._worker_thread is not None and self._worker_thread.is_alive(),
+            "model": self._generator is not None,
+        }
+
+    def run_until_stopped(self) -> int:
+        """Supervise until a stop is requested (or, with `--once`, until the inbox is drained); return the exit code."""
+        watchdog = watchdog_interval_seconds()
+        next_ping = 0.0
+        while not self.stop_requested.wait(timeout=SUPERVISE_SECONDS):
+            if watchdog is not None and time.monotonic() >= next_ping:
+                self.notifier.watchdog()
+                next_ping = time.monotonic() + watchdog
+            self._supervise()
+            if self.once and self._drained():
+                log.info("inbox_drained")
+                break
+        self.stop()
+        return self.exit_code
+
+    def _supervise(self) -> None:
+        if self._watcher is not None and not self._watcher.is_alive():
+            log.error("watcher_died_restarting")
+            self.metrics.watcher_up.set(0)
+            self._watcher.stop(timeout=1.0)
+            self._start_watcher()
+        if self._metrics_server is not None and not self._metrics_server.is_alive():
+            log.error("metrics_server_died")
+            self._fail("metrics server thread died")
+        for name, thread in (("worker", self._worker_thread), ("intake", self._intake_thread)):
+            if thread is not None and not thread.is_alive():
+                self._fail(f"{name} thread died")
+        self._write_status("running")
+
+    def _fail(self, reason: str) -> None:
+        log.error("service_failed", reason=reason)
+        self.exit_code = 1
+        self.stop_requested.set()
+
+    def _drained(self) -> bool:
+        last = self._last_intake
+        worker_idle = self._worker is not None and not self._worker.busy.is_set()
+        return (
+            last is not None and last.waiting == 0 and len(self.queue) == 0 and worker_idle
+            and self.store.counts().get("claimed", 0) == 0
+        )
+
+    def request_stop(self) -> None:
+        self.stop_requested.set()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop in the order given in the module docstring; never blocks longer than `timeout` per thread."""
+        timeout = timeout if timeout is not None else self.config.worker.stop_timeout_seconds
+        self.notifier.stopping("stopping")
+        log.info("service_stopping")
+        self._stop_intake.set()
+        self._hint.set()
+        if self._watcher is not None:
+            self._watcher.stop()
+            self.metrics.watcher_up.set(0)
+        if self._intake_thread is not None:
+            self._intake_thread.join(timeout=timeout)
+        self.queue.close()
+        self.interrupt.set()
+        if self._worker_thread is not None:
+            deadline = time.monotonic() + timeout
+            while self._worker_thread.is_alive() and time.monotonic() < deadline and not self.force.is_set():
+                self._worker_thread.join(timeout=SUPERVISE_SECONDS)
+            if self._worker_thread.is_alive():
+                log.error("worker_did_not_stop", timeout=timeout)
+                self.exit_code = self.exit_code or 1
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+        self._write_status("stopped")
+        log.info("service_stopped", exit_code=self.exit_code)
+
+    def _write_status(self, state: str) -> None:
+        """A small JSON file `i2vd status` reads: who runs, what it is doing. Best effort (never fails the loop)."""
+        worker = self._worker
+        status = {
+            "state": state,
+            "pid": os.getpid(),
+            "started_at": self._started_at.isoformat(),
+            "updated_at": datetime.now().astimezone().isoformat(),
+            "running_job": worker.current_job if worker is not None else None,
+            "queued": len(self.queue),
+            "model": self._generator.info.model_id if self._generator is not None else None,
+            "metrics": f"{self.config.metrics.host}:{self.config.metrics.port}" if self.config.metrics.enabled else None,
+        }
+        try:
+            path = Path(self.config.state_path) / "status.json"
+            temp = path.with_suffix(".json.tmp")
+            temp.write_text(json.dumps(status, indent=2))
+            temp.replace(path)
+        except OSError:
+            log.warning("status_write_failed", exc_info=True)

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install everything from scratch (scripts/setup.sh), then lint, type-check and run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check daemon tests bench
+.venv/bin/ruff format --check daemon tests bench
+.venv/bin/mypy
+.venv/bin/python -m pytest "$@"
