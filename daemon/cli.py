@@ -122,7 +122,15 @@ def command_submit(args: argparse.Namespace) -> int:
         stem = f"{stem}-{uuid.uuid4().hex[:6]}"
     _drop_atomically(image, inbox / f"{stem}{suffix}")
     _drop_atomically(sidecar, inbox / f"{stem}.yaml")
-    print(json.dumps({"submitted": stem, "image": str(inbox / f"{stem}{suffix}"), "sidecar": str(inbox / f"{stem}.yaml")}))
+    print(
+        json.dumps(
+            {
+                "submitted": stem,
+                "image": str(inbox / f"{stem}{suffix}"),
+                "sidecar": str(inbox / f"{stem}.yaml"),
+            }
+        )
+    )
     return EXIT_OK
 
 

@@ -52,9 +52,7 @@ class GenerationSettings(_Frozen):
         return self
 
 
-SEED_DEFAULTS = GenerationSettings(
-    resolution="512p", num_frames=16, fps=8, target_fps=16, steps=50, guidance_scale=9.0
-)
+SEED_DEFAULTS = GenerationSettings(resolution="512p", num_frames=16, fps=8, target_fps=16, steps=50, guidance_scale=9.0)
 SEED_PRESETS: dict[str, GenerationSettings] = {
     "preview": GenerationSettings(resolution="512p", num_frames=16, steps=25),
     "standard": GenerationSettings(resolution="512p", num_frames=16, steps=50),
@@ -191,9 +189,7 @@ class LoggingConfig(_Frozen):
 class DaemonConfig(BaseSettings):
     """The whole configuration. Sources, highest first: CLI flags, `I2VD_*` environment, the YAML file, defaults."""
 
-    model_config = SettingsConfigDict(
-        frozen=True, extra="forbid", env_prefix="I2VD_", env_nested_delimiter="__"
-    )
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", env_prefix="I2VD_", env_nested_delimiter="__")
 
     inbox: Path = Path("inbox")
     outbox: Path = Path("outbox")

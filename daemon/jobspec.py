@@ -64,7 +64,9 @@ class JobSpec(BaseModel):
     guidance_scale: Annotated[float, Field(ge=1.0, le=30.0)] | None = None
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     # YAML gives lists; strict mode would refuse a list for a tuple, so this field alone is lax (items stay str).
-    variants: Annotated[tuple[Annotated[str, Field(max_length=32)], ...], Field(strict=False, max_length=16)] | None = None
+    variants: Annotated[tuple[Annotated[str, Field(max_length=32)], ...], Field(strict=False, max_length=16)] | None = (
+        None
+    )
     priority: Annotated[int, Field(ge=-100, le=100)] = 0
     output_name: str | None = None
 
@@ -158,7 +160,7 @@ def load_sidecar_mapping(data: bytes) -> dict[str, Any]:
         raise JobRejected(f"sidecar is not UTF-8 text: {exc}", reason="sidecar_encoding") from exc
     try:
         _refuse_aliases(text)
-        document = yaml.load(text, Loader=_StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
+        document = yaml.load(text, Loader=_StrictSafeLoader)
     except yaml.YAMLError as exc:
         raise JobRejected(f"sidecar is not valid YAML: {exc}", reason="sidecar_yaml") from exc
     if not isinstance(document, dict):
@@ -172,9 +174,7 @@ def parse_sidecar(data: bytes) -> JobSpec:
     try:
         return JobSpec.model_validate(mapping)
     except ValidationError as exc:
-        problems = [
-            f"{'.'.join(str(p) for p in err['loc']) or 'sidecar'}: {err['msg']}" for err in exc.errors()
-        ]
+        problems = [f"{'.'.join(str(p) for p in err['loc']) or 'sidecar'}: {err['msg']}" for err in exc.errors()]
         raise JobRejected("; ".join(problems), reason="sidecar_invalid", detail=problems) from exc
 
 
@@ -197,7 +197,7 @@ def tier_size(tier: TierName, image_size: tuple[int, int] | None) -> tuple[int, 
         return short, short
     width, height = image_size
     aspect = min(max(width, height) / max(1, min(width, height)), MAX_ASPECT)
-    long = int(round(short * aspect / SIZE_MULTIPLE)) * SIZE_MULTIPLE
+    long = round(short * aspect / SIZE_MULTIPLE) * SIZE_MULTIPLE
     return (long, short) if width >= height else (short, long)
 
 
@@ -234,9 +234,7 @@ def resolve_job(
     variants = spec.variants if spec.variants is not None else encode.default_variants
     unknown = [name for name in variants if name not in encode.variants]
     if unknown:
-        raise JobRejected(
-            f"variants: unknown {unknown}; allowed: {sorted(encode.variants)}", reason="sidecar_invalid"
-        )
+        raise JobRejected(f"variants: unknown {unknown}; allowed: {sorted(encode.variants)}", reason="sidecar_invalid")
     return ResolvedJob(
         prompt=spec.prompt,
         negative_prompt=spec.negative_prompt if spec.negative_prompt is not None else generation.negative_prompt,

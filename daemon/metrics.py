@@ -64,10 +64,17 @@ class DaemonMetrics:
             "i2vd_job_duration_seconds", "Claim to publish", buckets=DURATION_BUCKETS, registry=registry
         )
         self.stage_duration = Histogram(
-            "i2vd_stage_duration_seconds", "Time per stage", ["stage"], buckets=DURATION_BUCKETS, registry=registry
+            "i2vd_stage_duration_seconds",
+            "Time per stage",
+            ["stage"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
         )
         self.denoise_step = Histogram(
-            "i2vd_denoise_step_seconds", "One denoising step (with CFG)", buckets=STEP_BUCKETS, registry=registry
+            "i2vd_denoise_step_seconds",
+            "One denoising step (with CFG)",
+            buckets=STEP_BUCKETS,
+            registry=registry,
         )
         self.frames_generated = Counter("i2vd_frames_generated", "Frames generated", registry=registry)
         self.video_seconds_generated = Counter(
@@ -109,7 +116,7 @@ class DaemonMetrics:
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: object) -> None:
         """Scrapes every 15 s would flood the journal; access logs are not useful here."""
 
 

@@ -128,17 +128,33 @@ class Service:
         self.metrics.model_loaded.set(1)
         self.metrics.watch_device_memory(info.device, generator.memory_stats)
         self.metrics.build_info.info(
-            {"version": __version__, "model": info.model_id, "revision": info.revision or "", "device": info.device,
-             "dtype": info.dtype, **{k.replace("-", "_"): v for k, v in info.library_versions.items()}}
+            {
+                "version": __version__,
+                "model": info.model_id,
+                "revision": info.revision or "",
+                "device": info.device,
+                "dtype": info.dtype,
+                **{k.replace("-", "_"): v for k, v in info.library_versions.items()},
+            }
         )
-        log.info("model_loaded", model=info.model_id, device=info.device, dtype=info.dtype,
-                 seconds=round(info.load_seconds, 3))
+        log.info(
+            "model_loaded",
+            model=info.model_id,
+            device=info.device,
+            dtype=info.dtype,
+            seconds=round(info.load_seconds, 3),
+        )
 
     def _start_worker(self) -> None:
         assert self._generator is not None
         self._worker = Worker(
-            self.config, self._generator, self.store, self.queue, self.metrics,
-            interrupt=self.interrupt, on_status=self.notifier.status,
+            self.config,
+            self._generator,
+            self.store,
+            self.queue,
+            self.metrics,
+            interrupt=self.interrupt,
+            on_status=self.notifier.status,
         )
         self._worker_thread = threading.Thread(target=self._worker.run, name="i2vd-worker", daemon=True)
         self._worker_thread.start()
@@ -233,7 +249,10 @@ class Service:
         last = self._last_intake
         worker_idle = self._worker is not None and not self._worker.busy.is_set()
         return (
-            last is not None and last.waiting == 0 and len(self.queue) == 0 and worker_idle
+            last is not None
+            and last.waiting == 0
+            and len(self.queue) == 0
+            and worker_idle
             and self.store.counts().get("claimed", 0) == 0
         )
 
@@ -277,7 +296,9 @@ class Service:
             "running_job": worker.current_job if worker is not None else None,
             "queued": len(self.queue),
             "model": self._generator.info.model_id if self._generator is not None else None,
-            "metrics": f"{self.config.metrics.host}:{self.config.metrics.port}" if self.config.metrics.enabled else None,
+            "metrics": f"{self.config.metrics.host}:{self.config.metrics.port}"
+            if self.config.metrics.enabled
+            else None,
         }
         try:
             path = Path(self.config.state_path) / "status.json"

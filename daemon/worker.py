@@ -243,7 +243,12 @@ class Worker:
             received_at=job.received_at,
             asked=asked,
             used=resolved.model_dump(mode="json"),
-            model={"id": info.model_id, "revision": info.revision, "device": info.device, "dtype": info.dtype},
+            model={
+                "id": info.model_id,
+                "revision": info.revision,
+                "device": info.device,
+                "dtype": info.dtype,
+            },
             library_versions=dict(info.library_versions),
             timings={**timings, **{f"generate.{k}": v for k, v in result.timings.items()}},
             peak_vram_bytes=result.peak_vram_bytes,

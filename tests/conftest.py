@@ -23,7 +23,9 @@ def make_image(tmp_path: Path) -> Callable[..., Path]:
     def factory(name: str = "cat.png", size: tuple[int, int] = (96, 64), directory: Path | None = None) -> Path:
         target = (directory or tmp_path) / name
         image = Image.new("RGB", size)
-        image.putdata([((x * 255) // size[0], (y * 255) // size[1], 128) for y in range(size[1]) for x in range(size[0])])
+        image.putdata(
+            [((x * 255) // size[0], (y * 255) // size[1], 128) for y in range(size[1]) for x in range(size[0])]
+        )
         image.save(target)
         return target
 

@@ -72,8 +72,10 @@ def test_default_variants_must_exist(tmp_path: Path) -> None:
 
 def test_user_defined_variant(tmp_path: Path) -> None:
     path = tmp_path / "ok.yaml"
-    path.write_text("encode:\n  variants:\n    square: {kind: video, ext: mp4, width: 1080, height: 1080, fit: crop}\n"
-                    "  default_variants: [square]\n")
+    path.write_text(
+        "encode:\n  variants:\n    square: {kind: video, ext: mp4, width: 1080, height: 1080, fit: crop}\n"
+        "  default_variants: [square]\n"
+    )
     config = load_config(path)
     assert config.encode.variants["square"].fit == "crop"
 

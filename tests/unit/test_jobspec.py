@@ -15,7 +15,11 @@ CONFIG = load_config(None)
 
 def resolve(text: str, *, image_size: tuple[int, int] | None = None, generation: GenerationConfig | None = None):  # type: ignore[no-untyped-def]
     return resolve_job(
-        parse_sidecar(text.encode()), generation or CONFIG.generation, CONFIG.encode, stem="cat", image_size=image_size
+        parse_sidecar(text.encode()),
+        generation or CONFIG.generation,
+        CONFIG.encode,
+        stem="cat",
+        image_size=image_size,
     )
 
 
