@@ -53,7 +53,7 @@ class GenerationSettings(_Frozen):
 
 
 SEED_DEFAULTS = GenerationSettings(resolution="512p", num_frames=16, fps=8, target_fps=16, steps=50, guidance_scale=9.0)
-SEED_PRESETS: dict[str, GenerationSettings] = {
+SEED_PRESETS: dict[PresetName, GenerationSettings] = {
     "preview": GenerationSettings(resolution="512p", num_frames=16, steps=25),
     "standard": GenerationSettings(resolution="512p", num_frames=16, steps=50),
     "high": GenerationSettings(resolution="768p", num_frames=16, steps=50),

@@ -112,6 +112,7 @@ def _spawn(argv: list[str], *, stdin: int, stdout: IO[bytes], stderr: IO[bytes])
 def _run_process(
     argv: list[str],
     timeout: float,
+    what: str,
     stdin_data: memoryview | None = None,
     stderr_limit: int = STDERR_TAIL_BYTES,
 ) -> _Completed:
@@ -131,7 +132,7 @@ def _run_process(
             _kill_group(process)
             tail = _read_tail(err, stderr_limit).decode("utf-8", "replace")
             raise TransientJobError(
-                f"ffmpeg timed out after {timeout:g} s and was killed",
+                f"ffmpeg ({what}) timed out after {timeout:g} s and was killed",
                 detail={"argv": argv, "stderr": tail, "timeout_seconds": timeout},
             ) from None
         finally:
@@ -252,7 +253,7 @@ class Encoder:
             self.ffmpeg = str(imageio_ffmpeg.get_ffmpeg_exe())
 
     def _run(self, argv: list[str], what: str, stdin_data: memoryview | None = None) -> _Completed:
-        result = _run_process([self.ffmpeg, *argv], self.config.timeout_seconds, stdin_data)
+        result = _run_process([self.ffmpeg, *argv], self.config.timeout_seconds, what, stdin_data)
         if result.returncode != 0:
             last_line = result.stderr.strip().splitlines()[-1:] or ["(no output)"]
             raise TransientJobError(
@@ -270,8 +271,8 @@ class Encoder:
         if frames.ndim != 4 or frames.shape[3] != 3 or frames.dtype != np.uint8 or frames.shape[0] < 1:
             raise ValueError(f"frames must be (F, H, W, 3) uint8, F >= 1; got {frames.shape} {frames.dtype}")
         count, height, width = frames.shape[:3]
-        if width % 2 or height % 2:
-            raise ValueError(f"yuv420p needs even width and height, got {width}x{height}")
+        if width % 2 or height % 2 or fps < 1:
+            raise ValueError(f"need even width and height (yuv420p) and fps >= 1, got {width}x{height} at {fps}")
         data = np.ascontiguousarray(frames).data.cast("B")
         # No -nostdin: stdin carries the frames (ffmpeg turns its key handling off itself for pipe: input).
         argv = [
@@ -373,7 +374,7 @@ class Encoder:
             *("-fps_mode", "passthrough", "-f", "null", "-progress", "pipe:1", "-"),
         ]
         timeout = self.config.timeout_seconds
-        result = _run_process([self.ffmpeg, *argv], timeout, stderr_limit=_PROBE_STDERR_BYTES)
+        result = _run_process([self.ffmpeg, *argv], timeout, f"probe {path.name}", None, _PROBE_STDERR_BYTES)
         tail = result.stderr[-STDERR_TAIL_BYTES:]
         if result.returncode != 0:
             raise TransientJobError(

@@ -65,9 +65,7 @@ def next_base_name(base: str) -> str:
 class Publisher:
     """Delivers a job's outputs and manifest into the outbox, atomically and without ever overwriting."""
 
-    def __init__(
-        self, outbox: Path, now: Callable[[], datetime] = lambda: datetime.now().astimezone()
-    ) -> None:
+    def __init__(self, outbox: Path, now: Callable[[], datetime] = lambda: datetime.now().astimezone()) -> None:
         self.outbox = outbox
         self.now = now
         self.staging_root = outbox / STAGING_DIR_NAME
@@ -137,9 +135,7 @@ class Publisher:
                 directory.rmdir()
         return published
 
-    def _deliver(
-        self, base: str, files: Sequence[tuple[Path, str]], manifest: ManifestSource
-    ) -> list[Path] | None:
+    def _deliver(self, base: str, files: Sequence[tuple[Path, str]], manifest: ManifestSource) -> list[Path] | None:
         """Link every file, then the manifest, under `base`; None (and everything moved back) on a clash."""
         moved: list[tuple[Path, Path]] = []
         try:
@@ -161,9 +157,7 @@ class Publisher:
         return [target for _, target in moved] + [manifest_path]
 
     def _deliver_manifest(self, base: str, content: Mapping[str, Any]) -> Path | None:
-        data = (
-            json.dumps(content, indent=2, ensure_ascii=False, default=_json_default).encode("utf-8") + b"\n"
-        )
+        data = json.dumps(content, indent=2, ensure_ascii=False, default=_json_default).encode("utf-8") + b"\n"
         self.staging_root.mkdir(parents=True, exist_ok=True)
         temp = self.staging_root / f".manifest-{uuid.uuid4().hex}.tmp"
         try:

@@ -331,9 +331,7 @@ class JobStore:
         fsync_dir(target)
         return target
 
-    def quarantine(
-        self, pair_or_paths: Pair | Sequence[Path], reason: str, message: str, detail: Any = None
-    ) -> Path:
+    def quarantine(self, pair_or_paths: Pair | Sequence[Path], reason: str, message: str, detail: Any = None) -> Path:
         """Move files still in the inbox to `inbox/failed/NAME[-N]/` with `reason.json` (links not followed).
 
         Raises FileNotFoundError if none of the files is there any more.

@@ -211,24 +211,32 @@ class Worker:
         staged: list[tuple[Path, str, str, MediaInfo]],
         timings: dict[str, float],
     ) -> list[Path]:
-        base = self._publisher.reserve_base_name(resolved.output_name)
-        outputs = [
-            OutputRecord(
-                name=f"{base}{suffix}",
-                role=role,
-                sha256=sha256_file(path),
-                bytes=path.stat().st_size,
-                codec=info.codec,
-                width=info.width,
-                height=info.height,
-                frames=info.frames,
-                fps=info.fps,
-                duration_seconds=info.duration_seconds,
-            )
-            for path, suffix, role, info in staged
+        records = [
+            (suffix, role, sha256_file(path), path.stat().st_size, info) for path, suffix, role, info in staged
         ]
-        manifest = build_manifest(self._manifest_inputs(job, resolved, result, timings), outputs)
-        return self._publisher.publish(base, [(path, suffix) for path, suffix, _, _ in staged], manifest)
+        manifest_inputs = self._manifest_inputs(job, resolved, result, timings)
+
+        def manifest_for(base: str) -> dict[str, object]:
+            """The publisher picks the final base name (a clash moves the whole set to `-2`), then asks for this."""
+            outputs = [
+                OutputRecord(
+                    name=f"{base}{suffix}",
+                    role=role,
+                    sha256=digest,
+                    bytes=size,
+                    codec=info.codec,
+                    width=info.width,
+                    height=info.height,
+                    frames=info.frames,
+                    fps=info.fps,
+                    duration_seconds=info.duration_seconds,
+                )
+                for suffix, role, digest, size, info in records
+            ]
+            return build_manifest(manifest_inputs, outputs)
+
+        base = self._publisher.reserve_base_name(resolved.output_name)
+        return self._publisher.publish(base, [(path, suffix) for path, suffix, _, _ in staged], manifest_for)
 
     def _manifest_inputs(
         self, job: ClaimedJob, resolved: ResolvedJob, result: GenerationResult, timings: dict[str, float]

@@ -69,9 +69,7 @@ def clip() -> npt.NDArray[np.uint8]:
 
 
 @pytest.fixture(scope="module")
-def main_video(
-    encoder: Encoder, clip: npt.NDArray[np.uint8], tmp_path_factory: pytest.TempPathFactory
-) -> Path:
+def main_video(encoder: Encoder, clip: npt.NDArray[np.uint8], tmp_path_factory: pytest.TempPathFactory) -> Path:
     destination = tmp_path_factory.mktemp("main") / "main.mp4"
     encoder.write_video(clip, FPS, destination)
     return destination
@@ -82,9 +80,7 @@ def main_info(encoder: Encoder, main_video: Path) -> MediaInfo:
     return encoder.probe(main_video)
 
 
-def test_write_video_produces_verified_h264(
-    encoder: Encoder, clip: npt.NDArray[np.uint8], tmp_path: Path
-) -> None:
+def test_write_video_produces_verified_h264(encoder: Encoder, clip: npt.NDArray[np.uint8], tmp_path: Path) -> None:
     info = encoder.write_video(clip, FPS, tmp_path / "out.mp4")
     assert info == MediaInfo("h264", SIZE, SIZE, FRAMES, 8.0, 1.0, "yuv420p")
     assert encoder.probe(tmp_path / "out.mp4") == info
@@ -124,6 +120,16 @@ def test_fps30_variant_retimes_keeping_duration(
     assert info.fps == pytest.approx(30.0)
     assert info.duration_seconds == pytest.approx(1.0, abs=0.04)
     assert (info.width, info.height) == (SIZE, SIZE)
+
+
+@pytest.mark.parametrize("fps", [4.0, 12.5, 23.976])
+def test_fps_retime_to_other_rates(
+    encoder: Encoder, main_video: Path, main_info: MediaInfo, tmp_path: Path, fps: float
+) -> None:
+    spec = VariantSpec(kind="video", ext="mp4", fps=fps, preset="ultrafast")
+    info = encoder.make_variant("retimed", spec, main_video, main_info, tmp_path / "r.mp4")
+    assert abs(info.frames - round(fps)) <= 1
+    assert info.fps == pytest.approx(fps, abs=0.01)
 
 
 def test_first_frame_png_matches_first_frame(
@@ -213,9 +219,11 @@ def test_awkward_output_paths_work(
 
 def test_rejects_bad_frame_arrays(encoder: Encoder, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="uint8"):
-        encoder.write_video(np.zeros((2, 8, 8, 3), dtype=np.uint16), 8, tmp_path / "x.mp4")  # type: ignore[arg-type]
+        encoder.write_video(np.zeros((2, 8, 8, 3), dtype=np.uint16), 8, tmp_path / "x.mp4")
     with pytest.raises(ValueError, match="even"):
         encoder.write_video(np.zeros((2, 9, 8, 3), dtype=np.uint8), 8, tmp_path / "x.mp4")
+    with pytest.raises(ValueError, match="fps >= 1"):
+        encoder.write_video(np.zeros((2, 8, 8, 3), dtype=np.uint8), 0, tmp_path / "x.mp4")
 
 
 def test_missing_ffmpeg_binary_is_a_config_error(tmp_path: Path) -> None:
@@ -279,7 +287,7 @@ def test_hanging_ffmpeg_is_killed_with_its_group(tmp_path: Path, clip: npt.NDArr
     script = write_script(tmp_path, f'echo $$ > "{pid_file}"\necho "stuck" >&2\nsleep 60 &\nsleep 60\n')
     encoder = Encoder(EncodeConfig(ffmpeg=script, timeout_seconds=1.0))
     started = time.monotonic()
-    with pytest.raises(TransientJobError, match="timed out after 1 s") as raised:
+    with pytest.raises(TransientJobError, match=r"ffmpeg \(main video\) timed out after 1 s") as raised:
         encoder.write_video(clip, FPS, tmp_path / "out.mp4")  # 98 KiB of frames: the stdin pipe fills up
     assert time.monotonic() - started < 5.0
     assert "stuck" in raised.value.detail["stderr"]
@@ -312,14 +320,10 @@ def test_variant_mismatch_names_the_variant(
 
     monkeypatch.setattr(Encoder, "probe", wrong_size_probe)
     spec = VariantSpec(kind="video", ext="mp4", width=64, height=32, preset="ultrafast")
-    with pytest.raises(
-        TransientJobError, match=r"variant small failed verification: width 720 != expected 64"
-    ):
+    with pytest.raises(TransientJobError, match=r"variant small failed verification: width 720 != expected 64"):
         encoder.make_variant("small", spec, main_video, main_info, tmp_path / "v.mp4")
     with pytest.raises(TransientJobError, match="variant first_frame: expected PNG 64x64"):
-        encoder.make_variant(
-            "first_frame", DEFAULT_VARIANTS["first_frame"], main_video, main_info, tmp_path / "f.png"
-        )
+        encoder.make_variant("first_frame", DEFAULT_VARIANTS["first_frame"], main_video, main_info, tmp_path / "f.png")
 
 
 REPORT = """Input #0, mov,mp4,m4a,3gp,3g2,mj2, from 'file:/x.mp4':

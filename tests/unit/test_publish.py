@@ -91,9 +91,7 @@ def test_never_overwrites_a_file_created_after_reservation(publisher: Publisher,
     base = publisher.reserve_base_name("cat")
     existing = outbox / f"{base}.mp4"
     existing.write_bytes(b"someone else's")  # appears between reserve and publish (a race)
-    published = publisher.publish(
-        base, stage(publisher, "j", {".mp4": b"ours"}), lambda final: {"base": final}
-    )
+    published = publisher.publish(base, stage(publisher, "j", {".mp4": b"ours"}), lambda final: {"base": final})
     assert existing.read_bytes() == b"someone else's"
     assert published[0].name == "video_20261125_083000_cat-2.mp4"
     assert published[0].read_bytes() == b"ours"
