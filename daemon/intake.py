@@ -15,13 +15,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import stat
 import sys
 import time
 import warnings
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from stat import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFMT, S_IFSOCK, S_ISLNK, S_ISREG
 from typing import Any
 
 import structlog
@@ -30,7 +30,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from daemon.config import DaemonConfig
 from daemon.errors import JobRejected
 from daemon.jobspec import JobSpec, ResolvedJob, parse_sidecar, resolve_job
-from daemon.store import ClaimedJob, JobStore, Pair
+from daemon.store import ClaimedJob, JobStore
+from daemon.store import Pair as Pair  # re-exported: intake's callers may import Pair from here
 
 log = structlog.get_logger(__name__)
 
@@ -43,8 +44,8 @@ _MAGIC = ((b"GIF8", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "
 _HEIF_BRANDS = (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif", b"ftypmsf1")
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
 _CHUNK_BYTES = 1024 * 1024
-_SPECIAL_KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a named pipe", stat.S_IFSOCK: "a socket"}
-_SPECIAL_KINDS |= {stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
+_SPECIAL_KINDS = {S_IFDIR: "a folder", S_IFIFO: "a named pipe", S_IFSOCK: "a socket"}
+_SPECIAL_KINDS |= {S_IFCHR: "a device", S_IFBLK: "a device"}
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 # Pillow only *warns* between MAX_IMAGE_PIXELS and twice that; a bomb must be an error, always. Installed once,
@@ -69,9 +70,7 @@ def is_ignored(name: str) -> bool:
 
 def _kind(name: str) -> str | None:
     suffix = os.path.splitext(name)[1].lower()
-    if suffix in IMAGE_EXTENSIONS:
-        return "image"
-    return "sidecar" if suffix in SIDECAR_EXTENSIONS else None
+    return "image" if suffix in IMAGE_EXTENSIONS else "sidecar" if suffix in SIDECAR_EXTENSIONS else None
 
 
 def find_pairs(inbox: Path) -> tuple[list[Pair], list[Path]]:
@@ -99,15 +98,12 @@ def find_pairs(inbox: Path) -> tuple[list[Pair], list[Path]]:
 
 
 def ambiguous_groups(unpaired: Collection[Path]) -> dict[str, list[Path]]:
-    """Stems that have an image and a sidecar but more than one of either: these can never pair on their own."""
+    """Among `find_pairs`' unpaired files: stems with images and sidecars that still do not pair (two of a kind)."""
     groups: dict[str, list[Path]] = {}
     for path in unpaired:
         groups.setdefault(os.path.splitext(path.name)[0], []).append(path)
-    return {
-        stem: sorted(paths)
-        for stem, paths in groups.items()
-        if {_kind(p.name) for p in paths} == {"image", "sidecar"} and len(paths) > 2
-    }
+    complete = {"image", "sidecar"}
+    return {stem: sorted(paths) for stem, paths in groups.items() if {_kind(p.name) for p in paths} == complete}
 
 
 # ----- stability -------------------------------------------------------------------------------------------------
@@ -123,14 +119,15 @@ class StabilityTracker:
         self._clock = clock
         self._seen: dict[Path, tuple[tuple[int, int, int], float]] = {}
 
-    def observe(self, path: Path, stat_result: os.stat_result) -> bool:
-        signature = (stat_result.st_size, stat_result.st_mtime_ns, stat_result.st_ino)
+    def observe(self, path: Path, stat: os.stat_result) -> bool:
+        """True once `stat`'s (size, mtime_ns, inode) has been unchanged for `stable_seconds`."""
+        signature = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
         now = self._clock()
         previous = self._seen.get(path)
         if previous is None or previous[0] != signature:
             previous = (signature, now)
             self._seen[path] = previous
-        if stat.S_ISREG(stat_result.st_mode) and stat_result.st_size == 0:
+        if S_ISREG(stat.st_mode) and stat.st_size == 0:
             return False
         return now - previous[1] >= self.stable_seconds
 
@@ -149,11 +146,11 @@ def _rejected(name: str, reason: str, message: str, detail: Any = None) -> Input
 
 
 def _check_kind(info: os.stat_result, name: str, max_bytes: int) -> None:
-    if stat.S_ISLNK(info.st_mode):
+    if S_ISLNK(info.st_mode):
         message = f"{name} is a symbolic link. Links are not accepted, for safety: put the real file in the inbox."
         raise _rejected(name, "symlink", message)
-    if not stat.S_ISREG(info.st_mode):
-        kind = _SPECIAL_KINDS.get(stat.S_IFMT(info.st_mode), "a special file")
+    if not S_ISREG(info.st_mode):
+        kind = _SPECIAL_KINDS.get(S_IFMT(info.st_mode), "a special file")
         raise _rejected(name, "not_regular_file", f"{name} is {kind}, not a normal file.")
     if info.st_size > max_bytes:
         raise _too_large(name, info.st_size, max_bytes)
@@ -282,11 +279,17 @@ def load_image_rgb(path: Path, max_pixels: int, max_bytes: int | None = None) ->
 # ----- the poll loop ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class IntakeResult:
-    """One poll's outcome; `waiting` > 0 tells the caller to look again soon rather than at the rescan period."""
+    """One poll's outcome.
+
+    `settling` counts complete pairs (and ambiguous groups) whose files are still changing: the caller should look
+    again soon rather than at the rescan period. `waiting` adds files that still lack their partner; those can wait
+    forever, so `--once` does not wait for them.
+    """
 
     accepted: list[ClaimedJob] = field(default_factory=list)
     rejected: list[tuple[str, JobRejected, Path]] = field(default_factory=list)
     waiting: int = 0
+    settling: int = 0
 
 
 class Intake:
@@ -302,16 +305,17 @@ class Intake:
         """Scan once: claim and validate every pair that is stable; quarantine ambiguous ones."""
         pairs, unpaired = find_pairs(self._config.inbox)
         result = IntakeResult()  # filled in place by the helpers; `waiting` is set at the end
-        waiting = 0
+        settling = 0
         for pair in pairs:
             try:
-                waiting += self._handle_pair(pair, result)
+                settling += self._handle_pair(pair, result)
             except Exception:
-                log.exception("intake_pair_failed", stem=pair.stem)
-        waiting += self._handle_unpaired(unpaired, result)
+                log.exception("intake_pair_failed", stem=_printable(pair.stem))
+        orphans, unsettled_groups = self._handle_unpaired(unpaired, result)
+        settling += unsettled_groups
         self._tracker.retain([p for pair in pairs for p in (pair.image, pair.sidecar)] + unpaired)
         self._announced &= {pair.stem for pair in pairs}
-        return replace(result, waiting=waiting)
+        return replace(result, waiting=settling + orphans, settling=settling)
 
     def _is_stable(self, path: Path) -> bool:
         try:
@@ -327,12 +331,12 @@ class Intake:
         if not (image_stable and sidecar_stable):
             if pair.stem not in self._announced:
                 self._announced.add(pair.stem)
-                log.info("pair_waiting", stem=pair.stem, image=pair.image.name, sidecar=pair.sidecar.name)
+                log.info("pair_waiting", stem=_printable(pair.stem))
             return 1
-        self._tracker.forget(pair.image)
-        self._tracker.forget(pair.sidecar)
         self._announced.discard(pair.stem)
-        if not _names_are_text(pair):
+        for path in (pair.image, pair.sidecar):
+            self._tracker.forget(path)
+        if not _is_text(pair.image.name, pair.sidecar.name):
             message = "The file name is not valid UTF-8 text. Rename the files and drop them in again."
             self._quarantine(pair.stem, pair, "bad_filename", message, None, result)
             return 0
@@ -353,9 +357,11 @@ class Intake:
             rejection = exc
         except Exception as exc:
             log.exception("validation_crashed", job_id=job.job_id)
-            rejection = JobRejected(
-                "The daemon hit an internal error while checking this job.", reason="validation_error", detail=repr(exc)
+            message = (
+                f"The daemon hit an internal error while checking {job.image_name} and {job.sidecar_name} (not a "
+                "problem with the files as far as we know). They are kept here: drop them in again to retry."
             )
+            rejection = JobRejected(message, reason="validation_error", detail=repr(exc))
         else:
             result.accepted.append(self._store.mark_validated(job, resolved, image_sha256))
             return
@@ -365,13 +371,17 @@ class Intake:
         )
         result.rejected.append((job.stem, rejection, failed_dir))
 
-    def _handle_unpaired(self, unpaired: list[Path], result: IntakeResult) -> int:
-        """Quarantine stable ambiguous groups; everything else unpaired is waiting for its partner."""
+    def _handle_unpaired(self, unpaired: list[Path], result: IntakeResult) -> tuple[int, int]:
+        """Quarantine stable ambiguous groups; everything else unpaired is waiting for its partner.
+
+        Returns (files waiting for a partner, ambiguous groups still settling).
+        """
         groups = ambiguous_groups(unpaired)
-        waiting = sum(1 for path in unpaired if os.path.splitext(path.name)[0] not in groups)
+        orphans = sum(1 for path in unpaired if os.path.splitext(path.name)[0] not in groups)
+        settling = 0
         for stem, paths in groups.items():
             if not all([self._is_stable(path) for path in paths]):
-                waiting += 1
+                settling += 1
                 continue
             names = [path.name for path in paths]
             message = (
@@ -381,8 +391,8 @@ class Intake:
             try:
                 self._quarantine(stem, paths, "ambiguous_pair", message, names, result)
             except Exception:
-                log.exception("intake_pair_failed", stem=stem)
-        return waiting
+                log.exception("intake_pair_failed", stem=_printable(stem))
+        return orphans, settling
 
     def _quarantine(
         self, stem: str, files: Pair | list[Path], reason: str, message: str, detail: Any, result: IntakeResult
@@ -390,9 +400,7 @@ class Intake:
         try:
             failed_dir = self._store.quarantine(files, reason, message, detail)
         except FileNotFoundError:
-            return
-        for path in [files.image, files.sidecar] if isinstance(files, Pair) else files:
-            self._tracker.forget(path)
+            return  # gone already: nothing to keep
         log.warning("job_rejected", stem=_printable(stem), reason=reason, failed_dir=_printable(str(failed_dir)))
         result.rejected.append((stem, JobRejected(message, reason=reason, detail=detail), failed_dir))
 
@@ -402,10 +410,5 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _names_are_text(pair: Pair) -> bool:
-    try:
-        pair.image.name.encode("utf-8")
-        pair.sidecar.name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+def _is_text(*names: str) -> bool:
+    return all(_printable(name) == name for name in names)

@@ -181,7 +181,7 @@ class Service:
                 result = intake.poll()
             except Exception:
                 log.exception("intake_poll_failed")
-                result = IntakeResult(accepted=[], rejected=[], waiting=1)
+                result = IntakeResult(waiting=1, settling=1)
             for job in result.accepted:
                 self.metrics.received.inc()
                 self._enqueue(job)
@@ -195,8 +195,8 @@ class Service:
     def _wait_for_next_poll(self, result: IntakeResult) -> None:
         settings = self.config.intake
         delay = settings.rescan_seconds
-        if result.waiting:
-            # Something is settling: look again soon so the stability window, not the rescan period, sets latency.
+        if result.settling:
+            # A pair is settling: look again soon so the stability window, not the rescan period, sets latency.
             delay = min(delay, max(0.05, settings.stable_seconds / 2))
         self._hint.wait(timeout=delay)
         self._hint.clear()
@@ -231,7 +231,11 @@ class Service:
             log.error("watcher_died_restarting")
             self.metrics.watcher_up.set(0)
             self._watcher.stop(timeout=1.0)
-            self._start_watcher()
+            try:
+                self._start_watcher()
+            except Exception:
+                # E.g. the inbox was removed; the rescan still runs and the next supervision round tries again.
+                log.exception("watcher_restart_failed")
         if self._metrics_server is not None and not self._metrics_server.is_alive():
             log.error("metrics_server_died")
             self._fail("metrics server thread died")
@@ -250,7 +254,7 @@ class Service:
         worker_idle = self._worker is not None and not self._worker.busy.is_set()
         return (
             last is not None
-            and last.waiting == 0
+            and last.settling == 0
             and len(self.queue) == 0
             and worker_idle
             and self.store.counts().get("claimed", 0) == 0

@@ -256,6 +256,8 @@ class JobStore:
         return sorted(jobs, key=lambda job: job.sequence)
 
     def _recover_one(self, directory: Path) -> ClaimedJob | None:
+        for temp in directory.glob(f".{JOB_FILE}.tmp-*"):
+            temp.unlink()  # a job.json rewrite interrupted by the crash; the old job.json is intact
         try:
             state = _read_state(directory)
         except (OSError, ValueError, ValidationError) as exc:
@@ -273,8 +275,6 @@ class JobStore:
         return job
 
     def _quarantine_corrupt(self, directory: Path, detail: str) -> None:
-        for temp in directory.glob(f".{JOB_FILE}.tmp-*"):
-            temp.unlink()
         if not any(directory.iterdir()):
             directory.rmdir()  # a crash between mkdir and the first job.json write: nothing to keep
             return
@@ -376,7 +376,11 @@ class JobStore:
     def _rename_to_failed(self, directory: Path, name: str) -> Path:
         """Move a whole directory to a fresh `failed/NAME[-N]` in one rename (rename(2) never merges dirs)."""
         target = self._make_failed_dir(name)
-        os.rename(directory, target)  # replaces the empty placeholder atomically
+        try:
+            os.rename(directory, target)  # replaces the empty placeholder atomically
+        except OSError:
+            target.rmdir()
+            raise
         fsync_dir(self.failed_dir)
         return target
 

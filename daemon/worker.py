@@ -62,7 +62,7 @@ class Worker:
         metrics: DaemonMetrics,
         *,
         interrupt: threading.Event,
-        on_status: Callable[[str], None] = lambda status: None,
+        on_status: Callable[[str], object] = lambda status: None,
     ) -> None:
         self._config = config
         self._generator = generator

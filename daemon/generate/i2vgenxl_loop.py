@@ -1,0 +1,227 @@
+"""The I2VGen-XL sampling math, re-implemented on diffusers' components.
+
+Why our own loop: diffusers' `I2VGenXLPipeline` is deprecated (no fixes after 0.33.1), has no step callback or
+interrupt point, and its default `clip_skip=1` path reads `text_encoder.text_model`, which transformers 5 removed.
+Every function here mirrors one step of that pipeline (diffusers 0.42.1,
+`pipelines/deprecated/i2vgen_xl/pipeline_i2vgen_xl.py`) operation for operation, so the results are equal to
+the stock pipeline's to float rounding; `tests/integration/test_generate_i2vgenxl.py` proves it on the tiny
+model. Deliberate differences, none of which changes the maths:
+
+- prompt encoding works on transformers 4 and 5 (the final layer norm is found where each version keeps it);
+- the VAE posterior sample draws from an explicit seeded generator instead of torch's global RNG (the stock
+  pipeline calls `latent_dist.sample()` without one), so a job is reproducible from its seed alone;
+- the scheduler step runs on the (B, C, F, H, W) tensor directly: DDIM's step is elementwise, so the stock
+  pipeline's permute/reshape round trip around it does not change a single value.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from PIL import Image
+
+from daemon.errors import JobInterrupted
+from daemon.generate.base import InterruptCheck, StepCallback
+
+IMAGE_NOISE_SEED_OFFSET = 0x9E3779B97F4A7C15
+"""The VAE posterior sample uses seed + this (mod 2**64), so it never reuses the initial latent noise."""
+
+
+@dataclass(frozen=True)
+class Components:
+    """The loaded diffusers/transformers parts (typed `Any`: those libraries ship no type information)."""
+
+    unet: Any
+    vae: Any
+    scheduler: Any
+    text_encoder: Any
+    tokenizer: Any
+    image_encoder: Any
+    feature_extractor: Any
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Everything the UNet is conditioned on, already batched (uncond first, then cond) when guidance is on."""
+
+    prompt_embeds: torch.Tensor
+    image_embeddings: torch.Tensor
+    image_latents: torch.Tensor
+    fps: torch.Tensor
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """A CPU generator: like diffusers' `randn_tensor`, noise is drawn on the CPU so a seed gives the same video
+    on any device."""
+    return torch.Generator(device="cpu").manual_seed(seed % 2**64)
+
+
+def image_noise_seed(seed: int) -> int:
+    """The seed of the VAE posterior sample of the conditioning image (see IMAGE_NOISE_SEED_OFFSET)."""
+    return (seed + IMAGE_NOISE_SEED_OFFSET) % 2**64
+
+
+def encode_prompt(
+    parts: Components, prompt: str, negative_prompt: str, guidance: bool, clip_skip: int | None
+) -> torch.Tensor:
+    """Text embeddings, `cat([negative, positive])` with guidance (the stock pipeline's batch order)."""
+    positive = _encode_text(parts, prompt, clip_skip)
+    if not guidance:
+        return positive
+    return torch.cat([_encode_text(parts, negative_prompt, clip_skip), positive])
+
+
+def _encode_text(parts: Components, text: str, clip_skip: int | None) -> torch.Tensor:
+    """The stock `encode_prompt` for one string: pad to 77 tokens, then the last layer (clip_skip None) or the
+    output of layer -(clip_skip + 1) passed through the final layer norm, as the last layer's output is."""
+    encoder = parts.text_encoder
+    tokens = parts.tokenizer(
+        [text], padding="max_length", max_length=parts.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    ids = tokens.input_ids.to(encoder.device)
+    mask = tokens.attention_mask.to(encoder.device) if getattr(encoder.config, "use_attention_mask", False) else None
+    if clip_skip is None:
+        hidden = encoder(ids, attention_mask=mask)[0]
+    else:
+        output = encoder(ids, attention_mask=mask, output_hidden_states=True)
+        hidden = final_layer_norm(encoder)(output.hidden_states[-(clip_skip + 1)])
+    result: torch.Tensor = hidden.to(dtype=encoder.dtype)
+    return result
+
+
+def final_layer_norm(text_encoder: Any) -> Any:
+    """transformers 5 keeps `final_layer_norm` on CLIPTextModel itself; transformers 4 under `.text_model`."""
+    holder = getattr(text_encoder, "text_model", text_encoder)
+    return holder.final_layer_norm
+
+
+def center_crop_wide(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The stock `_center_crop_wide`: box-downscale so the smaller ratio fits, then center-crop to `size`."""
+    scale = min(image.size[0] / size[0], image.size[1] / size[1])
+    image = image.resize((round(image.width // scale), round(image.height // scale)), resample=Image.Resampling.BOX)
+    left = (image.width - size[0]) // 2
+    top = (image.height - size[1]) // 2
+    return image.crop((left, top, left + size[0], top + size[1]))
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (1, 3, H, W) float32 in [0, 1], as diffusers' `pil_to_numpy` + `numpy_to_pt`."""
+    array = np.array(image).astype(np.float32) / 255.0
+    return torch.from_numpy(array[None].transpose(0, 3, 1, 2))
+
+
+def encode_image(parts: Components, image: Image.Image, width: int, guidance: bool) -> torch.Tensor:
+    """CLIP image embedding (1 or 2, 1, D): square crop of side `width` (the stock pipeline's choice), bilinear
+    resize to the feature extractor's crop size, CLIP normalisation; zeros as the unconditional half."""
+    encoder = parts.image_encoder
+    extractor = parts.feature_extractor
+    crop = center_crop_wide(image, (width, width))
+    crop = crop.resize((extractor.crop_size["width"], extractor.crop_size["height"]), Image.Resampling.BILINEAR)
+    pixels = _to_tensor(crop)
+    mean = torch.tensor(extractor.image_mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(extractor.image_std, dtype=torch.float32).view(1, -1, 1, 1)
+    pixels = ((pixels - mean) / std).to(device=encoder.device, dtype=encoder.dtype)
+    embeddings: torch.Tensor = encoder(pixels).image_embeds.unsqueeze(1)
+    if guidance:
+        embeddings = torch.cat([torch.zeros_like(embeddings), embeddings])
+    return embeddings
+
+
+def encode_image_latents(
+    parts: Components, image: Image.Image, size: tuple[int, int], num_frames: int, guidance: bool, seed: int
+) -> torch.Tensor:
+    """First-frame VAE latents plus one constant "position" frame per later frame ((i+1)/(F-1)), as the stock
+    `prepare_image_latents`; the posterior sample uses `image_noise_seed(seed)`."""
+    vae = parts.vae
+    pixels = 2.0 * _to_tensor(center_crop_wide(image, size)) - 1.0
+    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
+    posterior = vae.encode(pixels).latent_dist
+    latents = posterior.sample(generator=seeded_generator(image_noise_seed(seed))) * vae.config.scaling_factor
+    latents = latents.unsqueeze(2)
+    ramp = [torch.ones_like(latents[:, :, :1]) * ((index + 1) / (num_frames - 1)) for index in range(num_frames - 1)]
+    if ramp:
+        latents = torch.cat([latents, torch.cat(ramp, dim=2)], dim=2)
+    result: torch.Tensor = torch.cat([latents] * 2) if guidance else latents
+    return result
+
+
+def fps_tensor(target_fps: int, guidance: bool, device: torch.device) -> torch.Tensor:
+    """The `fps` micro-condition, one entry per batch row."""
+    return torch.tensor([target_fps, target_fps] if guidance else [target_fps]).to(device)
+
+
+def initial_latents(parts: Components, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Seeded Gaussian noise drawn on the CPU (diffusers' `randn_tensor`), scaled by `init_noise_sigma`."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    noise = randn_tensor(shape, generator=seeded_generator(seed), device=parts.unet.device, dtype=dtype)
+    result: torch.Tensor = noise * parts.scheduler.init_noise_sigma
+    return result
+
+
+def denoise(
+    parts: Components,
+    latents: torch.Tensor,
+    cond: Conditioning,
+    guidance_scale: float,
+    on_step: StepCallback | None,
+    should_interrupt: InterruptCheck | None,
+) -> torch.Tensor:
+    """The DDIM loop (eta 0) with batched classifier-free guidance; `parts.scheduler` must have its timesteps set.
+
+    The only host syncs are the ones `on_step` needs to report a true step time (CUDA) and `should_interrupt`.
+    """
+    scheduler = parts.scheduler
+    guidance = guidance_scale > 1
+    total = len(scheduler.timesteps)
+    for index, timestep in enumerate(scheduler.timesteps):
+        if should_interrupt is not None and should_interrupt():
+            raise JobInterrupted(f"interrupted before denoising step {index + 1} of {total}")
+        started = time.perf_counter()
+        model_input = torch.cat([latents] * 2) if guidance else latents
+        model_input = scheduler.scale_model_input(model_input, timestep)
+        noise_pred = parts.unet(
+            model_input,
+            timestep,
+            encoder_hidden_states=cond.prompt_embeds,
+            fps=cond.fps,
+            image_latents=cond.image_latents,
+            image_embeddings=cond.image_embeddings,
+            return_dict=False,
+        )[0]
+        if guidance:
+            noise_uncond, noise_text = noise_pred.chunk(2)
+            noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+        latents = scheduler.step(noise_pred, timestep, latents, eta=0.0).prev_sample
+        if on_step is not None:
+            synchronize(latents.device)
+            on_step(index + 1, total, time.perf_counter() - started)
+    return latents
+
+
+def decode(vae: Any, latents: torch.Tensor, chunk_size: int) -> npt.NDArray[np.float32]:
+    """VAE-decode `chunk_size` frames at a time; (F, H, W, 3) float32 in [0, 1] like `output_type="np"`."""
+    latents = 1 / vae.config.scaling_factor * latents
+    batch, channels, frames, height, width = latents.shape
+    flat = latents.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
+    decoded = [vae.decode(flat[start : start + chunk_size]).sample for start in range(0, flat.shape[0], chunk_size)]
+    video = torch.cat(decoded).float()
+    video = (video * 0.5 + 0.5).clamp(0, 1)
+    result: npt.NDArray[np.float32] = video.permute(0, 2, 3, 1).cpu().numpy()
+    return result
+
+
+def to_uint8(frames: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
+    """[0, 1] floats -> uint8 with diffusers' rounding (`numpy_to_pil`)."""
+    return (frames * 255).round().astype(np.uint8)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work, so host clocks measure the GPU; a no-op elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
