@@ -36,15 +36,17 @@ DEFAULT_CLIP_SKIP: int | None = 1
 """Prompt embeddings from the penultimate text-encoder layer (+ final layer norm): the stock pipeline's default
 (`clip_skip=1`) and what I2VGen-XL was trained with (VGen's OpenCLIP embedder uses layer "penultimate")."""
 
-REQUIRED_FILES: Mapping[str, tuple[str, ...]] = {
-    "unet": ("config.json",),
-    "vae": ("config.json",),
-    "scheduler": ("scheduler_config.json",),
-    "text_encoder": ("config.json",),
-    "tokenizer": ("vocab.json", "merges.txt"),
-    "image_encoder": ("config.json",),
-    "feature_extractor": ("preprocessor_config.json",),
+REQUIRED_FILES: Mapping[str, tuple[tuple[str, ...], ...]] = {
+    "unet": (("config.json",),),
+    "vae": (("config.json",),),
+    "scheduler": (("scheduler_config.json",),),
+    "text_encoder": (("config.json",),),
+    "tokenizer": (("vocab.json", "merges.txt"), ("tokenizer.json",)),
+    "image_encoder": (("config.json",),),
+    "feature_extractor": (("preprocessor_config.json",),),
 }
+"""Per component, alternative sets of files of which one must be complete (transformers 5 saves a CLIP tokenizer
+as tokenizer.json; the published repo ships vocab.json + merges.txt)."""
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,9 @@ def check_model_dir(directory: Path) -> None:
     if not directory.is_dir():
         raise FatalError(f"model directory {directory} does not exist (model.source); expected {expected}")
     missing = [] if (directory / "model_index.json").is_file() else ["model_index.json"]
-    missing += [f"{name}/{file}" for name, files in REQUIRED_FILES.items() for file in files]
-    missing = [path for path in missing if not (directory / path).is_file()]
+    for name, alternatives in REQUIRED_FILES.items():
+        if not any(all((directory / name / file).is_file() for file in files) for files in alternatives):
+            missing.append(" or ".join("+".join(f"{name}/{file}" for file in files) for files in alternatives))
     if missing:
         raise FatalError(f"model directory {directory} is incomplete: missing {', '.join(missing)}; expected {expected}")
 

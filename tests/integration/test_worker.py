@@ -1,0 +1,204 @@
+"""The worker's per-job error policy with the real tiny model, real ffmpeg and a real store on disk.
+
+Failures are injected at module boundaries (the generator raising out-of-memory, the encoder's ffmpeg failing,
+the publisher's disk filling up), as DESIGN.md §4 asks.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.config import DaemonConfig, load_config
+from daemon.errors import TransientJobError
+from daemon.generate import load_generator
+from daemon.generate.base import Generator
+from daemon.intake import Intake
+from daemon.jobqueue import JobQueue
+from daemon.metrics import DaemonMetrics
+from daemon.store import ClaimedJob, JobStore
+from daemon.worker import Worker
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory: pytest.TempPathFactory) -> Generator:
+    config = load_config(None)
+    model = config.model.model_copy(update={"cache_dir": tmp_path_factory.mktemp("cache"), "device": "cpu"})
+    return load_generator(model)
+
+
+class Harness:
+    def __init__(self, root: Path, generator: Generator) -> None:
+        config = load_config(None, {"inbox": root / "inbox", "outbox": root / "outbox"})
+        generation = config.generation.model_copy(
+            update={
+                "defaults": config.generation.defaults.model_copy(
+                    update={"resolution": None, "width": 64, "height": 64, "num_frames": 8, "steps": 2}
+                )
+            }
+        )
+        intake = config.intake.model_copy(update={"stable_seconds": 0.0})
+        worker = config.worker.model_copy(update={"retry_delay_seconds": 0.0})
+        self.config: DaemonConfig = config.model_copy(
+            update={"generation": generation, "intake": intake, "worker": worker}
+        )
+        self.config.inbox.mkdir(parents=True)
+        self.config.outbox.mkdir(parents=True)
+        self.store = JobStore(self.config.inbox, self.config.state_path)
+        self.queue: JobQueue[ClaimedJob] = JobQueue()
+        self.metrics = DaemonMetrics()
+        self.interrupt = threading.Event()
+        self.worker = Worker(self.config, generator, self.store, self.queue, self.metrics, interrupt=self.interrupt)
+
+    def claim(self, make_image: Callable[..., Path], stem: str, sidecar: str) -> ClaimedJob:
+        make_image(f"{stem}.png", size=(80, 64), directory=self.config.inbox)
+        (self.config.inbox / f"{stem}.yaml").write_text(sidecar)
+        # stable_seconds is 0, so the first poll claims and validates the pair.
+        (job,) = Intake(self.config, self.store).poll().accepted
+        return job
+
+    def run_until_settled(self, job: ClaimedJob) -> list[str]:
+        """Process the job, then any re-queued retries of it, until it reaches a final outcome."""
+        outcomes = [self.worker.process(job)]
+        while outcomes[-1] == "retried":
+            retried = self.queue.get(timeout=10)
+            assert retried is not None
+            outcomes.append(self.worker.process(retried))
+        return outcomes
+
+    def counter(self, outcome: str) -> float:
+        value = self.metrics.registry.get_sample_value("i2vd_jobs_total", {"outcome": outcome})
+        return value or 0.0
+
+
+@pytest.fixture
+def harness(tmp_path: Path, generator: Generator) -> Iterator[Harness]:
+    yield Harness(tmp_path, generator)
+
+
+def published(outbox: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(outbox.glob("video_*.json"))]
+
+
+def test_a_job_is_published_and_its_inputs_archived(harness: Harness, make_image: Callable[..., Path]) -> None:
+    job = harness.claim(make_image, "ok", "prompt: fine\nseed: 5\nvariants: [first_frame]\n")
+    assert harness.run_until_settled(job) == ["succeeded"]
+    [manifest] = published(harness.config.outbox)
+    assert manifest["seed"] == 5 and manifest["attempts"] == 1
+    assert {o["role"] for o in manifest["outputs"]} == {"main", "first_frame"}
+    assert (harness.config.state_path / "done" / job.job_id).is_dir()
+    assert not (harness.config.outbox / ".i2vd-staging" / job.job_id).exists()
+
+
+def test_transient_generator_oom_is_retried_then_succeeds(
+    harness: Harness, make_image: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_generate = harness.worker._generator.generate
+    calls = {"n": 0}
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise TransientJobError("out of GPU memory (simulated)")
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(harness.worker._generator, "generate", flaky)
+    job = harness.claim(make_image, "oom", "prompt: retry me\nvariants: []\n")
+    assert harness.run_until_settled(job) == ["retried", "succeeded"]
+    [manifest] = published(harness.config.outbox)
+    assert manifest["attempts"] == 2
+    assert harness.metrics.registry.get_sample_value("i2vd_oom_total") == 1
+    assert harness.counter("retried") == 1 and harness.counter("succeeded") == 1
+
+
+def test_ffmpeg_failing_every_time_ends_in_failed_with_history(
+    harness: Harness, make_image: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise TransientJobError("ffmpeg exited with status 1", detail={"stderr": "simulated crash"})
+
+    monkeypatch.setattr(harness.worker._encoder, "write_video", broken)
+    job = harness.claim(make_image, "poison", "prompt: never encodes\n")
+    assert harness.run_until_settled(job) == ["retried", "retried", "failed"]
+    reason = json.loads((harness.config.inbox / "failed" / "poison" / "reason.json").read_text())
+    assert reason["reason"] == "retries_exhausted"
+    assert reason["attempts"] == 3
+    assert "ffmpeg exited" in reason["message"]
+    assert (harness.config.inbox / "failed" / "poison" / "poison.png").exists()
+    assert published(harness.config.outbox) == []
+    assert list((harness.config.state_path / "jobs").iterdir()) == []
+
+    # The next job is not blocked behind the poisoned one.
+    monkeypatch.undo()
+    good = harness.claim(make_image, "next", "prompt: next one\nvariants: []\n")
+    assert harness.run_until_settled(good) == ["succeeded"]
+
+
+def test_disk_full_during_publish_leaves_no_partial_output_and_is_retried(
+    harness: Harness, make_image: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_link = os.link
+    calls = {"n": 0}
+
+    def full_disk(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second output of the first attempt
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_link(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "link", full_disk)
+    job = harness.claim(make_image, "full", "prompt: disk fills\nvariants: [first_frame]\n")
+    outcomes = harness.run_until_settled(job)
+    assert outcomes == ["retried", "succeeded"]
+    [manifest] = published(harness.config.outbox)
+    names = {o["name"] for o in manifest["outputs"]} | {f"{manifest['outputs'][0]['name'][:-4]}.json"}
+    visible = {p.name for p in harness.config.outbox.iterdir() if not p.name.startswith(".")}
+    assert visible == names, "only the complete second attempt is in the outbox"
+
+
+def test_unexpected_exception_never_stops_the_loop(
+    harness: Harness, make_image: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def bug(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in a stage")
+
+    monkeypatch.setattr(harness.worker._encoder, "make_variant", bug)
+    first = harness.claim(make_image, "buggy", "prompt: hits the bug\nvariants: [first_frame]\n")
+    second = harness.claim(make_image, "plain", "prompt: no variants\nvariants: []\n")
+    harness.queue.put(first, priority=0, sequence=first.sequence)
+    harness.queue.put(second, priority=0, sequence=second.sequence)
+    thread = threading.Thread(target=harness.worker.run)
+    thread.start()
+    try:
+        deadline = 120.0
+        while deadline > 0 and not (harness.counter("failed") == 1 and harness.counter("succeeded") == 1):
+            threading.Event().wait(0.05)
+            deadline -= 0.05
+    finally:
+        harness.queue.close()
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert (harness.counter("retried"), harness.counter("failed"), harness.counter("succeeded")) == (2, 1, 1)
+    reason = json.loads((harness.config.inbox / "failed" / "buggy" / "reason.json").read_text())
+    assert "a bug in a stage" in reason["message"]
+    [manifest] = published(harness.config.outbox)
+    assert manifest["input"]["image"] == "plain.png"
+
+
+def test_interrupt_releases_the_job_without_failing_it(harness: Harness, make_image: Callable[..., Path]) -> None:
+    job = harness.claim(make_image, "stopme", "prompt: stop\nsteps: 50\nvariants: []\n")
+    harness.interrupt.set()
+    assert harness.worker.process(job) == "interrupted"
+    assert (harness.config.state_path / "jobs" / job.job_id).is_dir()
+    assert not list((harness.config.inbox / "failed").glob("*/reason.json"))
+    [recovered] = JobStore(harness.config.inbox, harness.config.state_path).recover()
+    assert recovered.job_id == job.job_id and recovered.attempts == 1
