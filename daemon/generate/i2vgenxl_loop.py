@@ -3,13 +3,15 @@
 Why our own loop: diffusers' `I2VGenXLPipeline` is deprecated (no fixes after 0.33.1), has no step callback or
 interrupt point, and its default `clip_skip=1` path reads `text_encoder.text_model`, which transformers 5 removed.
 Every function here mirrors one step of that pipeline (diffusers 0.42.1,
-`pipelines/deprecated/i2vgen_xl/pipeline_i2vgen_xl.py`) operation for operation, so the results are equal to
-the stock pipeline's to float rounding; `tests/integration/test_generate_i2vgenxl.py` proves it on the tiny
-model. Deliberate differences, none of which changes the maths:
+`pipelines/deprecated/i2vgen_xl/pipeline_i2vgen_xl.py`) operation for operation, down to tensor layouts, so in
+float32 on the CPU the frames are bit-for-bit the stock pipeline's (`tests/integration/test_generate_i2vgenxl.py`
+checks it on the tiny model). Deliberate differences, none of which changes the maths:
 
 - prompt encoding works on transformers 4 and 5 (the final layer norm is found where each version keeps it);
 - the VAE posterior sample draws from an explicit seeded generator instead of torch's global RNG (the stock
   pipeline calls `latent_dist.sample()` without one), so a job is reproducible from its seed alone;
+- noise is always drawn in float32 on the CPU and then cast, so float16 on a GPU starts from the same noise as
+  float32 on the CPU (identical to the stock pipeline in float32; in float16 it draws other numbers);
 - the scheduler step runs on the (B, C, F, H, W) tensor directly: DDIM's step is elementwise, so the stock
   pipeline's permute/reshape round trip around it does not change a single value.
 """
@@ -55,10 +57,15 @@ class Conditioning:
     fps: torch.Tensor
 
 
-def seeded_generator(seed: int) -> torch.Generator:
-    """A CPU generator: like diffusers' `randn_tensor`, noise is drawn on the CPU so a seed gives the same video
-    on any device."""
-    return torch.Generator(device="cpu").manual_seed(seed % 2**64)
+def cpu_noise(shape: tuple[int, ...], seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal noise drawn on the CPU in float32, then moved and cast: the same seed gives the same noise on
+    any device and in any dtype. (CPU `randn` in float16/bfloat16 draws different numbers than in float32; diffusers
+    draws in the target dtype, which in float32 is exactly this.)"""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    generator = torch.Generator(device="cpu").manual_seed(seed % 2**64)
+    noise: torch.Tensor = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=torch.float32)
+    return noise.to(device=device, dtype=dtype)
 
 
 def image_noise_seed(seed: int) -> int:
@@ -141,11 +148,16 @@ def encode_image_latents(
     pixels = 2.0 * _to_tensor(center_crop_wide(image, size)) - 1.0
     pixels = pixels.to(device=vae.device, dtype=vae.dtype)
     posterior = vae.encode(pixels).latent_dist
-    latents = posterior.sample(generator=seeded_generator(image_noise_seed(seed))) * vae.config.scaling_factor
+    # `posterior.sample(generator)`, with the noise from `cpu_noise`.
+    noise = cpu_noise(tuple(posterior.mean.shape), image_noise_seed(seed), posterior.mean.device, posterior.mean.dtype)
+    latents = (posterior.mean + posterior.std * noise) * vae.config.scaling_factor
     latents = latents.unsqueeze(2)
     ramp = [torch.ones_like(latents[:, :, :1]) * ((index + 1) / (num_frames - 1)) for index in range(num_frames - 1)]
     if ramp:
         latents = torch.cat([latents, torch.cat(ramp, dim=2)], dim=2)
+    # The VAE returns channels-last strides; the stock pipeline's `repeat` makes a contiguous copy, and the UNet's
+    # convolutions round differently on the two layouts (~1e-6), so match it.
+    latents = latents.contiguous()
     result: torch.Tensor = torch.cat([latents] * 2) if guidance else latents
     return result
 
@@ -156,11 +168,8 @@ def fps_tensor(target_fps: int, guidance: bool, device: torch.device) -> torch.T
 
 
 def initial_latents(parts: Components, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Seeded Gaussian noise drawn on the CPU (diffusers' `randn_tensor`), scaled by `init_noise_sigma`."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    noise = randn_tensor(shape, generator=seeded_generator(seed), device=parts.unet.device, dtype=dtype)
-    result: torch.Tensor = noise * parts.scheduler.init_noise_sigma
+    """The stock `prepare_latents`: seeded Gaussian noise scaled by `init_noise_sigma`."""
+    result: torch.Tensor = cpu_noise(shape, seed, parts.unet.device, dtype) * parts.scheduler.init_noise_sigma
     return result
 
 
@@ -172,13 +181,14 @@ def denoise(
     on_step: StepCallback | None,
     should_interrupt: InterruptCheck | None,
 ) -> torch.Tensor:
-    """The DDIM loop (eta 0) with batched classifier-free guidance; `parts.scheduler` must have its timesteps set.
-
-    The only host syncs are the ones `on_step` needs to report a true step time (CUDA) and `should_interrupt`.
-    """
+    """The DDIM loop (eta 0) with batched classifier-free guidance; `parts.scheduler` must have its timesteps set
+    (on the CPU, so that the loop never waits for the GPU: the only sync is the one `on_step` needs to report a
+    true step time)."""
     scheduler = parts.scheduler
     guidance = guidance_scale > 1
     total = len(scheduler.timesteps)
+    # The UNet gets the timestep on its device (moving a CPU one there would sync), the scheduler on the CPU.
+    on_device = scheduler.timesteps.to(latents.device)
     for index, timestep in enumerate(scheduler.timesteps):
         if should_interrupt is not None and should_interrupt():
             raise JobInterrupted(f"interrupted before denoising step {index + 1} of {total}")
@@ -187,7 +197,7 @@ def denoise(
         model_input = scheduler.scale_model_input(model_input, timestep)
         noise_pred = parts.unet(
             model_input,
-            timestep,
+            on_device[index],
             encoder_hidden_states=cond.prompt_embeds,
             fps=cond.fps,
             image_latents=cond.image_latents,

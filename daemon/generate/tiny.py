@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -161,11 +162,13 @@ def _build_models() -> dict[str, Any]:
         loaded: dict[str, Any] = json.loads((SHIPPED_DIR / name / "config.json").read_text(encoding="utf-8"))
         return loaded
 
-    builders = {
+    vae_class: Any = AutoencoderKL
+    unet_class: Any = I2VGenXLUNet
+    builders: dict[str, Callable[[], Any]] = {
         "text_encoder": lambda: CLIPTextModel(CLIPTextConfig.from_dict(config("text_encoder"))),
         "image_encoder": lambda: CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(config("image_encoder"))),
-        "vae": lambda: AutoencoderKL.from_config(config("vae")),
-        "unet": lambda: I2VGenXLUNet.from_config(config("unet")),
+        "vae": lambda: vae_class.from_config(config("vae")),
+        "unet": lambda: unet_class.from_config(config("unet")),
     }
     models: dict[str, Any] = {}
     with torch.random.fork_rng(devices=[]):

@@ -21,9 +21,7 @@ from tokenizers import Regex, normalizers, pre_tokenizers
 VOCAB_SIZE = 1000
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 END_OF_WORD = "</w>"
-CLIP_SPLIT = (
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-)
+CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 OUT_DIR = Path(__file__).resolve().parent / "tokenizer"
 
 CORPUS = """
