@@ -211,9 +211,7 @@ class Worker:
         staged: list[tuple[Path, str, str, MediaInfo]],
         timings: dict[str, float],
     ) -> list[Path]:
-        records = [
-            (suffix, role, sha256_file(path), path.stat().st_size, info) for path, suffix, role, info in staged
-        ]
+        records = [(suffix, role, sha256_file(path), path.stat().st_size, info) for path, suffix, role, info in staged]
         manifest_inputs = self._manifest_inputs(job, resolved, result, timings)
 
         def manifest_for(base: str) -> dict[str, object]:
