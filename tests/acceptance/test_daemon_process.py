@@ -225,7 +225,7 @@ def test_sigterm_mid_job_releases_it_and_the_next_start_finishes_it(
     daemon = start_daemon()
     daemon.wait_for_event("service_ready")
     # Long enough on the CPU that the signal lands between denoising steps.
-    drop_pair(daemon.inbox, make_image, "slow", "prompt: slow\nwidth: 128\nheight: 128\nsteps: 200\nvariants: []\n")
+    drop_pair(daemon.inbox, make_image, "slow", "prompt: slow\nwidth: 128\nheight: 128\nsteps: 60\nvariants: []\n")
     daemon.wait_for_event("generate_step", JOB_SECONDS)
     assert daemon.stop(signal.SIGTERM) == 0
     assert any(e.get("event") == "job_released" for e in daemon.events())
@@ -240,5 +240,5 @@ def test_sigterm_mid_job_releases_it_and_the_next_start_finishes_it(
     assert any(e.get("event") == "job_recovered" for e in restarted.events())
     [manifest] = manifests(restarted.outbox)
     assert manifest["attempts"] == 2
-    assert manifest["used"]["steps"] == 200
+    assert manifest["used"]["steps"] == 60
     assert list((restarted.inbox / ".i2vd" / "jobs").iterdir()) == []
