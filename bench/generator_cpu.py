@@ -24,50 +24,12 @@ import torch
 from PIL import Image
 
 from daemon.config import ModelConfig
-from daemon.generate import i2vgenxl_loop as loop
 from daemon.generate.base import GenerationRequest
-from daemon.generate.i2vgenxl import I2VGenXLGenerator, load_generator
+from daemon.generate.i2vgenxl import load_generator
+from daemon.generate.reference import run_stock, stock_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 CASES = ((64, 64, 8, 2), (128, 128, 8, 4), (256, 256, 16, 10))
-
-
-def stock_pipeline(generator: I2VGenXLGenerator) -> Any:
-    from diffusers.pipelines.deprecated.i2vgen_xl.pipeline_i2vgen_xl import I2VGenXLPipeline
-
-    parts = generator.components
-    pipeline = I2VGenXLPipeline(
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
-        image_encoder=parts.image_encoder,
-        feature_extractor=parts.feature_extractor,
-        unet=parts.unet,
-        scheduler=type(parts.scheduler).from_config(parts.scheduler.config),
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-def run_stock(pipeline: Any, request: GenerationRequest) -> np.ndarray:
-    torch.manual_seed(loop.image_noise_seed(request.seed))
-    output = pipeline(
-        prompt=request.prompt,
-        image=request.image,
-        height=request.height,
-        width=request.width,
-        target_fps=request.target_fps,
-        num_frames=request.num_frames,
-        num_inference_steps=request.steps,
-        guidance_scale=request.guidance_scale,
-        negative_prompt=request.negative_prompt,
-        generator=torch.Generator().manual_seed(request.seed),
-        output_type="np",
-        decode_chunk_size=8,
-        clip_skip=None,  # the stock default path reads text_encoder.text_model, gone in transformers 5
-    )
-    frames: np.ndarray = output.frames[0]
-    return frames
 
 
 def timed(function: Any, repeats: int) -> tuple[float, Any]:
@@ -102,7 +64,7 @@ def main() -> None:
                 guidance_scale=9.0,
                 seed=42,
             )
-            stock_s, stock_frames = timed(lambda r=request: run_stock(stock, r), args.repeats)
+            stock_s, stock_frames = timed(lambda r=request: run_stock(stock, r, clip_skip=None), args.repeats)
             ours_s, rendered = timed(lambda r=request: ours.render(r), args.repeats)
             rows.append(
                 {
@@ -118,6 +80,7 @@ def main() -> None:
     result = {
         "benchmark": "generator_cpu",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
         "model": "embedded-tiny (fp32)",
         "rows": rows,

@@ -89,6 +89,7 @@ def run(jobs: int) -> dict[str, Any]:
     return {
         "benchmark": "latency_cpu",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
         "config": "config/daemon.yaml: tiny I2VGen-XL, 128x128, 8 frames, 4 steps, vertical+fps30+first_frame",
         "jobs": jobs,

@@ -18,7 +18,7 @@ from PIL import Image
 
 from daemon.config import ModelConfig
 from daemon.errors import ConfigError, FatalError, JobInterrupted, TransientJobError
-from daemon.generate import i2vgenxl_loop as loop
+from daemon.generate import reference
 from daemon.generate.base import GenerationRequest
 from daemon.generate.i2vgenxl import I2VGenXLGenerator, load_generator, resolve_device_dtype
 from daemon.generate.tiny import MARKER_NAME, materialize_tiny_model
@@ -63,44 +63,10 @@ def with_clip_skip(generator: I2VGenXLGenerator, clip_skip: int | None) -> I2VGe
 
 @pytest.fixture
 def stock_pipeline(generator: I2VGenXLGenerator) -> Iterator[Any]:
-    """diffusers' deprecated I2VGenXLPipeline on the very same component objects (and a fresh scheduler)."""
-    from diffusers.pipelines.deprecated.i2vgen_xl.pipeline_i2vgen_xl import I2VGenXLPipeline
-
-    parts = generator.components
-    pipeline = I2VGenXLPipeline(
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
-        image_encoder=parts.image_encoder,
-        feature_extractor=parts.feature_extractor,
-        unet=parts.unet,
-        scheduler=type(parts.scheduler).from_config(parts.scheduler.config),
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    yield pipeline
+    yield reference.stock_pipeline(generator)
 
 
-def run_stock(pipeline: Any, request: GenerationRequest, clip_skip: int | None) -> np.ndarray:
-    """The stock pipeline with the request's settings. It draws the VAE posterior sample from torch's global RNG
-    (our loop uses an explicit generator seeded with `image_noise_seed`), so seed the global RNG to match."""
-    torch.manual_seed(loop.image_noise_seed(request.seed))
-    output = pipeline(
-        prompt=request.prompt,
-        image=request.image,
-        height=request.height,
-        width=request.width,
-        target_fps=request.target_fps,
-        num_frames=request.num_frames,
-        num_inference_steps=request.steps,
-        guidance_scale=request.guidance_scale,
-        negative_prompt=request.negative_prompt,
-        generator=torch.Generator().manual_seed(request.seed),
-        output_type="np",
-        decode_chunk_size=8,
-        clip_skip=clip_skip,
-    )
-    frames: np.ndarray = output.frames[0]
-    return frames
+run_stock = reference.run_stock
 
 
 @pytest.mark.parametrize("guidance_scale", [9.0, 1.0])
