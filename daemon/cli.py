@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,10 +143,75 @@ def command_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def command_pause(args: argparse.Namespace) -> int:
+    """Hold the queue: the running job finishes, no new one starts; survives a restart (a flag file)."""
+    from daemon.control import pause
+
+    config = _load(args)
+    changed = pause(config.state_path)
+    print(json.dumps({"paused": True, "changed": changed}))
+    return EXIT_OK
+
+
+def command_resume(args: argparse.Namespace) -> int:
+    from daemon.control import resume
+
+    config = _load(args)
+    changed = resume(config.state_path)
+    print(json.dumps({"paused": False, "changed": changed}))
+    return EXIT_OK
+
+
+def command_retry(args: argparse.Namespace) -> int:
+    """Move a failed pair from `inbox/failed/NAME/` back into the inbox under its original names."""
+    from daemon.control import ControlError, retry_failed
+
+    config = _load(args)
+    try:
+        image, sidecar = retry_failed(config.inbox, args.name)
+    except ControlError as exc:
+        print(f"retry: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps({"retried": args.name, "image": str(image), "sidecar": str(sidecar)}))
+    return EXIT_OK
+
+
+def command_cancel(args: argparse.Namespace) -> int:
+    """Ask the daemon to cancel the pending or running job NAME (applied within a second, or at its next start)."""
+    from daemon.control import claimed_names, request_cancel
+
+    config = _load(args)
+    if args.name not in claimed_names(config.state_path):
+        print(f"cancel: no pending or running job named {args.name!r}", file=sys.stderr)
+        return EXIT_FAILURE
+    request = request_cancel(config.state_path, args.name)
+    print(json.dumps({"cancel_requested": args.name, "request": str(request)}))
+    return EXIT_OK
+
+
 def command_check_config(args: argparse.Namespace) -> int:
     config = load_config(Path(args.file))
     print(json.dumps(config.model_dump(mode="json"), indent=2) if args.show else f"{args.file}: OK")
     return EXIT_OK
+
+
+def _add_control_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
+) -> None:
+    """`pause`, `resume`, `retry NAME`, `cancel NAME`: operator control through files in the state directory."""
+    for name, handler, text in (
+        ("pause", command_pause, "finish the running job, then hold the queue (survives restarts)"),
+        ("resume", command_resume, "take jobs from the queue again"),
+    ):
+        with_config(commands.add_parser(name, help=text)).set_defaults(handler=handler)
+    for name, handler, text in (
+        ("retry", command_retry, "move inbox/failed/NAME back into the inbox"),
+        ("cancel", command_cancel, "cancel the pending or running job NAME (it moves to inbox/failed/)"),
+    ):
+        sub = with_config(commands.add_parser(name, help=text))
+        sub.add_argument("name", help="the job's name: its inbox file name without extension")
+        sub.set_defaults(handler=handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = with_config(commands.add_parser("status", help="queue, running job, recent outcomes"))
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=command_status)
+
+    _add_control_commands(commands, with_config)
 
     check = commands.add_parser("check-config", help="validate a config file")
     check.add_argument("file")

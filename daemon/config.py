@@ -101,36 +101,81 @@ class IntakeConfig(_Frozen):
     max_image_pixels: Annotated[int, Field(ge=64 * 64)] = 50_000_000
 
 
-class VariantSpec(_Frozen):
-    """A declarative ffmpeg finishing preset. Code builds the argv from these fields; no free-form ffmpeg options."""
+X264Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower"]
+VariantKind = Literal["video", "image", "gif", "sheet"]
+_KIND_EXTS: dict[str, tuple[str, ...]] = {
+    "video": ("mp4", "webm"),
+    "image": ("png", "jpg"),
+    "gif": ("gif",),
+    "sheet": ("png", "jpg"),
+}
+_EXT_CODEC = {"mp4": "libx264", "webm": "libvpx-vp9"}
 
-    kind: Literal["video", "image"]
-    ext: Literal["mp4", "png", "jpg"]
+
+class VariantSpec(_Frozen):
+    """A declarative ffmpeg finishing preset. Code builds the argv from these fields; no free-form ffmpeg options.
+
+    Kinds: `video` (mp4 = H.264, webm = VP9), `image` (one frame as png/jpg), `gif` (palette-optimised animated
+    GIF), `sheet` (a `columns` x `rows` grid of evenly spaced frames, each scaled to `width` x `height`).
+    Every field is a bounded number or a closed choice, so a config can never smuggle an ffmpeg option or filter.
+    """
+
+    kind: VariantKind
+    ext: Literal["mp4", "webm", "png", "jpg", "gif"]
     width: Annotated[int, Field(ge=16, le=4096, multiple_of=2)] | None = None
     height: Annotated[int, Field(ge=16, le=4096, multiple_of=2)] | None = None
     fit: Literal["pad", "crop", "stretch"] = "pad"
     fps: Annotated[float, Field(gt=0.0, le=120.0)] | None = None
-    codec: Literal["libx264"] = "libx264"
-    crf: Annotated[int, Field(ge=0, le=51)] = 23
-    preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower"] = "fast"
-    frame: Annotated[int, Field(ge=0)] = 0
+    interpolate: bool = Field(
+        default=False, description="motion-interpolate to `fps` (minterpolate) instead of dup/drop"
+    )
+    codec: Literal["libx264", "libvpx-vp9"] | None = Field(default=None, description="default: from ext")
+    crf: Annotated[int, Field(ge=0, le=63)] = 23
+    preset: X264Preset = "fast"
+    frame: Annotated[int, Field(ge=0, le=100_000)] | Literal["middle", "last"] = 0
+    columns: Annotated[int, Field(ge=1, le=16)] = 4
+    rows: Annotated[int, Field(ge=1, le=16)] = 4
+
+    @property
+    def video_codec(self) -> str:
+        """The encoder of a `video` variant: the explicit `codec`, else the one its container implies."""
+        return self.codec or _EXT_CODEC.get(self.ext, "libx264")
 
     @model_validator(mode="after")
     def _consistent(self) -> VariantSpec:
         if (self.width is None) != (self.height is None):
             raise ValueError("width and height must be given together")
-        if self.kind == "video" and self.ext != "mp4":
-            raise ValueError("a video variant must have ext 'mp4'")
-        if self.kind == "image" and self.ext == "mp4":
-            raise ValueError("an image variant must have ext 'png' or 'jpg'")
+        if self.ext not in _KIND_EXTS[self.kind]:
+            raise ValueError(f"a {self.kind} variant must have ext in {list(_KIND_EXTS[self.kind])}")
+        if self.codec is not None and (self.kind != "video" or self.codec != _EXT_CODEC[self.ext]):
+            raise ValueError(f"codec {self.codec!r} does not fit a {self.kind} .{self.ext} variant")
+        if self.kind == "video" and self.video_codec == "libx264" and self.crf > 51:
+            raise ValueError("crf for libx264 must be <= 51")
+        if self.fps is not None and self.kind not in ("video", "gif"):
+            raise ValueError("fps applies to video and gif variants only")
+        if self.interpolate and (self.kind != "video" or self.fps is None):
+            raise ValueError("interpolate needs a video variant with fps")
+        if (
+            self.kind == "sheet"
+            and self.width is not None
+            and max(self.columns * self.width, self.rows * (self.height or 0)) > 8192
+        ):
+            raise ValueError("a contact sheet must stay within 8192 pixels per side")
         return self
 
 
 DEFAULT_VARIANTS: dict[str, VariantSpec] = {
     "vertical": VariantSpec(kind="video", ext="mp4", width=1080, height=1920, fit="pad", crf=23, preset="fast"),
+    "square": VariantSpec(kind="video", ext="mp4", width=1080, height=1080, fit="pad", crf=23, preset="fast"),
+    "landscape": VariantSpec(kind="video", ext="mp4", width=1920, height=1080, fit="pad", crf=23, preset="fast"),
     "fps30": VariantSpec(kind="video", ext="mp4", fps=30.0, crf=23, preset="fast"),
     "first_frame": VariantSpec(kind="image", ext="png", frame=0),
+    "poster": VariantSpec(kind="image", ext="jpg", frame="middle"),
+    "gif": VariantSpec(kind="gif", ext="gif"),
+    "webm": VariantSpec(kind="video", ext="webm", crf=32, preset="fast"),
+    "contact_sheet": VariantSpec(kind="sheet", ext="png", width=256, height=256, columns=4, rows=2),
 }
+"""The preset library. Config `encode.variants` adds presets to it (or redefines one by name)."""
 
 
 class EncodeConfig(_Frozen):
@@ -138,10 +183,22 @@ class EncodeConfig(_Frozen):
 
     ffmpeg: Path | None = Field(default=None, description="ffmpeg binary; default: the one bundled by imageio-ffmpeg")
     crf: Annotated[int, Field(ge=0, le=51)] = 18
-    preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower"] = "medium"
+    preset: X264Preset = "medium"
     timeout_seconds: Annotated[float, Field(gt=0.0, le=3600.0)] = 300.0
     variants: dict[str, VariantSpec] = Field(default_factory=lambda: dict(DEFAULT_VARIANTS))
     default_variants: tuple[str, ...] = ("vertical", "fps30", "first_frame")
+    max_concurrent_ffmpeg: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=2, description="ffmpeg processes at once (main MP4 write included); finishing uses one less"
+    )
+    finishing_backlog: Annotated[int, Field(ge=0, le=64)] = Field(
+        default=2, description="generated jobs that may wait for finishing before the generator pauses"
+    )
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _merge_library(cls, value: object) -> object:
+        """Config presets are added to the library (same name: replaced), so adding one never hides the rest."""
+        return {**DEFAULT_VARIANTS, **value} if isinstance(value, dict) else value
 
     @field_validator("variants")
     @classmethod
@@ -160,9 +217,30 @@ class EncodeConfig(_Frozen):
 
 
 class PublishConfig(_Frozen):
-    """What happens to inputs once their outputs are durable."""
+    """Where outputs go and what happens to inputs once their outputs are durable."""
 
     processed_inputs: Literal["archive", "delete"] = "archive"
+    daily_subfolders: bool = Field(default=False, description="publish into outbox/YYYY-MM-DD/ (local date)")
+
+
+SanityPolicy = Literal["fail", "warn", "off"]
+
+
+class SanityConfig(_Frozen):
+    """Checks on the generated frames before anything is encoded (daemon/sanity.py; README explains thresholds).
+
+    Levels are 0-255 RGB means. `fail` sends the job straight to failed/ (reason `sanity_failed`): the same seed
+    would give the same frames, so a retry only burns GPU time. `warn` publishes and records the result.
+    """
+
+    nonfinite: SanityPolicy = "fail"
+    frame_count: SanityPolicy = "fail"
+    black: SanityPolicy = "fail"
+    white: SanityPolicy = "fail"
+    frozen: SanityPolicy = "warn"
+    black_max_mean: Annotated[float, Field(ge=0.0, le=255.0)] = 4.0
+    white_min_mean: Annotated[float, Field(ge=0.0, le=255.0)] = 251.0
+    frozen_max_mad: Annotated[float, Field(ge=0.0, le=255.0)] = 0.5
 
 
 class WorkerConfig(_Frozen):
@@ -199,6 +277,7 @@ class DaemonConfig(BaseSettings):
     intake: IntakeConfig = IntakeConfig()
     encode: EncodeConfig = EncodeConfig()
     publish: PublishConfig = PublishConfig()
+    sanity: SanityConfig = SanityConfig()
     worker: WorkerConfig = WorkerConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()

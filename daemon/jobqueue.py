@@ -1,7 +1,8 @@
 """The in-memory run queue: highest priority first, then arrival order. The durable truth lives in the store.
 
 Unlike `queue.PriorityQueue`, it can be closed: `get` then returns None at once, which is how a stopping service wakes
-a worker blocked on an empty queue (the sentinel pattern of rq/dramatiq without a magic item).
+a worker blocked on an empty queue (the sentinel pattern of rq/dramatiq without a magic item). It can also be
+paused (`i2vd pause`): `get` holds items back until resumed, so the worker finishes its job and then waits.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class JobQueue(Generic[T]):
         self._heap: list[_Entry[T]] = []
         self._condition = threading.Condition()
         self._closed = False
+        self._paused = False
         self._clock = clock
 
     def put(self, item: T, *, priority: int, sequence: int) -> None:
@@ -40,9 +42,13 @@ class JobQueue(Generic[T]):
     def get(self, timeout: float | None = None) -> T | None:
         """The next item, or None when closed or when `timeout` passes with nothing to take."""
         with self._condition:
-            if not self._condition.wait_for(lambda: self._heap or self._closed, timeout=timeout):
+
+            def ready() -> bool:
+                return bool(self._heap and not self._paused) or self._closed
+
+            if not self._condition.wait_for(ready, timeout=timeout):
                 return None
-            if self._closed or not self._heap:
+            if self._closed or not self._heap or self._paused:
                 return None
             return heapq.heappop(self._heap).item
 
@@ -51,6 +57,24 @@ class JobQueue(Generic[T]):
         with self._condition:
             self._closed = True
             self._condition.notify_all()
+
+    def set_paused(self, paused: bool) -> None:
+        """Hold items back (True) or hand them out again (False); a worker blocked in `get` wakes on resume."""
+        with self._condition:
+            self._paused = paused
+            self._condition.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def remove(self, predicate: Callable[[T], bool]) -> list[T]:
+        """Take every queued item matching `predicate` out of the queue (used to cancel pending jobs)."""
+        with self._condition:
+            taken = [entry.item for entry in self._heap if predicate(entry.item)]
+            self._heap = [entry for entry in self._heap if not predicate(entry.item)]
+            heapq.heapify(self._heap)
+            return taken
 
     def __len__(self) -> int:
         with self._condition:

@@ -1,15 +1,19 @@
 """The per-job manifest: what was asked, what was used, by which model and code, how long it took, what came out.
 
-Versioned by `schema` so downstream scripts can refuse a format they do not know. Built from frozen inputs only;
-writing it (last, atomically) is the publisher's job.
+Versioned by `schema` so downstream scripts can refuse a format they do not know: additions (new keys) keep the
+version, removals or changes of meaning bump it. The JSON Schema shipped as `daemon/schemas/manifest.schema.json`
+describes it and the tests validate every manifest they produce against it. Built from frozen inputs only; writing
+it (last, atomically) is the publisher's job.
 """
 
 from __future__ import annotations
 
+import json
 import platform
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from importlib import resources
 from typing import Any
 
 from daemon import __version__
@@ -49,6 +53,8 @@ class ManifestInputs:
     peak_vram_bytes: int
     attempts: int
     finished_at: datetime
+    sanity: Mapping[str, Any] = field(default_factory=dict)
+    """`{check: {result, value, threshold, message}}` from daemon/sanity.py."""
 
 
 def build_manifest(inputs: ManifestInputs, outputs: Sequence[OutputRecord]) -> dict[str, Any]:
@@ -71,5 +77,13 @@ def build_manifest(inputs: ManifestInputs, outputs: Sequence[OutputRecord]) -> d
         "peak_vram_bytes": inputs.peak_vram_bytes,
         "attempts": inputs.attempts,
         "finished_at": inputs.finished_at.isoformat(),
+        "sanity": {check: dict(result) for check, result in inputs.sanity.items()},
         "outputs": [output.__dict__ for output in outputs],
     }
+
+
+def manifest_json_schema() -> dict[str, Any]:
+    """The JSON Schema of `MANIFEST_SCHEMA`, shipped in the package (`daemon/schemas/manifest.schema.json`)."""
+    text = resources.files("daemon").joinpath("schemas/manifest.schema.json").read_text(encoding="utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema

@@ -2,7 +2,9 @@
 
 Conventions (Prometheus naming docs): prefix `i2vd_`, base units (seconds, bytes), `_total` counters, no unbounded
 labels (never a file name or a job id), every label value initialised to 0 so `rate()` works from the first scrape.
-Counters satisfy `received = succeeded + failed + in_progress + pending` where `failed` counts rejected input too.
+Counters satisfy `received = succeeded + failed + in_progress + pending`, where `failed` is every terminal failure:
+outcomes `failed`, `rejected` and `cancelled`. `retried`, `interrupted` and `degraded` are not terminal (a retried or
+interrupted job is pending again; a degraded job also counts as `succeeded` or `failed`), so they stay out of it.
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-OUTCOMES = ("succeeded", "failed", "rejected", "retried", "interrupted")
+OUTCOMES = ("succeeded", "failed", "rejected", "cancelled", "retried", "interrupted", "degraded")
+TERMINAL_FAILURES = ("failed", "rejected", "cancelled")
+COMPONENTS = ("watcher", "intake", "worker", "model")
 STAGES = ("validate", "queue_wait", "load_image", "generate", "encode", "variants", "publish")
 # 0.1 s .. 1 h: a tiny CPU job takes well under a second, a 1024p GPU job can take many minutes.
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 MEMORY_KINDS = ("allocated", "reserved", "total", "free")
+SANITY_CHECKS = ("nonfinite", "frame_count", "black", "white", "frozen")
+SANITY_RESULTS = ("pass", "warn", "fail")
 
 MemorySource = Callable[[], Mapping[str, int]]
 HealthSource = Callable[[], Mapping[str, bool]]
@@ -43,6 +49,23 @@ class _GpuMemoryCollector(Collector):
         stats: Mapping[str, int] = reader() if reader is not None else {}
         for kind in MEMORY_KINDS:
             family.add_metric([self._device_label(), kind], float(stats.get(kind, 0)))
+        yield family
+
+
+class _ComponentCollector(Collector):
+    """`i2vd_component_up{component}`: what /healthz says, per part, so dashboards and alerts see the same truth."""
+
+    def __init__(self, source: Callable[[], HealthSource | None]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "i2vd_component_up", "1 while this part of the daemon is healthy", labels=["component"]
+        )
+        reader = self._source()
+        parts: Mapping[str, bool] = reader() if reader is not None else {}
+        for component in COMPONENTS:
+            family.add_metric([component], 1.0 if parts.get(component, False) else 0.0)
         yield family
 
 
@@ -84,6 +107,12 @@ class DaemonMetrics:
             "i2vd_job_peak_gpu_memory_bytes", "Peak device memory of the last job", registry=registry
         )
         self.oom = Counter("i2vd_oom", "Out-of-memory errors", registry=registry)
+        self.sanity_checks = Counter(
+            "i2vd_sanity_checks", "Sanity checks on generated frames by result", ["check", "result"], registry=registry
+        )
+        for check in SANITY_CHECKS:
+            for result in SANITY_RESULTS:
+                self.sanity_checks.labels(check=check, result=result)
         self.degraded_jobs = Counter("i2vd_degraded_jobs", "Jobs run with degraded settings", registry=registry)
         self.model_load_seconds = Gauge("i2vd_model_load_seconds", "Time to load the model", registry=registry)
         self.model_loaded = Gauge("i2vd_model_loaded", "1 while the model is loaded", registry=registry)
@@ -95,9 +124,12 @@ class DaemonMetrics:
             "i2vd_last_success_timestamp_seconds", "Unix time of the last published job", registry=registry
         )
         self.build_info = Info("i2vd_build", "Versions and model", registry=registry)
+        self.queue_paused = Gauge("i2vd_queue_paused", "1 while `i2vd pause` holds the queue", registry=registry)
         self._device = "cpu"
         self._memory_source: MemorySource | None = None
+        self._health_source: HealthSource | None = None
         registry.register(_GpuMemoryCollector(lambda: self._device, lambda: self._memory_source))
+        registry.register(_ComponentCollector(lambda: self._health_source))
         for outcome in OUTCOMES:
             self.jobs.labels(outcome=outcome)
         for stage in STAGES:
@@ -109,6 +141,10 @@ class DaemonMetrics:
         """Export `source()` as `i2vd_gpu_memory_bytes{device=...}` at every scrape."""
         self._device = device
         self._memory_source = source
+
+    def watch_health(self, source: HealthSource) -> None:
+        """Export `source()` (the /healthz parts) as `i2vd_component_up{component=...}` at every scrape."""
+        self._health_source = source
 
     def set_watcher_mode(self, mode: str) -> None:
         for known in ("inotify", "polling"):

@@ -65,9 +65,16 @@ def next_base_name(base: str) -> str:
 class Publisher:
     """Delivers a job's outputs and manifest into the outbox, atomically and without ever overwriting."""
 
-    def __init__(self, outbox: Path, now: Callable[[], datetime] = lambda: datetime.now().astimezone()) -> None:
+    def __init__(
+        self,
+        outbox: Path,
+        now: Callable[[], datetime] = lambda: datetime.now().astimezone(),
+        *,
+        daily_subfolders: bool = False,
+    ) -> None:
         self.outbox = outbox
         self.now = now
+        self.daily_subfolders = daily_subfolders
         self.staging_root = outbox / STAGING_DIR_NAME
 
     def staging_dir(self, job_id: str) -> Path:
@@ -83,29 +90,44 @@ class Publisher:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(self.staging_root / job_id)
 
-    def _taken(self, base: str) -> bool:
-        """Whether any outbox entry already uses `base` (`base` itself or `base.<anything>`)."""
+    @staticmethod
+    def _taken(directory: Path, base: str) -> bool:
+        """Whether any entry of `directory` already uses `base` (`base` itself or `base.<anything>`)."""
         try:
-            with os.scandir(self.outbox) as entries:
+            with os.scandir(directory) as entries:
                 return any(entry.name == base or entry.name.startswith(base + ".") for entry in entries)
         except FileNotFoundError:
             return False
 
-    def _first_free(self, base: str) -> str:
-        while self._taken(base):
+    def _first_free(self, directory: Path, base: str) -> str:
+        while self._taken(directory, base):
             base = next_base_name(base)
         return base
 
-    def reserve_base_name(self, output_name: str) -> str:
-        """`video_YYYYMMDD_HHMMSS_<output_name>` from the injected clock, with `-2`, `-3`... appended when
-        published files already use that base. Only a check: `publish` checks again and moves on if it lost a
-        race."""
+    def reserve(self, output_name: str) -> tuple[Path, str]:
+        """The directory (the outbox, or `outbox/YYYY-MM-DD/` with `daily_subfolders`) and the base name
+        `video_YYYYMMDD_HHMMSS_<output_name>` from one reading of the injected clock, with `-2`, `-3`...
+        appended when published files already use that base. Only a check: `publish` checks again and moves on
+        if it lost a race. Names sort by time because the timestamp leads."""
         _check_single_name(output_name, "output name")
-        return self._first_free(f"video_{self.now():%Y%m%d_%H%M%S}_{output_name}")
+        now = self.now()
+        directory = self.outbox / f"{now:%Y-%m-%d}" if self.daily_subfolders else self.outbox
+        return directory, self._first_free(directory, f"video_{now:%Y%m%d_%H%M%S}_{output_name}")
 
-    def publish(self, base: str, files: Sequence[tuple[Path, str]], manifest: ManifestSource) -> list[Path]:
+    def reserve_base_name(self, output_name: str) -> str:
+        """The base name part of `reserve` (for callers publishing into the outbox itself)."""
+        return self.reserve(output_name)[1]
+
+    def publish(
+        self,
+        base: str,
+        files: Sequence[tuple[Path, str]],
+        manifest: ManifestSource,
+        directory: Path | None = None,
+    ) -> list[Path]:
         """Move staged `files` ((path, suffix such as ".mp4" or ".vertical.mp4")) into the outbox as
         `<base><suffix>`, then the manifest as `<base>.json`; return the published paths, manifest last.
+        `directory` (default: the outbox) is created if needed; it must be inside the outbox (same filesystem).
 
         If a name was taken meanwhile (another worker, same second, same name), the whole set moves to the
         next base (`-2`, `-3`...); pass `manifest` as a callable taking the final base when it records output
@@ -117,12 +139,16 @@ class Publisher:
         suffixes = [suffix for _, suffix in files]
         if len(set(suffixes)) != len(suffixes) or MANIFEST_SUFFIX in suffixes:
             raise ValueError(f"suffixes must be distinct and not {MANIFEST_SUFFIX!r}: {suffixes}")
+        directory = directory if directory is not None else self.outbox
         try:
+            if not directory.is_dir():
+                directory.mkdir(parents=True, exist_ok=True)
+                fsync_dir(directory.parent)
             for staged, _ in files:
                 fsync_file(staged)
             while True:
-                base = self._first_free(base)
-                published = self._deliver(base, files, manifest)
+                base = self._first_free(directory, base)
+                published = self._deliver(directory, base, files, manifest)
                 if published is not None:
                     break
                 base = next_base_name(base)
@@ -135,19 +161,21 @@ class Publisher:
                 directory.rmdir()
         return published
 
-    def _deliver(self, base: str, files: Sequence[tuple[Path, str]], manifest: ManifestSource) -> list[Path] | None:
+    def _deliver(
+        self, directory: Path, base: str, files: Sequence[tuple[Path, str]], manifest: ManifestSource
+    ) -> list[Path] | None:
         """Link every file, then the manifest, under `base`; None (and everything moved back) on a clash."""
         moved: list[tuple[Path, Path]] = []
         try:
             for staged, suffix in files:
-                target = self.outbox / f"{base}{suffix}"
+                target = directory / f"{base}{suffix}"
                 if not link_no_clobber(staged, target):
                     self._move_back(moved)
                     return None
                 moved.append((staged, target))
-            fsync_dir(self.outbox)
+            fsync_dir(directory)
             content = manifest(base) if callable(manifest) else manifest
-            manifest_path = self._deliver_manifest(base, content)
+            manifest_path = self._deliver_manifest(directory, base, content)
         except BaseException:
             self._move_back(moved)
             raise
@@ -156,7 +184,7 @@ class Publisher:
             return None
         return [target for _, target in moved] + [manifest_path]
 
-    def _deliver_manifest(self, base: str, content: Mapping[str, Any]) -> Path | None:
+    def _deliver_manifest(self, directory: Path, base: str, content: Mapping[str, Any]) -> Path | None:
         data = json.dumps(content, indent=2, ensure_ascii=False, default=_json_default).encode("utf-8") + b"\n"
         self.staging_root.mkdir(parents=True, exist_ok=True)
         temp = self.staging_root / f".manifest-{uuid.uuid4().hex}.tmp"
@@ -166,13 +194,13 @@ class Publisher:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            target = self.outbox / f"{base}{MANIFEST_SUFFIX}"
+            target = directory / f"{base}{MANIFEST_SUFFIX}"
             if not link_no_clobber(temp, target):
                 return None
         finally:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
-        fsync_dir(self.outbox)
+        fsync_dir(directory)
         return target
 
     def _move_back(self, moved: list[tuple[Path, Path]]) -> None:
@@ -180,6 +208,8 @@ class Publisher:
         for staged, target in reversed(moved):
             with contextlib.suppress(OSError):
                 os.rename(target, staged)
+        directories = {target.parent for _, target in moved}
         moved.clear()
-        with contextlib.suppress(OSError):
-            fsync_dir(self.outbox)
+        for directory in directories:
+            with contextlib.suppress(OSError):
+                fsync_dir(directory)

@@ -5,7 +5,9 @@ intake thread polls the inbox (woken early by watcher hints, else every `rescan_
 rescan is the truth); a worker thread runs jobs on the warm generator.
 
 Start order: directories -> metrics server (so /healthz can say "model loading") -> store recovery (claimed jobs
-from a previous run are queued first) -> model load -> worker -> watcher -> intake -> READY=1.
+from a previous run are queued first) -> pause flag -> model load (with EXTEND_TIMEOUT_USEC) -> worker -> watcher ->
+intake -> READY=1. The systemd watchdog is pinged from the main loop, and only while `alive()`: the worker and
+intake threads run and the intake loop completed a poll recently; a hung main loop stops the pings by itself.
 Stop order: intake and watcher (no new claims) -> queue closed and the running job interrupted between denoising
 steps (it stays claimed on disk and is resumed by the next start) -> worker joined -> metrics server -> STOPPING.
 """
@@ -24,6 +26,7 @@ import structlog
 
 from daemon import __version__
 from daemon.config import DaemonConfig
+from daemon.controller import Controller
 from daemon.errors import FatalError, JobRejected
 from daemon.generate import load_generator
 from daemon.generate.base import Generator
@@ -37,6 +40,10 @@ from daemon.worker import Worker
 
 log = structlog.get_logger(__name__)
 SUPERVISE_SECONDS = 0.5
+MODEL_LOAD_EXTEND_SECONDS = 1800.0
+"""Start timeout extension asked of systemd before the model loads (real weights from a slow disk take minutes)."""
+INTAKE_STALL_SECONDS = 60.0
+"""An intake loop without a finished poll for this long (plus one rescan period) counts as hung for the watchdog."""
 
 
 class Service:
@@ -72,6 +79,8 @@ class Service:
         self._metrics_server: MetricsServer | None = None
         self._last_intake: IntakeResult | None = None
         self._started_at = datetime.now().astimezone()
+        self._intake_beat = time.monotonic()
+        self.controller = Controller(config.state_path, self.queue, self.store, self.metrics, lambda: self._worker)
         self.exit_code = 0
 
     # ----- start -----------------------------------------------------------------------------------------
@@ -80,6 +89,7 @@ class Service:
             directory.mkdir(parents=True, exist_ok=True)
         self._start_metrics_server()
         self._recover_claimed_jobs()
+        self.controller.apply_pause()
         self._load_model()
         self._start_worker()
         if not self.once:
@@ -87,7 +97,7 @@ class Service:
         self._intake_thread = threading.Thread(target=self._intake_loop, name="i2vd-intake", daemon=True)
         self._intake_thread.start()
         self._write_status("ready")
-        self.notifier.ready(f"ready; {len(self.queue)} job(s) queued")
+        self.notifier.ready(self._with_queue("ready"))
         log.info("service_ready", inbox=str(self.config.inbox), outbox=str(self.config.outbox), once=self.once)
 
     def _start_metrics_server(self) -> None:
@@ -98,6 +108,7 @@ class Service:
             self._metrics_server = MetricsServer(self.metrics, self.health, settings.host, settings.port)
         except OSError as exc:
             raise FatalError(f"cannot serve metrics on {settings.host}:{settings.port}: {exc.strerror}") from exc
+        self.metrics.watch_health(self.health)
         self._metrics_server.start()
         log.info("metrics_serving", host=settings.host, port=self._metrics_server.port)
 
@@ -120,7 +131,7 @@ class Service:
         return self.store.mark_validated(job, resolved, image_sha256)
 
     def _load_model(self) -> None:
-        self.notifier.status("loading model")
+        self.notifier.extend_timeout(MODEL_LOAD_EXTEND_SECONDS, "loading model")
         generator = self._generator_factory(self.config)
         info = generator.info
         self._generator = generator
@@ -154,7 +165,7 @@ class Service:
             self.queue,
             self.metrics,
             interrupt=self.interrupt,
-            on_status=self.notifier.status,
+            on_status=lambda status: self.notifier.status(self._with_queue(status)),
         )
         self._worker_thread = threading.Thread(target=self._worker.run, name="i2vd-worker", daemon=True)
         self._worker_thread.start()
@@ -189,6 +200,7 @@ class Service:
                 self.metrics.received.inc()
                 self.metrics.jobs.labels(outcome="rejected").inc()
             self._last_intake = result
+            self._intake_beat = time.monotonic()
             self.metrics.oldest_pending_age.set(self.queue.oldest_age())
             self._wait_for_next_poll(result)
 
@@ -216,15 +228,26 @@ class Service:
         watchdog = watchdog_interval_seconds()
         next_ping = 0.0
         while not self.stop_requested.wait(timeout=SUPERVISE_SECONDS):
-            if watchdog is not None and time.monotonic() >= next_ping:
+            if watchdog is not None and time.monotonic() >= next_ping and self.alive():
                 self.notifier.watchdog()
                 next_ping = time.monotonic() + watchdog
             self._supervise()
+            self.controller.apply()
             if self.once and self._drained():
                 log.info("inbox_drained")
                 break
         self.stop()
         return self.exit_code
+
+    def alive(self) -> bool:
+        """Whether the watchdog may be pinged: worker and intake threads run and intake is not stuck in a poll."""
+        stall = INTAKE_STALL_SECONDS + self.config.intake.rescan_seconds
+        threads = (self._worker_thread, self._intake_thread)
+        return all(t is not None and t.is_alive() for t in threads) and time.monotonic() - self._intake_beat < stall
+
+    def _with_queue(self, status: str) -> str:
+        paused = "; paused" if self.queue.paused else ""
+        return f"{status}; {len(self.queue)} queued{paused}"
 
     def _supervise(self) -> None:
         if self._watcher is not None and not self._watcher.is_alive():
@@ -252,6 +275,8 @@ class Service:
     def _drained(self) -> bool:
         last = self._last_intake
         worker_idle = self._worker is not None and not self._worker.busy.is_set()
+        if self.queue.paused and worker_idle:
+            return True  # `--once` while paused: nothing more will run; queued jobs stay claimed for a later start
         return (
             last is not None
             and last.settling == 0
@@ -289,9 +314,15 @@ class Service:
         self._write_status("stopped")
         log.info("service_stopped", exit_code=self.exit_code)
 
+    def _metrics_address(self) -> str | None:
+        if self._metrics_server is not None:
+            return f"{self.config.metrics.host}:{self._metrics_server.port}"
+        return None
+
     def _write_status(self, state: str) -> None:
         """A small JSON file `i2vd status` reads: who runs, what it is doing. Best effort (never fails the loop)."""
         worker = self._worker
+        generator = self._generator
         status = {
             "state": state,
             "pid": os.getpid(),
@@ -299,10 +330,10 @@ class Service:
             "updated_at": datetime.now().astimezone().isoformat(),
             "running_job": worker.current_job if worker is not None else None,
             "queued": len(self.queue),
-            "model": self._generator.info.model_id if self._generator is not None else None,
-            "metrics": f"{self.config.metrics.host}:{self.config.metrics.port}"
-            if self.config.metrics.enabled
-            else None,
+            "model": generator.info.model_id if generator is not None else None,
+            "device": generator.info.device if generator is not None else None,
+            "metrics": self._metrics_address(),
+            **self.controller.snapshot(generator.memory_stats() if generator is not None else {}),
         }
         try:
             path = Path(self.config.state_path) / "status.json"

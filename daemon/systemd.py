@@ -2,12 +2,19 @@
 
 The protocol is a stable, documented datagram format that systemd invites services to implement directly; doing
 so avoids a dependency on libsystemd headers. Without `$NOTIFY_SOCKET` (not under systemd) every call is a no-op.
+Text is sent as UTF-8 (the `sdnotify` package's latin-1 drops non-Latin-1 file names silently), and `STATUS=` is
+forced onto one line: a file name holding a newline must not smuggle in a `READY=1` or `WATCHDOG=1` of its own.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+
+
+def single_line(text: str) -> str:
+    """Control characters (newlines included) escaped as `\\xNN`: one protocol line, whatever the file name."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 class SystemdNotifier:
@@ -35,16 +42,20 @@ class SystemdNotifier:
         return True
 
     def ready(self, status: str) -> bool:
-        return self.notify("READY=1", f"STATUS={status}")
+        return self.notify("READY=1", f"STATUS={single_line(status)}")
 
     def status(self, status: str) -> bool:
-        return self.notify(f"STATUS={status}")
+        return self.notify(f"STATUS={single_line(status)}")
 
     def watchdog(self) -> bool:
         return self.notify("WATCHDOG=1")
 
+    def extend_timeout(self, seconds: float, status: str) -> bool:
+        """Ask for `seconds` more before the current start/stop timeout fires (systemd >= 236 honours it)."""
+        return self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}", f"STATUS={single_line(status)}")
+
     def stopping(self, status: str) -> bool:
-        return self.notify("STOPPING=1", f"STATUS={status}")
+        return self.notify("STOPPING=1", f"STATUS={single_line(status)}")
 
 
 def watchdog_interval_seconds() -> float | None:

@@ -1,9 +1,17 @@
-"""The GPU loop: take a claimed job, generate, encode, verify, publish, archive; decide what a failure means.
+"""The GPU loop: take a claimed job, generate, check, encode; hand finishing to a pool; decide what a failure means.
 
-Per-job error policy (errors.py): bad input is quarantined, transient failures are retried up to
-`worker.max_attempts` and then quarantined with their history, an interrupt (service stopping) leaves the job
-claimed on disk so the next start resumes it. Any other exception is treated as transient: one odd job must never
-stop the loop, and a job that keeps failing ends in `failed/` instead of looping forever.
+A job has two halves. The GPU half (this thread): load the image, generate, sanity-check the frames, write the main
+MP4 into staging. The CPU half (`daemon/finish.py`, on a pool of `encode.max_concurrent_ffmpeg - 1` threads):
+variants, verification, manifest, publication, input archival. `run()` starts job N+1's GPU half while job N is
+being finished, so the generator never waits for ffmpeg; at most `encode.finishing_backlog` generated jobs wait for
+a pool thread before the loop pauses (bounded staging). `process(job)` runs both halves in the caller's thread.
+
+Per-job error policy (errors.py), the same in both halves: bad input is quarantined, transient failures are retried
+up to `worker.max_attempts` and then quarantined with their history, a sanity `fail` goes straight to failed/
+(`sanity_failed`: the same seed would give the same frames), an interrupt (service stopping) leaves the job claimed
+on disk so the next start resumes it. Any other exception is treated as transient: one odd job must never stop the
+loop, and a job that keeps failing ends in `failed/` instead of looping forever. `run()` returns only after the
+finishing already started is done, so a stop leaves every job published or still claimed.
 """
 
 from __future__ import annotations
@@ -11,22 +19,24 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
 from daemon.config import DaemonConfig
-from daemon.encode import Encoder, MediaInfo
+from daemon.encode import Encoder
 from daemon.errors import JobInterrupted, JobRejected, TransientJobError
+from daemon.finish import Finisher, GeneratedJob, StagedOutput
 from daemon.generate.base import GenerationRequest, GenerationResult, Generator
 from daemon.intake import load_image_rgb
 from daemon.jobqueue import JobQueue
-from daemon.jobspec import ResolvedJob, parse_sidecar
-from daemon.manifest import ManifestInputs, OutputRecord, build_manifest
+from daemon.jobspec import ResolvedJob
 from daemon.metrics import DaemonMetrics
-from daemon.publish import Publisher, sha256_file
+from daemon.publish import Publisher
+from daemon.sanity import SanityCheckFailed, SanityReport, check_frames
 from daemon.store import ClaimedJob, JobStore
 
 log = structlog.get_logger(__name__)
@@ -50,8 +60,20 @@ class StageTimer:
             self._metrics.stage_duration.labels(stage=name).observe(seconds)
 
 
+@dataclass
+class _Attempt:
+    """One attempt of one job, carried from the GPU half into the finishing pool (per job: no shared state)."""
+
+    job: ClaimedJob
+    started: float
+    timer: StageTimer
+    peak_vram: int = 0
+    generated: GeneratedJob | None = None
+    published: list[Path] = field(default_factory=list)
+
+
 class Worker:
-    """Runs jobs one at a time on the loaded generator. `run()` is the thread body; `process()` is one job."""
+    """Runs jobs on the loaded generator. `run()` is the thread body; `process()` is one job, start to outcome."""
 
     def __init__(
         self,
@@ -72,53 +94,155 @@ class Worker:
         self._interrupt = interrupt
         self._on_status = on_status
         self._encoder = Encoder(config.encode)
-        self._publisher = Publisher(config.outbox)
+        self._publisher = Publisher(config.outbox, daily_subfolders=config.publish.daily_subfolders)
+        self._finisher = Finisher(config, self._encoder, self._publisher, store, generator.info)
+        finishers = max(1, config.encode.max_concurrent_ffmpeg - 1)  # one ffmpeg slot stays free for the main MP4
+        self._pool = ThreadPoolExecutor(max_workers=finishers, thread_name_prefix="i2vd-finish")
+        self._backlog = threading.BoundedSemaphore(finishers + config.encode.finishing_backlog)
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self._pool_error: BaseException | None = None
         self.busy = threading.Event()
+        """Set while any job is generating or finishing (`--once` waits for it to clear)."""
         self.current_job: str | None = None
+        self.current_name: str | None = None
+        self.progress: tuple[int, int] | None = None
+        """(step, total) of the running job's denoising loop, for `i2vd status`."""
+        self._cancel_id: str | None = None
+
+    def cancel(self, job_id: str) -> None:
+        """Interrupt job `job_id` between denoising steps if it is running; it ends in failed/ as `cancelled`."""
+        self._cancel_id = job_id
 
     def run(self) -> None:
-        """Take jobs until the queue is closed. Exceptions outside a job end the loop (the service notices)."""
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            self._metrics.queue_depth.set(len(self._queue))
-            self._metrics.pending.dec()
+        """Take jobs until the queue is closed, then wait for the finishing already started. Exceptions outside a
+        job (here or in the pool's bookkeeping) end the loop; the service notices the thread is gone."""
+        try:
+            while self._pool_error is None:
+                self._backlog.acquire()  # released when a job's finishing ends: bounds generated-but-unfinished jobs
+                job = self._queue.get()
+                if job is None:
+                    self._backlog.release()
+                    break
+                self._metrics.queue_depth.set(len(self._queue))
+                self._metrics.pending.dec()
+                self._start(job)
+        finally:
+            self._pool.shutdown(wait=True)
+        if self._pool_error is not None:
+            raise self._pool_error
+
+    def _start(self, job: ClaimedJob) -> None:
+        self._enter()
+        try:
+            attempt = self._begin(job)
+        except BaseException:
+            self._leave()
+            raise
+        if isinstance(attempt, str):
+            self._leave()
+            return
+        future = self._pool.submit(self._complete, attempt)
+        future.add_done_callback(self._finished_in_pool)
+
+    def _finished_in_pool(self, future: Future[str]) -> None:
+        error = future.exception()
+        if error is not None:
+            log.error("finishing_crashed", exc_info=error)
+            self._pool_error = error
+        self._leave()
+
+    def _enter(self) -> None:
+        with self._lock:
+            self._in_flight += 1
             self.busy.set()
-            try:
-                self.process(job)
-            finally:
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if self._in_flight == 0:
                 self.busy.clear()
-                self.current_job = None
+        self._backlog.release()
 
     def process(self, job: ClaimedJob) -> str:
-        """Run one job to an outcome: succeeded, rejected, failed, retried or interrupted."""
-        self.current_job = job.job_id
+        """Run one job to an outcome (succeeded, rejected, failed, cancelled, retried, interrupted) in this thread."""
+        attempt = self._begin(job)
+        return attempt if isinstance(attempt, str) else self._complete(attempt)
+
+    def _begin(self, job: ClaimedJob) -> _Attempt | str:
+        """The GPU half. Returns the attempt to finish, or the outcome when the job ended here."""
+        self.current_job, self.current_name, self.progress = job.job_id, job.stem, None
         self._metrics.in_progress.inc()
-        started = time.perf_counter()
-        job = self._store.record_attempt(job)
-        outcome = "failed"
+        attempt = _Attempt(self._store.record_attempt(job), time.perf_counter(), StageTimer(self._metrics))
+        job = attempt.job
         with structlog.contextvars.bound_contextvars(job_id=job.job_id):
             self._on_status(f"generating {job.stem} (attempt {job.attempts})")
             try:
-                self._run_stages(job, started)
+                attempt.generated = self._generate_stages(attempt)
+            except Exception as exc:
+                self.current_job, self.current_name, self.progress = None, None, None
+                return self._settle(attempt, exc)
+            finally:
+                self.current_job, self.current_name, self.progress = None, None, None
+            return attempt
+
+    def _complete(self, attempt: _Attempt) -> str:
+        """The CPU half: variants, verification, publication, archival; then the outcome."""
+        with structlog.contextvars.bound_contextvars(job_id=attempt.job.job_id):
+            try:
+                self._finish_stages(attempt)
+            except Exception as exc:
+                return self._settle(attempt, exc)
+            return self._settle(attempt, None)
+
+    def _settle(self, attempt: _Attempt, exc: Exception | None) -> str:
+        """Apply the error policy to an attempt's end and do its bookkeeping; return the outcome."""
+        job = attempt.job
+        try:
+            if exc is None:
                 outcome = "succeeded"
-            except JobInterrupted:
-                log.info("job_released", reason="service stopping")
-                self._metrics.pending.inc()  # still claimed on disk: resumed at the next start
-                outcome = "interrupted"
-            except JobRejected as exc:
+            elif isinstance(exc, JobInterrupted):
+                outcome = self._interrupted(job)
+            elif isinstance(exc, SanityCheckFailed):
+                self._store.fail(job, exc, exc.reason, exc.message, exc.detail)
+                log.warning("job_sanity_failed", message=exc.message)
+                outcome = "failed"
+            elif isinstance(exc, JobRejected):
                 self._store.fail(job, exc, exc.reason, exc.message, exc.detail)
                 log.warning("job_rejected", reason=exc.reason, message=exc.message)
                 outcome = "rejected"
-            except Exception as exc:
+            else:
                 outcome = self._handle_failure(job, exc)
-            finally:
-                self._metrics.in_progress.dec()
-                self._publisher.discard_staging(job.job_id)
-            self._metrics.jobs.labels(outcome=outcome).inc()
+        finally:
+            self._metrics.in_progress.dec()
+            self._publisher.discard_staging(job.job_id)
+        self._metrics.jobs.labels(outcome=outcome).inc()
+        self._log_finished(attempt, outcome, time.perf_counter() - attempt.started)
+        if self.current_job is None:  # not while the next job generates: its status wins
             self._on_status(f"idle; last job {outcome}")
         return outcome
+
+    def _interrupted(self, job: ClaimedJob) -> str:
+        """Interrupted between steps: cancelled by an operator (to failed/), or released because the service stops."""
+        if self._cancel_id == job.job_id:
+            self._store.fail(job, None, "cancelled", "Cancelled by an operator (i2vd cancel) while running.")
+            log.info("job_cancelled", name=job.stem, state="running")
+            return "cancelled"
+        log.info("job_released", reason="service stopping")
+        self._metrics.pending.inc()  # still claimed on disk: resumed at the next start
+        return "interrupted"
+
+    def _log_finished(self, attempt: _Attempt, outcome: str, seconds: float) -> None:
+        """The canonical line: one per attempt and outcome, with every stage timing so far and the peak VRAM."""
+        log.info(
+            "job_finished",
+            outcome=outcome,
+            name=attempt.job.stem,
+            attempts=attempt.job.attempts,
+            seconds=round(seconds, 3),
+            timings={stage: round(value, 3) for stage, value in attempt.timer.timings.items()},
+            peak_vram_bytes=attempt.peak_vram,
+        )
 
     def _handle_failure(self, job: ClaimedJob, exc: Exception) -> str:
         kind = "transient" if isinstance(exc, TransientJobError) else "unexpected"
@@ -144,26 +268,55 @@ class Worker:
         timer.daemon = True
         timer.start()
 
-    def _run_stages(self, job: ClaimedJob, started: float) -> None:
+    def _generate_stages(self, attempt: _Attempt) -> GeneratedJob:
+        job, timer = attempt.job, attempt.timer
         resolved = job.resolved
         if resolved is None:
             raise JobRejected("job was queued without a validated sidecar", reason="state_corrupt")
-        timer = StageTimer(self._metrics)
         with timer.stage("load_image"):
             image = load_image_rgb(job.image_path, self._config.intake.max_image_pixels)
         with timer.stage("generate"):
             result = self._generate(resolved, image)
+        attempt.peak_vram = result.peak_vram_bytes
+        report = self._check_sanity(resolved, result)
         staging = self._publisher.staging_dir(job.job_id)
         with timer.stage("encode"):
             main_path = staging / "main.mp4"
             main_info = self._encoder.write_video(result.frames, resolved.fps, main_path)
-        staged: list[tuple[Path, str, str, MediaInfo]] = [(main_path, ".mp4", "main", main_info)]
+        return GeneratedJob(
+            job=job,
+            resolved=resolved,
+            main=StagedOutput(main_path, ".mp4", "main", main_info),
+            timings=timer.timings,
+            generate_timings=dict(result.timings),
+            peak_vram_bytes=result.peak_vram_bytes,
+            sanity=report.as_manifest(),
+        )
+
+    def _check_sanity(self, resolved: ResolvedJob, result: GenerationResult) -> SanityReport:
+        """Check the frames (sanity.py), count the results, warn or raise `SanityCheckFailed` per policy."""
+        expected = (resolved.num_frames, resolved.height, resolved.width)
+        report = check_frames(result.frames, expected, self._config.sanity, result.nonfinite_values)
+        for item in report.results:
+            if item.result != "off":
+                self._metrics.sanity_checks.labels(check=item.check, result=item.result).inc()
+        for item in report.warnings:
+            log.warning("sanity_warning", check=item.check, value=item.value, message=item.message)
+        if report.failed:
+            checks = ", ".join(f"{item.check} ({item.message})" for item in report.failed)
+            raise SanityCheckFailed(f"generated frames failed sanity checks: {checks}", detail=report.as_manifest())
+        return report
+
+    def _finish_stages(self, attempt: _Attempt) -> None:
+        generated, timer = attempt.generated, attempt.timer
+        if generated is None:
+            raise RuntimeError("finishing an attempt that has not generated")
         with timer.stage("variants"):
-            staged += self._make_variants(resolved, main_path, main_info, staging)
+            staged = [generated.main, *self._finisher.make_variants(generated)]
         with timer.stage("publish"):
-            published = self._publish(job, resolved, result, staged, timer.timings)
-        self._store.complete(job, archive=self._config.publish.processed_inputs == "archive")
-        self._record_success(job, resolved, result, time.perf_counter() - started, published, timer.timings)
+            published = self._finisher.publish(generated, staged)
+        self._finisher.archive_inputs(generated)
+        self._record_success(attempt, published)
 
     def _generate(self, resolved: ResolvedJob, image: object) -> GenerationResult:
         request = GenerationRequest(
@@ -182,100 +335,29 @@ class Worker:
 
         def on_step(step: int, total: int, seconds: float) -> None:
             self._metrics.denoise_step.observe(seconds)
+            self.progress = (step, total)
             if step % every == 0 or step == total:
                 log.info("generate_step", step=step, total=total, step_seconds=round(seconds, 4))
 
         try:
-            return self._generator.generate(request, on_step=on_step, should_interrupt=self._interrupt.is_set)
+            return self._generator.generate(request, on_step=on_step, should_interrupt=self._should_interrupt)
         except TransientJobError as exc:
             if "memory" in exc.message.lower():
                 self._metrics.oom.inc()
             raise
 
-    def _make_variants(
-        self, resolved: ResolvedJob, main_path: Path, main_info: MediaInfo, staging: Path
-    ) -> list[tuple[Path, str, str, MediaInfo]]:
-        made = []
-        for name in resolved.variants:
-            spec = self._config.encode.variants[name]
-            destination = staging / f"{name}.{spec.ext}"
-            info = self._encoder.make_variant(name, spec, main_path, main_info, destination)
-            made.append((destination, f".{name}.{spec.ext}", name, info))
-        return made
+    def _should_interrupt(self) -> bool:
+        return self._interrupt.is_set() or (self._cancel_id is not None and self._cancel_id == self.current_job)
 
-    def _publish(
-        self,
-        job: ClaimedJob,
-        resolved: ResolvedJob,
-        result: GenerationResult,
-        staged: list[tuple[Path, str, str, MediaInfo]],
-        timings: dict[str, float],
-    ) -> list[Path]:
-        records = [(suffix, role, sha256_file(path), path.stat().st_size, info) for path, suffix, role, info in staged]
-        manifest_inputs = self._manifest_inputs(job, resolved, result, timings)
-
-        def manifest_for(base: str) -> dict[str, object]:
-            """The publisher picks the final base name (a clash moves the whole set to `-2`), then asks for this."""
-            outputs = [
-                OutputRecord(
-                    name=f"{base}{suffix}",
-                    role=role,
-                    sha256=digest,
-                    bytes=size,
-                    codec=info.codec,
-                    width=info.width,
-                    height=info.height,
-                    frames=info.frames,
-                    fps=info.fps,
-                    duration_seconds=info.duration_seconds,
-                )
-                for suffix, role, digest, size, info in records
-            ]
-            return build_manifest(manifest_inputs, outputs)
-
-        base = self._publisher.reserve_base_name(resolved.output_name)
-        return self._publisher.publish(base, [(path, suffix) for path, suffix, _, _ in staged], manifest_for)
-
-    def _manifest_inputs(
-        self, job: ClaimedJob, resolved: ResolvedJob, result: GenerationResult, timings: dict[str, float]
-    ) -> ManifestInputs:
-        info = self._generator.info
-        asked = parse_sidecar(job.sidecar_path.read_bytes()).model_dump(mode="json", exclude_none=True)
-        return ManifestInputs(
-            job_id=job.job_id,
-            image_name=job.image_name,
-            sidecar_name=job.sidecar_name,
-            image_sha256=job.image_sha256 or sha256_file(job.image_path),
-            received_at=job.received_at,
-            asked=asked,
-            used=resolved.model_dump(mode="json"),
-            model={
-                "id": info.model_id,
-                "revision": info.revision,
-                "device": info.device,
-                "dtype": info.dtype,
-            },
-            library_versions=dict(info.library_versions),
-            timings={**timings, **{f"generate.{k}": v for k, v in result.timings.items()}},
-            peak_vram_bytes=result.peak_vram_bytes,
-            attempts=job.attempts,
-            finished_at=datetime.now().astimezone(),
-        )
-
-    def _record_success(
-        self,
-        job: ClaimedJob,
-        resolved: ResolvedJob,
-        result: GenerationResult,
-        seconds: float,
-        published: list[Path],
-        timings: dict[str, float],
-    ) -> None:
+    def _record_success(self, attempt: _Attempt, published: list[Path]) -> None:
+        job, generated = attempt.job, attempt.generated
+        assert generated is not None
+        resolved, seconds = generated.resolved, time.perf_counter() - attempt.started
         metrics = self._metrics
         metrics.job_duration.observe(seconds)
         metrics.frames_generated.inc(resolved.num_frames)
         metrics.video_seconds_generated.inc(resolved.duration_seconds)
-        metrics.job_peak_gpu_memory.set(result.peak_vram_bytes)
+        metrics.job_peak_gpu_memory.set(generated.peak_vram_bytes)
         metrics.last_success.set(time.time())
         log.info(
             "job_published",
@@ -287,5 +369,5 @@ class Worker:
             size=f"{resolved.width}x{resolved.height}",
             frames=resolved.num_frames,
             steps=resolved.steps,
-            timings={stage: round(value, 3) for stage, value in timings.items()},
+            timings={stage: round(value, 3) for stage, value in attempt.timer.timings.items()},
         )

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import jsonschema
+import jsonschema.protocols
 import pytest
 from PIL import Image
+
+from daemon.manifest import manifest_json_schema
+from daemon.publish import STAGING_DIR_NAME
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,3 +37,38 @@ def make_image(tmp_path: Path) -> Callable[..., Path]:
         return target
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def manifest_validator() -> jsonschema.protocols.Validator:
+    """The shipped manifest JSON Schema (daemon/schemas/manifest.schema.json), checked itself first."""
+    schema = manifest_json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator: jsonschema.protocols.Validator = jsonschema.Draft202012Validator(schema)
+    return validator
+
+
+def assert_valid_manifest(validator: jsonschema.protocols.Validator, path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    errors = sorted(validator.iter_errors(data), key=lambda error: list(error.absolute_path))
+    assert not errors, f"{path.name} does not match the manifest schema:\n" + "\n".join(
+        f"  {'/'.join(str(p) for p in error.absolute_path)}: {error.message}" for error in errors
+    )
+    return data
+
+
+@pytest.fixture(autouse=True)
+def _every_manifest_matches_the_schema(
+    request: pytest.FixtureRequest, manifest_validator: jsonschema.protocols.Validator
+) -> Iterator[None]:
+    """After every integration or acceptance test, validate every manifest it published under its tmp_path
+    (outboxes, daily subfolders), so no test can produce a manifest the schema does not describe."""
+    node = request.node
+    checked = node.get_closest_marker("integration") is not None or node.get_closest_marker("acceptance") is not None
+    root: Path | None = request.getfixturevalue("tmp_path") if checked and "tmp_path" in request.fixturenames else None
+    yield
+    if root is None:
+        return
+    for path in sorted(root.rglob("video_*.json")):
+        if STAGING_DIR_NAME not in path.parts:
+            assert_valid_manifest(manifest_validator, path)

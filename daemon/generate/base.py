@@ -47,6 +47,8 @@ class GenerationResult:
     timings: Mapping[str, float] = field(default_factory=dict)
     """Seconds per internal stage: encode_prompt, encode_image, denoise, decode."""
     peak_vram_bytes: int = 0
+    nonfinite_values: int | None = None
+    """NaN/inf values seen in the float output before conversion to uint8 (None: not counted); sanity.py."""
 
 
 @dataclass(frozen=True)

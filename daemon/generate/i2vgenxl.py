@@ -165,7 +165,7 @@ def load_generator(config: ModelConfig, *, clip_skip: int | None = DEFAULT_CLIP_
     if device.type == "cpu":
         # Late denoising steps produce subnormal floats; x86 handles them in microcode, which made a CPU step
         # 40x slower after the first ~15 steps (0.28 s -> 11 s at 128x128x16). Flushing them to zero is what
-        # inference runtimes do and changes nothing at the 1e-4 level.
+        # inference runtimes do and changes nothing at the 1e-4 level. (Set again per call in `render`: per thread.)
         torch.set_flush_denormal(True)
     if config.source == EMBEDDED_TINY:
         directory = _embedded_tiny_dir(config.cache_dir)
@@ -237,8 +237,13 @@ class I2VGenXLGenerator:
         """Generate one video as uint8 RGB frames. Raises `TransientJobError` on out-of-memory, `JobInterrupted`
         when `should_interrupt` says so between steps."""
         video = self.render(request, on_step, should_interrupt)
-        frames = loop.to_uint8(video.frames)
-        return GenerationResult(frames=frames, timings=video.timings, peak_vram_bytes=video.peak_vram_bytes)
+        # Counted before the uint8 conversion, which cannot represent NaN (sanity.py reports it).
+        nonfinite = int(video.frames.size - np.count_nonzero(np.isfinite(video.frames)))
+        finite = video.frames if nonfinite == 0 else np.nan_to_num(video.frames, nan=0.0, posinf=1.0, neginf=0.0)
+        frames = loop.to_uint8(finite)
+        return GenerationResult(
+            frames=frames, timings=video.timings, peak_vram_bytes=video.peak_vram_bytes, nonfinite_values=nonfinite
+        )
 
     def render(
         self,
@@ -247,6 +252,10 @@ class I2VGenXLGenerator:
         should_interrupt: InterruptCheck | None = None,
     ) -> RenderedVideo:
         """Like `generate`, but float frames in [0, 1]: comparable with the stock pipeline's `output_type="np"`."""
+        if self._device.type == "cpu":
+            # The flush-to-zero flag lives in each thread's MXCSR register; the worker thread that calls us is not
+            # the thread that loaded the model (see load_generator).
+            torch.set_flush_denormal(True)
         try:
             with torch.inference_mode():
                 return self._render(request, on_step, should_interrupt)

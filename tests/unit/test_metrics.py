@@ -75,3 +75,17 @@ def test_server_on_loopback_serves_metrics_and_health() -> None:
     finally:
         server.stop()
     assert not server.is_alive()
+
+
+def test_component_up_follows_the_health_source_and_new_outcomes_start_at_zero() -> None:
+    metrics = DaemonMetrics()
+    samples = scrape(metrics)
+    assert samples["i2vd_component_up{component=worker}"] == 0  # no health source yet: nothing is up
+    assert samples["i2vd_jobs_total{outcome=cancelled}"] == 0
+    assert samples["i2vd_jobs_total{outcome=degraded}"] == 0
+    assert samples["i2vd_queue_paused{}"] == 0
+    parts = {"watcher": True, "intake": True, "worker": False, "model": True}
+    metrics.watch_health(lambda: parts)
+    samples = scrape(metrics)
+    assert samples["i2vd_component_up{component=worker}"] == 0
+    assert samples["i2vd_component_up{component=model}"] == 1
