@@ -1,7 +1,8 @@
 """Our I2VGen-XL sampling loop against diffusers' stock `I2VGenXLPipeline`, same process, same components, CPU.
 
 On the embedded tiny model (fp32): seconds per video (median of `--repeats` after one warm-up each) and the max
-abs difference of the float frames. Writes `bench/results/generator_cpu-<date>.json` and a line in BENCHMARKS.md.
+abs difference of the float frames. Writes `bench/results/generator_cpu-<date>.json` and prints the row for
+BENCHMARKS.md.
 
     .venv/bin/python bench/generator_cpu.py [--repeats 3]
 """
@@ -93,8 +94,10 @@ def main() -> None:
         f"{r['ours_s_per_video']} s, max diff {r['max_abs_diff']:.1e}"
         for r in rows
     )
-    with (REPO / "BENCHMARKS.md").open("a") as handle:
-        handle.write(f"| {result['date'][:10]} | {result['machine']} | `bench/generator_cpu.py` | {summary} |\n")
+    print(
+        f"row for BENCHMARKS.md (Foundation table):\n| {result['date'][:10]} | {result['machine']} | "
+        f"`bench/generator_cpu.py` | {summary} |"
+    )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Runs the real `i2vd run` process on `config/daemon.yaml` (its sizes, its stability window) in a temporary working
 directory, drops one pair at a time, and times the drop (sidecar rename) until the job's manifest appears.
-Writes `bench/results/latency_cpu-<date>.json` and appends a line to `BENCHMARKS.md`.
+Writes `bench/results/latency_cpu-<date>.json` and prints the row for the Foundation table of `BENCHMARKS.md`.
 
     .venv/bin/python bench/latency_cpu.py [--jobs 10]
 """
@@ -49,12 +49,14 @@ def wait_until(predicate: Any, timeout: float, process: subprocess.Popen[bytes])
         time.sleep(0.01)
 
 
-def run(jobs: int) -> dict[str, Any]:
+def run(jobs: int, stable_seconds: float | None) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="i2vd-bench-"))
     config = yaml.safe_load((REPO / "config" / "daemon.yaml").read_text())
     config["metrics"]["port"] = 0
     config["logging"]["format"] = "json"
     config["model"]["cache_dir"] = str(work / "cache")
+    if stable_seconds is not None:
+        config["intake"]["stable_seconds"] = stable_seconds
     (work / "daemon.yaml").write_text(yaml.safe_dump(config))
     log_path = work / "daemon.log"
     started = time.monotonic()
@@ -115,21 +117,22 @@ def run(jobs: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, default=10)
+    parser.add_argument("--stable-seconds", type=float, help="override intake.stable_seconds of config/daemon.yaml")
     args = parser.parse_args()
-    result = run(args.jobs)
+    result = run(args.jobs, args.stable_seconds)
     results_dir = REPO / "bench" / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
-    out = results_dir / f"latency_cpu-{result['date'][:10]}.json"
+    out = results_dir / f"latency_cpu-{result['date'][:10]}-window{result['stability_window_s']}s.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     drop, claim = result["drop_to_published_s"], result["claim_to_published_s"]
     line = (
-        f"| {result['date'][:10]} | {result['machine']} | `bench/latency_cpu.py --jobs {args.jobs}` | "
+        f"| {result['date'][:10]} | {result['machine']} | `bench/latency_cpu.py --jobs {args.jobs}"
+        f"{f' --stable-seconds {args.stable_seconds}' if args.stable_seconds is not None else ''}` | "
         f"drop→published median {drop['median']} s (max {drop['max']} s), claim→published median "
         f"{claim['median']} s, model load {result['model_load_s']:.2f} s, "
         f"start→READY {result['process_start_to_ready_s']} s |\n"
     )
-    with (REPO / "BENCHMARKS.md").open("a") as handle:
-        handle.write(line)
+    print(f"row for BENCHMARKS.md (Foundation table):\n{line}")
     print(json.dumps(result, indent=2))
 
 
