@@ -1,4 +1,4 @@
-"""Fixtures of the operations acceptance tests (helpers live in opshelpers.py)."""
+"""Fixtures of the acceptance tests (helpers live in opshelpers.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ def ops_daemon(tmp_path: Path, ops_model_cache: Path) -> Iterator[Callable[..., 
     """Start `i2vd run` on the tiny CPU model (64x64, 8 frames, 2 steps), metrics on a fixed free port."""
     started: list[OpsDaemon] = []
 
-    def start(env: dict[str, str] | None = None, port: int | None = None, **overrides: Any) -> OpsDaemon:
+    def start(
+        *extra_args: str, env: dict[str, str] | None = None, port: int | None = None, **overrides: Any
+    ) -> OpsDaemon:
         config: dict[str, Any] = {
             "inbox": "inbox",
             "outbox": "outbox",
@@ -38,7 +40,7 @@ def ops_daemon(tmp_path: Path, ops_model_cache: Path) -> Iterator[Callable[..., 
         }
         for key, value in overrides.items():
             config[key] = {**config.get(key, {}), **value}
-        daemon = OpsDaemon(tmp_path, config, env or {})
+        daemon = OpsDaemon(tmp_path, config, env or {}, extra_args)
         started.append(daemon)
         return daemon
 

@@ -1,6 +1,6 @@
-"""Helpers of the operations acceptance tests: a daemon process with a chosen environment, free ports, the CLI,
-and the external tools (promtool, prometheus, systemd-analyze) found on PATH or skipped with the reason.
-(A plain module, not conftest.py: `tests/conftest.py` already owns that module name.)"""
+"""Helpers of the acceptance tests: a real `i2vd run` process with a chosen environment and arguments, its JSON log
+and metrics, free ports, the CLI, and the external tools (promtool, prometheus, systemd-analyze) found on PATH or
+skipped with the reason. (A plain module, not conftest.py: `tests/conftest.py` already owns that module name.)"""
 
 from __future__ import annotations
 
@@ -47,7 +47,9 @@ def run_cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
 class OpsDaemon:
     """A running `i2vd run`; JSON log lines from stderr (stdout too, should it log there)."""
 
-    def __init__(self, root: Path, config: dict[str, Any], env: dict[str, str]) -> None:
+    def __init__(
+        self, root: Path, config: dict[str, Any], env: dict[str, str], extra_args: tuple[str, ...] = ()
+    ) -> None:
         self.root = root
         self.inbox = root / "inbox"
         self.outbox = root / "outbox"
@@ -59,7 +61,7 @@ class OpsDaemon:
             if key not in env:
                 full_env.pop(key, None)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "run", "--config", str(root / "daemon.yaml")],
+            [sys.executable, "-m", "daemon", "run", "--config", str(root / "daemon.yaml"), *extra_args],
             cwd=root,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -101,6 +103,17 @@ class OpsDaemon:
         port = self.wait_for_event("metrics_serving")["port"]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
             return str(response.read().decode())
+
+    def scrape(self) -> dict[str, float]:
+        """Every sample of /metrics keyed `name{label="value",...}` (labels sorted)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        samples: dict[str, float] = {}
+        for family in text_string_to_metric_families(self.metrics_text()):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}"] = sample.value
+        return samples
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         self.process.send_signal(signum)
