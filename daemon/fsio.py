@@ -65,13 +65,3 @@ def link_no_clobber(source: Path, destination: Path) -> bool:
         return True
     source.unlink()
     return True
-
-
-def unique_path(directory: Path, stem: str, suffix: str = "") -> Path:
-    """`directory/stem+suffix`, or `stem-2+suffix`, `stem-3+suffix`... whichever does not exist yet."""
-    candidate = directory / f"{stem}{suffix}"
-    counter = 2
-    while candidate.exists() or candidate.is_symlink():
-        candidate = directory / f"{stem}-{counter}{suffix}"
-        counter += 1
-    return candidate

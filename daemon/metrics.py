@@ -20,7 +20,6 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 OUTCOMES = ("succeeded", "failed", "rejected", "cancelled", "retried", "interrupted", "degraded")
-TERMINAL_FAILURES = ("failed", "rejected", "cancelled")
 COMPONENTS = ("watcher", "intake", "worker", "model")
 STAGES = ("validate", "queue_wait", "load_image", "generate", "encode", "variants", "publish")
 # 0.1 s .. 1 h: a tiny CPU job takes well under a second, a 1024p GPU job can take many minutes.

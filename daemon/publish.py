@@ -114,10 +114,6 @@ class Publisher:
         directory = self.outbox / f"{now:%Y-%m-%d}" if self.daily_subfolders else self.outbox
         return directory, self._first_free(directory, f"video_{now:%Y%m%d_%H%M%S}_{output_name}")
 
-    def reserve_base_name(self, output_name: str) -> str:
-        """The base name part of `reserve` (for callers publishing into the outbox itself)."""
-        return self.reserve(output_name)[1]
-
     def publish(
         self,
         base: str,

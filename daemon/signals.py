@@ -17,7 +17,6 @@ class StopSignals:
     def __init__(self) -> None:
         self.stop_requested = threading.Event()
         self.force_requested = threading.Event()
-        self.last_signal: int | None = None
 
     def install(self) -> None:
         """Install handlers; only possible from the main thread."""
@@ -25,7 +24,6 @@ class StopSignals:
             signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.last_signal = signum
         if self.stop_requested.is_set():
             self.force_requested.set()
         self.stop_requested.set()

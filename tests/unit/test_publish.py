@@ -47,12 +47,12 @@ def outbox_names(outbox: Path) -> list[str]:
 
 
 def test_base_name_uses_clock_and_output_name(publisher: Publisher) -> None:
-    assert publisher.reserve_base_name("cat") == "video_20261125_083000_cat"
+    assert publisher.reserve("cat")[1] == "video_20261125_083000_cat"
 
 
 def test_publish_names_outputs_and_manifest(publisher: Publisher, outbox: Path) -> None:
     files = stage(publisher, "job1", {".mp4": b"main", ".vertical.mp4": b"vert", ".first_frame.png": b"png"})
-    base = publisher.reserve_base_name("cat")
+    base = publisher.reserve("cat")[1]
     published = publisher.publish(base, files, {"job_id": "job1"})
     assert [path.name for path in published] == [
         "video_20261125_083000_cat.mp4",
@@ -68,7 +68,7 @@ def test_publish_names_outputs_and_manifest(publisher: Publisher, outbox: Path) 
 def test_clash_gets_counter_suffix(publisher: Publisher, outbox: Path) -> None:
     bases = []
     for job in ("a", "b", "c"):
-        base = publisher.reserve_base_name("cat")
+        base = publisher.reserve("cat")[1]
         publisher.publish(base, stage(publisher, job, {".mp4": job.encode()}), {"job": job})
         bases.append(base)
     assert bases == [
@@ -82,13 +82,13 @@ def test_clash_gets_counter_suffix(publisher: Publisher, outbox: Path) -> None:
 def test_any_file_with_the_base_counts_as_a_clash(publisher: Publisher, outbox: Path) -> None:
     (outbox / "video_20261125_083000_cat.first_frame.png").write_bytes(b"older job")
     (outbox / "video_20261125_083000_cats.mp4").write_bytes(b"a different name")
-    assert publisher.reserve_base_name("cat") == "video_20261125_083000_cat-2"
-    assert publisher.reserve_base_name("cats") == "video_20261125_083000_cats-2"
-    assert publisher.reserve_base_name("dog") == "video_20261125_083000_dog"
+    assert publisher.reserve("cat")[1] == "video_20261125_083000_cat-2"
+    assert publisher.reserve("cats")[1] == "video_20261125_083000_cats-2"
+    assert publisher.reserve("dog")[1] == "video_20261125_083000_dog"
 
 
 def test_never_overwrites_a_file_created_after_reservation(publisher: Publisher, outbox: Path) -> None:
-    base = publisher.reserve_base_name("cat")
+    base = publisher.reserve("cat")[1]
     existing = outbox / f"{base}.mp4"
     existing.write_bytes(b"someone else's")  # appears between reserve and publish (a race)
     published = publisher.publish(base, stage(publisher, "j", {".mp4": b"ours"}), lambda final: {"base": final})
@@ -102,7 +102,7 @@ def test_race_on_a_later_name_moves_the_whole_set(
     publisher: Publisher, outbox: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     files = stage(publisher, "j", {".mp4": b"main", ".vertical.mp4": b"vert"})
-    base = publisher.reserve_base_name("cat")
+    base = publisher.reserve("cat")[1]
     real_link = os.link
 
     def racing_link(src: Any, dst: Any, **kwargs: Any) -> None:
