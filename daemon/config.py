@@ -249,6 +249,32 @@ class WorkerConfig(_Frozen):
     max_attempts: Annotated[int, Field(ge=1, le=20)] = 3
     retry_delay_seconds: Annotated[float, Field(ge=0.0, le=3600.0)] = 5.0
     stop_timeout_seconds: Annotated[float, Field(gt=0.0, le=3600.0)] = 60.0
+    job_timeout_seconds: Annotated[float, Field(gt=0.0, le=86400.0)] = 3600.0
+    """Wall-clock limit for one job's generation; past it the worker process is killed and the job retried."""
+
+
+class RayConfig(_Frozen):
+    """The `ray` executor: generator actors on a Ray cluster; the shared inbox stays the only durable job store."""
+
+    address: str | None = Field(default=None, description="ray://host:10001 or 'auto'; None starts a local Ray")
+    namespace: str = "i2vd"
+    workers: Annotated[int, Field(ge=1, le=4096)] = 1
+    num_gpus_per_worker: Annotated[float, Field(ge=0.0, le=8.0)] = 1.0
+    max_restarts: Annotated[int, Field(ge=-1, le=1000)] = 3
+    detached: bool = True
+    """Named detached actors keep their pipelines warm across a restart of the watcher."""
+
+
+class ExecutorConfig(_Frozen):
+    """Where generation runs: `local` (one supervised worker process per device of this host) or `ray`."""
+
+    kind: Literal["local", "ray"] = "local"
+    devices: Literal["auto"] | list[str] = "auto"
+    """local: 'auto' = every visible CUDA device (one CPU worker without CUDA), or a list like ['0', '1'] or ['cpu']."""
+    workers_per_device: Annotated[int, Field(ge=1, le=16)] = 1
+    isolation: Literal["process", "thread"] = "process"
+    """process: generation runs in a child process, so a segfault or CUDA error cannot take the daemon down."""
+    ray: RayConfig = RayConfig()
 
 
 class MetricsConfig(_Frozen):
@@ -279,6 +305,7 @@ class DaemonConfig(BaseSettings):
     publish: PublishConfig = PublishConfig()
     sanity: SanityConfig = SanityConfig()
     worker: WorkerConfig = WorkerConfig()
+    executor: ExecutorConfig = ExecutorConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
 

@@ -6,7 +6,7 @@ A backend (e.g. `daemon.generate.i2vgenxl`) imports torch/diffusers lazily and i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -49,6 +49,11 @@ class GenerationResult:
     peak_vram_bytes: int = 0
     nonfinite_values: int | None = None
     """NaN/inf values seen in the float output before conversion to uint8 (None: not counted); sanity.py."""
+    degradations: tuple[str, ...] = ()
+    """Steps of the out-of-memory degrade ladder taken for this video, in order (e.g. `decode_chunk=4`,
+    `vae_tiling`, `cpu_offload`, `num_frames=12`); recorded in the manifest and counted in metrics."""
+    used: Mapping[str, object] = field(default_factory=dict)
+    """Parameters that differ from the request because of a degradation (e.g. `{"num_frames": 12}`)."""
 
 
 @dataclass(frozen=True)
@@ -81,3 +86,27 @@ class Generator(Protocol):
     def memory_stats(self) -> Mapping[str, int]:
         """Device memory in bytes: keys `allocated`, `reserved`, `total`, `free` (empty on CPU)."""
         ...
+
+
+class BatchGenerator(Generator, Protocol):
+    """Optional capability: several compatible requests (same width, height, num_frames, steps) in one batch.
+
+    Each request keeps its own seed, prompt, image and guidance; results come back in request order. The worker
+    only batches when the generator has this method and `max_batch_size(...)` allows more than one.
+    """
+
+    def max_batch_size(self, request: GenerationRequest) -> int:
+        """How many requests shaped like `request` fit the VRAM budget at once (1: do not batch)."""
+        ...
+
+    def generate_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_step: StepCallback | None = None,
+        should_interrupt: InterruptCheck | None = None,
+    ) -> list[GenerationResult]: ...
+
+
+def batch_key(request: GenerationRequest) -> tuple[int, int, int, int]:
+    """Requests with equal keys can share a batch."""
+    return (request.width, request.height, request.num_frames, request.steps)
