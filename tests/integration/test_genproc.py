@@ -1,0 +1,156 @@
+"""The supervised generation process (`daemon.genproc`): crashes, hangs, load failures and interrupts of a real
+child process are contained, reported as the right error, and followed by a working new child.
+
+The child runs the fake generators of `tests/fake_generators.py` (instant frames), so these tests exercise the
+process supervision, not a model; `test_tiny_model_in_a_child_process` runs the real embedded model once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import fake_generators
+from daemon.errors import FatalError, JobInterrupted, TransientJobError
+from daemon.generate.base import GenerationRequest
+from daemon.genchild import GenerationProcessError
+from daemon.genproc import ChildSettings, JobTimedOut, ProcessGenerator, WorkerCrashed
+
+pytestmark = pytest.mark.integration
+
+SETTINGS = ChildSettings(name="w0", device_label="cpu", env={"OMP_NUM_THREADS": "1"}, log_format="json")
+
+
+def request(steps: int = 3, seed: int = 7) -> GenerationRequest:
+    return GenerationRequest(Image.new("RGB", (32, 32)), "a cat", "", 32, 32, 4, 16, steps, 9.0, seed)
+
+
+def start(behaviour: str = "ok", marker: Path | None = None, **kwargs: float) -> ProcessGenerator:
+    loader = functools.partial(fake_generators.make_misbehaving, behaviour, str(marker) if marker else None)
+    return ProcessGenerator(loader, SETTINGS, job_timeout_seconds=kwargs.get("timeout", 30.0))
+
+
+def test_generates_in_a_child_and_relays_steps_and_memory() -> None:
+    generator = start()
+    try:
+        steps: list[tuple[int, int]] = []
+        result = generator.generate(request(steps=3), on_step=lambda s, t, _: steps.append((s, t)))
+        assert result.frames.shape == (4, 32, 32, 3)
+        assert np.array_equal(result.frames, fake_generators.synthetic_frames(request()))
+        assert steps == [(1, 3), (2, 3), (3, 3)]
+        assert generator.info.model_id == "fake-instant"
+        assert generator.info.library_versions["pid"] != str(os.getpid())  # really another process
+        assert generator.memory_stats()["total"] == 10_000
+    finally:
+        generator.close()
+    assert generator.pid is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(generator.pid, 0)
+
+
+@pytest.mark.parametrize("behaviour", ["crash_once", "segfault_once"])
+def test_a_dying_child_is_a_transient_error_and_is_replaced(tmp_path: Path, behaviour: str) -> None:
+    generator = start(behaviour, tmp_path / "marker")
+    first_pid = generator.pid
+    try:
+        with pytest.raises(WorkerCrashed) as caught:
+            generator.generate(request())
+        assert isinstance(caught.value, TransientJobError)
+        expected = "SIGSEGV" if behaviour == "segfault_once" else "status 3"
+        assert expected in caught.value.message
+        result = generator.generate(request())  # the replacement child serves the retry
+        assert result.frames.shape[0] == 4
+        assert generator.pid != first_pid
+        assert generator.restarts == 1
+    finally:
+        generator.close()
+
+
+def test_a_hung_job_is_killed_at_the_timeout_and_the_next_job_runs(tmp_path: Path) -> None:
+    generator = start("hang_once", tmp_path / "marker", timeout=1.5)
+    try:
+        started = time.monotonic()
+        with pytest.raises(JobTimedOut):
+            generator.generate(request())
+        assert time.monotonic() - started < 10
+        assert generator.generate(request()).frames.shape[0] == 4
+    finally:
+        generator.close()
+
+
+def test_errors_keep_their_family_across_the_pipe(tmp_path: Path) -> None:
+    oom = start("oom_once", tmp_path / "marker")
+    bug = start("bug")
+    try:
+        with pytest.raises(TransientJobError, match="out of memory"):
+            oom.generate(request())
+        with pytest.raises(GenerationProcessError, match="ValueError: injected bug") as caught:
+            bug.generate(request())
+        assert "Traceback" in str(caught.value.detail)
+        assert oom.restarts == 0 and bug.restarts == 0  # an exception is not a crash: the model stays loaded
+    finally:
+        oom.close()
+        bug.close()
+
+
+def test_interrupt_is_forwarded_between_steps() -> None:
+    loader = functools.partial(fake_generators.make_instant, 0.05)
+    generator = ProcessGenerator(loader, SETTINGS, job_timeout_seconds=30)
+    try:
+        seen: list[int] = []
+        flag = threading.Event()
+
+        def on_step(step: int, total: int, seconds: float) -> None:
+            seen.append(step)
+            if step == 2:
+                flag.set()
+
+        with pytest.raises(JobInterrupted):
+            generator.generate(request(steps=200), on_step=on_step, should_interrupt=flag.is_set)
+        assert 2 <= len(seen) < 200
+        assert generator.generate(request(steps=2)).frames.shape[0] == 4  # the event is cleared per call
+    finally:
+        generator.close()
+
+
+def test_a_model_that_never_loads_is_fatal() -> None:
+    with pytest.raises(FatalError, match="weights not found"):
+        ProcessGenerator(fake_generators.fail_to_load, SETTINGS, job_timeout_seconds=30)
+
+
+def test_batches_go_through_the_child() -> None:
+    generator = ProcessGenerator(functools.partial(fake_generators.make_batching, 3), SETTINGS, job_timeout_seconds=30)
+    try:
+        assert generator.can_batch
+        assert generator.max_batch_size(request()) == 3
+        results = generator.generate_batch([request(seed=1), request(seed=2)])
+        assert [int(r.frames[0, 0, 0, 2]) for r in results] == [1, 2]
+    finally:
+        generator.close()
+
+
+@pytest.mark.slow
+def test_tiny_model_in_a_child_process(tmp_path: Path) -> None:
+    """The real embedded model loads in a spawned child and generates the same frames as in-process (up to one
+    level of rounding: the child runs with one thread, which changes the order of float reductions)."""
+    from daemon.config import load_config
+    from daemon.generate import load_generator
+
+    model = load_config(None).model.model_copy(update={"cache_dir": tmp_path / "cache", "device": "cpu"})
+    generator = ProcessGenerator(functools.partial(load_generator, model), SETTINGS, job_timeout_seconds=300)
+    try:
+        job = GenerationRequest(Image.new("RGB", (64, 64), (200, 30, 30)), "a cat", "", 64, 64, 4, 16, 2, 9.0, 3)
+        remote = generator.generate(job)
+        assert generator.info.model_id == "embedded-tiny"
+    finally:
+        generator.close()
+    local = load_generator(model).generate(job)
+    difference = np.abs(remote.frames.astype(np.int16) - local.frames.astype(np.int16))
+    assert difference.max() <= 1, difference.max()
