@@ -251,6 +251,14 @@ class WorkerConfig(_Frozen):
     stop_timeout_seconds: Annotated[float, Field(gt=0.0, le=3600.0)] = 60.0
     job_timeout_seconds: Annotated[float, Field(gt=0.0, le=86400.0)] = 3600.0
     """Wall-clock limit for one job's generation; past it the worker process is killed and the job retried."""
+    stop_grace_seconds: Annotated[float, Field(ge=0.0, le=3600.0)] = 0.0
+    """On the first stop signal, let running jobs finish generating for up to this long before interrupting them
+    between denoising steps (0: interrupt at once; the job is resumed from the start by the next start)."""
+    max_batch_size: Annotated[int, Field(ge=1, le=64)] = 4
+    """Upper bound on jobs generated together (same size, frames and steps) when the generator can batch; the
+    generator's own VRAM budget may allow fewer. 1 turns batching off."""
+    batch_wait_seconds: Annotated[float, Field(ge=0.0, le=600.0)] = 0.0
+    """How long the worker waits for compatible jobs to fill a batch (0: batch only what is already queued)."""
 
 
 class RayConfig(_Frozen):

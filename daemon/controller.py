@@ -8,7 +8,7 @@ every change it makes goes through the thread-safe queue, store and worker metho
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +34,13 @@ class Controller:
         queue: JobQueue[ClaimedJob],
         store: JobStore,
         metrics: DaemonMetrics,
-        worker: Callable[[], Worker | None],
+        workers: Callable[[], Sequence[Worker]],
     ) -> None:
         self._state_dir = state_dir
         self._queue = queue
         self._store = store
         self._metrics = metrics
-        self._worker = worker
+        self._workers = workers
 
     def apply(self) -> None:
         self.apply_pause()
@@ -77,24 +77,34 @@ class Controller:
             self._metrics.queue_depth.set(len(self._queue))
             log.info("job_cancelled", job_id=job.job_id, name=name, state="pending")
             found = True
-        worker = self._worker()
-        if worker is not None and worker.current_name == name and worker.current_job is not None:
-            worker.cancel(worker.current_job)
-            log.info("job_cancel_requested", job_id=worker.current_job, name=name, state="running")
-            found = True
+        for worker in self._workers():
+            if worker.current_name == name and worker.current_job is not None:
+                worker.cancel(worker.current_job)
+                log.info("job_cancel_requested", job_id=worker.current_job, name=name, state="running")
+                found = True
         return found
 
     def snapshot(self, memory: Mapping[str, int]) -> dict[str, Any]:
         """What `i2vd status` shows of the live daemon: running job and progress, queue, outcomes, throughput, VRAM."""
-        worker = self._worker()
-        running = None
-        if worker is not None and worker.current_job is not None:
-            step, total = worker.progress or (0, 0)
-            running = {"job_id": worker.current_job, "name": worker.current_name, "step": step, "steps": total}
+        running_jobs = []
+        for worker in self._workers():
+            if worker.current_job is not None:
+                step, total = worker.progress or (0, 0)
+                running_jobs.append(
+                    {
+                        "job_id": worker.current_job,
+                        "name": worker.current_name,
+                        "step": step,
+                        "steps": total,
+                        "worker": worker.name,
+                    }
+                )
+        running = running_jobs[0] if running_jobs else None
         sample = self._metrics.registry.get_sample_value
         outcomes = {o: int(sample("i2vd_jobs_total", {"outcome": o}) or 0) for o in OUTCOMES}
         return {
             "running": running,
+            "running_jobs": running_jobs,
             "paused": self._queue.paused,
             "queue": [job.stem for job in self._queue.snapshot()],
             "outcomes": outcomes,

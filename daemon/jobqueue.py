@@ -76,6 +76,19 @@ class JobQueue(Generic[T]):
             heapq.heapify(self._heap)
             return taken
 
+    def take(self, predicate: Callable[[T], bool], limit: int) -> list[T]:
+        """Up to `limit` queued items matching `predicate`, in the order they would be handed out (batching)."""
+        if limit <= 0:
+            return []
+        with self._condition:
+            if self._paused or self._closed:
+                return []
+            chosen = [entry for entry in sorted(self._heap) if predicate(entry.item)][:limit]
+            ids = {id(entry) for entry in chosen}
+            self._heap = [entry for entry in self._heap if id(entry) not in ids]
+            heapq.heapify(self._heap)
+            return [entry.item for entry in chosen]
+
     def __len__(self) -> int:
         with self._condition:
             return len(self._heap)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import socketserver
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 OUTCOMES = ("succeeded", "failed", "rejected", "cancelled", "retried", "interrupted", "degraded")
@@ -34,21 +35,57 @@ HealthSource = Callable[[], Mapping[str, bool]]
 
 
 class _GpuMemoryCollector(Collector):
-    """Reads device memory at scrape time, so the gauge is never stale between jobs."""
+    """Reads device memory at scrape time, so the gauge is never stale between jobs (one series per device)."""
 
-    def __init__(self, device_label: Callable[[], str], source: Callable[[], MemorySource | None]) -> None:
-        self._device_label = device_label
-        self._source = source
+    def __init__(self, sources: Callable[[], Mapping[str, MemorySource]]) -> None:
+        self._sources = sources
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         family = GaugeMetricFamily(
             "i2vd_gpu_memory_bytes", "Device memory by kind (0 on CPU)", labels=["device", "kind"]
         )
-        reader = self._source()
-        stats: Mapping[str, int] = reader() if reader is not None else {}
-        for kind in MEMORY_KINDS:
-            family.add_metric([self._device_label(), kind], float(stats.get(kind, 0)))
+        sources = dict(self._sources()) or {"cpu": dict}
+        for device, reader in sorted(sources.items()):
+            stats: Mapping[str, int] = reader()
+            for kind in MEMORY_KINDS:
+                family.add_metric([device, kind], float(stats.get(kind, 0)))
         yield family
+
+
+class WorkerState(Protocol):
+    """What the per-worker gauges read (a `Worker` plus its generator's restart count)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def device(self) -> str: ...
+    def up(self) -> bool: ...
+    def busy(self) -> bool: ...
+    def restarts(self) -> int: ...
+
+
+class _WorkerCollector(Collector):
+    """`i2vd_worker_{up,busy,restarts}` per worker; labels are bounded by the number of devices times
+    `executor.workers_per_device` (or `executor.ray.workers`)."""
+
+    def __init__(self, source: Callable[[], Sequence[WorkerState]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        labels = ["worker", "device"]
+        up = GaugeMetricFamily("i2vd_worker_up", "1 while the worker thread and its generator run", labels=labels)
+        busy = GaugeMetricFamily("i2vd_worker_busy", "1 while the worker generates or finishes a job", labels=labels)
+        restarts = CounterMetricFamily(
+            "i2vd_worker_restarts", "Generation processes restarted (crash, timeout)", labels=labels
+        )
+        for worker in self._source():
+            key = [worker.name, worker.device]
+            up.add_metric(key, 1.0 if worker.up() else 0.0)
+            busy.add_metric(key, 1.0 if worker.busy() else 0.0)
+            restarts.add_metric(key, float(worker.restarts()))
+        yield up
+        yield busy
+        yield restarts
 
 
 class _ComponentCollector(Collector):
@@ -124,10 +161,14 @@ class DaemonMetrics:
         )
         self.build_info = Info("i2vd_build", "Versions and model", registry=registry)
         self.queue_paused = Gauge("i2vd_queue_paused", "1 while `i2vd pause` holds the queue", registry=registry)
-        self._device = "cpu"
-        self._memory_source: MemorySource | None = None
+        self._memory_sources: dict[str, MemorySource] = {}
         self._health_source: HealthSource | None = None
-        registry.register(_GpuMemoryCollector(lambda: self._device, lambda: self._memory_source))
+        self._workers: Callable[[], Sequence[WorkerState]] = list
+        self.worker_jobs = Counter(
+            "i2vd_worker_jobs", "Jobs by worker and outcome", ["worker", "outcome"], registry=registry
+        )
+        registry.register(_GpuMemoryCollector(lambda: self._memory_sources))
+        registry.register(_WorkerCollector(lambda: self._workers()))
         registry.register(_ComponentCollector(lambda: self._health_source))
         for outcome in OUTCOMES:
             self.jobs.labels(outcome=outcome)
@@ -137,9 +178,15 @@ class DaemonMetrics:
             self.watcher_mode.labels(mode=mode).set(0)
 
     def watch_device_memory(self, device: str, source: MemorySource) -> None:
-        """Export `source()` as `i2vd_gpu_memory_bytes{device=...}` at every scrape."""
-        self._device = device
-        self._memory_source = source
+        """Export `source()` as `i2vd_gpu_memory_bytes{device=...}` at every scrape (one source per device)."""
+        self._memory_sources[device] = source
+
+    def watch_workers(self, source: Callable[[], Sequence[WorkerState]], outcomes: Sequence[str] = ()) -> None:
+        """Export the per-worker gauges from `source()`; start `worker_jobs_total` at 0 for every outcome."""
+        self._workers = source
+        for worker in source():
+            for outcome in outcomes or OUTCOMES:
+                self.worker_jobs.labels(worker=worker.name, outcome=outcome)
 
     def watch_health(self, source: HealthSource) -> None:
         """Export `source()` (the /healthz parts) as `i2vd_component_up{component=...}` at every scrape."""

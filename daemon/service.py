@@ -2,23 +2,31 @@
 
 Threads: the main thread supervises (signals, systemd watchdog, restarting a dead watcher or metrics server); an
 intake thread polls the inbox (woken early by watcher hints, else every `rescan_seconds`: events are hints, the
-rescan is the truth); a worker thread runs jobs on the warm generator.
+rescan is the truth); one worker thread per executor slot (`daemon/executor.py`: a GPU of this host, or a Ray actor)
+runs jobs on its warm generator, all taking from the one priority queue. By default each generator lives in a
+supervised child process (`daemon/genproc.py`), so a crash in the model costs one attempt of one job, not the daemon.
 
 Start order: directories -> metrics server (so /healthz can say "model loading") -> store recovery (claimed jobs
-from a previous run are queued first) -> pause flag -> model load (with EXTEND_TIMEOUT_USEC) -> worker -> watcher ->
-intake -> READY=1. The systemd watchdog is pinged from the main loop, and only while `alive()`: the worker and
-intake threads run and the intake loop completed a poll recently; a hung main loop stops the pings by itself.
-Stop order: intake and watcher (no new claims) -> queue closed and the running job interrupted between denoising
-steps (it stays claimed on disk and is resumed by the next start) -> worker joined -> metrics server -> STOPPING.
+from a previous run are queued first) -> pause flag -> model load on every slot in parallel (with
+EXTEND_TIMEOUT_USEC) -> workers -> watcher -> intake -> READY=1. The systemd watchdog is pinged from the main loop,
+and only while `alive()`: the worker and intake threads run and the intake loop completed a poll recently; a hung
+main loop stops the pings by itself.
+Stop order: intake and watcher (no new claims) -> queue closed -> running jobs get `worker.stop_grace_seconds` to
+finish generating -> then they are interrupted between denoising steps (each stays claimed on disk and is resumed by
+the next start) -> workers joined -> generation processes closed -> metrics server. A second stop signal (`force`)
+stops waiting and kills the generation processes at once; their jobs stay claimed and are resumed the same way.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -28,11 +36,11 @@ from daemon import __version__
 from daemon.config import DaemonConfig
 from daemon.controller import Controller
 from daemon.errors import FatalError, JobRejected
-from daemon.generate import load_generator
+from daemon.executor import WorkerSlot, close_generator, plan_generators, plan_local_slots
 from daemon.generate.base import Generator
 from daemon.intake import Intake, IntakeResult, validate_claimed
 from daemon.jobqueue import JobQueue
-from daemon.metrics import DaemonMetrics, MetricsServer
+from daemon.metrics import DaemonMetrics, MetricsServer, WorkerState
 from daemon.store import ClaimedJob, JobStore
 from daemon.systemd import SystemdNotifier, watchdog_interval_seconds
 from daemon.watch import InboxWatcher
@@ -55,7 +63,7 @@ class Service:
         *,
         once: bool = False,
         notifier: SystemdNotifier | None = None,
-        generator_factory: Callable[[DaemonConfig], Generator] = lambda c: load_generator(c.model),
+        generator_factory: Callable[[DaemonConfig], Generator] | None = None,
         stop_requested: threading.Event | None = None,
         force: threading.Event | None = None,
     ) -> None:
@@ -71,16 +79,20 @@ class Service:
         self._stop_intake = threading.Event()
         self._hint = threading.Event()
         self._generator_factory = generator_factory
+        """None: the configured executor builds the generators; else this (tests) builds one per local slot."""
         self._generator: Generator | None = None
-        self._worker: Worker | None = None
-        self._worker_thread: threading.Thread | None = None
+        """The first worker's generator: model identity for build_info, status and manifests."""
+        self._slots: list[WorkerSlot] = []
+        self._generators: list[Generator] = []
+        self._workers: list[Worker] = []
+        self._worker_threads: list[threading.Thread] = []
         self._intake_thread: threading.Thread | None = None
         self._watcher: InboxWatcher | None = None
         self._metrics_server: MetricsServer | None = None
         self._last_intake: IntakeResult | None = None
         self._started_at = datetime.now().astimezone()
         self._intake_beat = time.monotonic()
-        self.controller = Controller(config.state_path, self.queue, self.store, self.metrics, lambda: self._worker)
+        self.controller = Controller(config.state_path, self.queue, self.store, self.metrics, lambda: self._workers)
         self.exit_code = 0
 
     # ----- start -----------------------------------------------------------------------------------------
@@ -91,7 +103,7 @@ class Service:
         self._recover_claimed_jobs()
         self.controller.apply_pause()
         self._load_model()
-        self._start_worker()
+        self._start_workers()
         if not self.once:
             self._start_watcher()
         self._intake_thread = threading.Thread(target=self._intake_loop, name="i2vd-intake", daemon=True)
@@ -131,13 +143,35 @@ class Service:
         return self.store.mark_validated(job, resolved, image_sha256)
 
     def _load_model(self) -> None:
+        """Build every slot's generator in parallel (each loads its own copy of the model); any failure is fatal."""
         self.notifier.extend_timeout(MODEL_LOAD_EXTEND_SECONDS, "loading model")
-        generator = self._generator_factory(self.config)
-        info = generator.info
-        self._generator = generator
-        self.metrics.model_load_seconds.set(info.load_seconds)
+        plan: list[tuple[WorkerSlot, Callable[[], Generator]]]
+        if self._generator_factory is not None:
+            factory = self._generator_factory
+            plan = [(slot, functools.partial(factory, self.config)) for slot in plan_local_slots(self.config)]
+        else:
+            plan = plan_generators(self.config)
+        with ThreadPoolExecutor(max_workers=len(plan), thread_name_prefix="i2vd-load") as pool:
+            futures = [pool.submit(build) for _, build in plan]
+            errors = [future.exception() for future in futures]
+        loaded = [future.result() for future, error in zip(futures, errors, strict=True) if error is None]
+        failure = next((error for error in errors if error is not None), None)
+        if failure is not None:
+            for generator in loaded:
+                close_generator(generator, force=True)
+            raise failure
+        self._slots = [slot for slot, _ in plan]
+        self._generators = loaded
+        self._generator = loaded[0]
+        self._export_model_metrics()
+
+    def _export_model_metrics(self) -> None:
+        info = self._generators[0].info
+        load_seconds = max(generator.info.load_seconds for generator in self._generators)
+        self.metrics.model_load_seconds.set(load_seconds)
         self.metrics.model_loaded.set(1)
-        self.metrics.watch_device_memory(info.device, generator.memory_stats)
+        for slot, generator in zip(self._slots, self._generators, strict=True):
+            self.metrics.watch_device_memory(slot.device, generator.memory_stats)
         self.metrics.build_info.info(
             {
                 "version": __version__,
@@ -145,30 +179,44 @@ class Service:
                 "revision": info.revision or "",
                 "device": info.device,
                 "dtype": info.dtype,
+                "workers": str(len(self._generators)),
                 **{k.replace("-", "_"): v for k, v in info.library_versions.items()},
             }
         )
         log.info(
             "model_loaded",
             model=info.model_id,
-            device=info.device,
+            devices=[slot.device for slot in self._slots],
             dtype=info.dtype,
-            seconds=round(info.load_seconds, 3),
+            seconds=round(load_seconds, 3),
         )
 
-    def _start_worker(self) -> None:
-        assert self._generator is not None
-        self._worker = Worker(
-            self.config,
-            self._generator,
-            self.store,
-            self.queue,
-            self.metrics,
-            interrupt=self.interrupt,
-            on_status=lambda status: self.notifier.status(self._with_queue(status)),
-        )
-        self._worker_thread = threading.Thread(target=self._worker.run, name="i2vd-worker", daemon=True)
-        self._worker_thread.start()
+    def _start_workers(self) -> None:
+        for slot, generator in zip(self._slots, self._generators, strict=True):
+            worker = Worker(
+                self.config,
+                generator,
+                self.store,
+                self.queue,
+                self.metrics,
+                interrupt=self.interrupt,
+                on_status=lambda status: self.notifier.status(self._with_queue(status)),
+                name=slot.name,
+            )
+            thread = threading.Thread(target=worker.run, name=f"i2vd-worker-{slot.name}", daemon=True)
+            self._workers.append(worker)
+            self._worker_threads.append(thread)
+        self.metrics.watch_workers(self._worker_views)
+        for thread in self._worker_threads:
+            thread.start()
+
+    def _worker_views(self) -> Sequence[WorkerState]:
+        return [
+            _WorkerView(slot.name, slot.device, worker, thread, generator)
+            for slot, worker, thread, generator in zip(
+                self._slots, self._workers, self._worker_threads, self._generators, strict=True
+            )
+        ]
 
     def _start_watcher(self) -> None:
         watcher = InboxWatcher(self.config.inbox, self.config.intake.observer, on_hint=self._hint.set)
@@ -219,7 +267,7 @@ class Service:
         return {
             "watcher": self.once or (self._watcher is not None and self._watcher.is_alive()),
             "intake": self._intake_thread is not None and self._intake_thread.is_alive(),
-            "worker": self._worker_thread is not None and self._worker_thread.is_alive(),
+            "worker": bool(self._worker_threads) and all(thread.is_alive() for thread in self._worker_threads),
             "model": self._generator is not None,
         }
 
@@ -242,8 +290,9 @@ class Service:
     def alive(self) -> bool:
         """Whether the watchdog may be pinged: worker and intake threads run and intake is not stuck in a poll."""
         stall = INTAKE_STALL_SECONDS + self.config.intake.rescan_seconds
-        threads = (self._worker_thread, self._intake_thread)
-        return all(t is not None and t.is_alive() for t in threads) and time.monotonic() - self._intake_beat < stall
+        threads = (*self._worker_threads, self._intake_thread)
+        running = bool(self._worker_threads) and all(t is not None and t.is_alive() for t in threads)
+        return running and time.monotonic() - self._intake_beat < stall
 
     def _with_queue(self, status: str) -> str:
         paused = "; paused" if self.queue.paused else ""
@@ -262,7 +311,7 @@ class Service:
         if self._metrics_server is not None and not self._metrics_server.is_alive():
             log.error("metrics_server_died")
             self._fail("metrics server thread died")
-        for name, thread in (("worker", self._worker_thread), ("intake", self._intake_thread)):
+        for name, thread in (*((t.name, t) for t in self._worker_threads), ("intake", self._intake_thread)):
             if thread is not None and not thread.is_alive():
                 self._fail(f"{name} thread died")
         self._write_status("running")
@@ -274,7 +323,7 @@ class Service:
 
     def _drained(self) -> bool:
         last = self._last_intake
-        worker_idle = self._worker is not None and not self._worker.busy.is_set()
+        worker_idle = bool(self._workers) and not any(worker.busy.is_set() for worker in self._workers)
         if self.queue.paused and worker_idle:
             return True  # `--once` while paused: nothing more will run; queued jobs stay claimed for a later start
         return (
@@ -301,18 +350,37 @@ class Service:
         if self._intake_thread is not None:
             self._intake_thread.join(timeout=timeout)
         self.queue.close()
+        deadline = time.monotonic() + timeout
+        self._grace_for_running_jobs()
         self.interrupt.set()
-        if self._worker_thread is not None:
-            deadline = time.monotonic() + timeout
-            while self._worker_thread.is_alive() and time.monotonic() < deadline and not self.force.is_set():
-                self._worker_thread.join(timeout=SUPERVISE_SECONDS)
-            if self._worker_thread.is_alive():
-                log.error("worker_did_not_stop", timeout=timeout)
+        for thread in self._worker_threads:
+            while thread.is_alive() and time.monotonic() < deadline and not self.force.is_set():
+                thread.join(timeout=SUPERVISE_SECONDS)
+        if self.force.is_set():
+            log.warning("stop_forced")
+        for generator in self._generators:
+            close_generator(generator, force=self.force.is_set())
+        for thread in self._worker_threads:
+            thread.join(timeout=SUPERVISE_SECONDS if self.force.is_set() else 5.0)
+            if thread.is_alive():
+                log.error("worker_did_not_stop", worker=thread.name, timeout=timeout)
                 self.exit_code = self.exit_code or 1
         if self._metrics_server is not None:
             self._metrics_server.stop()
         self._write_status("stopped")
         log.info("service_stopped", exit_code=self.exit_code)
+
+    def _grace_for_running_jobs(self) -> None:
+        """`worker.stop_grace_seconds`: let running jobs finish before interrupting them (a second signal ends it)."""
+        grace = self.config.worker.stop_grace_seconds
+        if grace <= 0 or not any(worker.current_job is not None for worker in self._workers):
+            return
+        log.info("stop_grace", seconds=grace)
+        self.notifier.status(f"stopping: letting running jobs finish (up to {grace:.0f} s)")
+        deadline = time.monotonic() + grace
+        while any(worker.current_job is not None for worker in self._workers):
+            if time.monotonic() >= deadline or self.force.wait(SUPERVISE_SECONDS):
+                return
 
     def _metrics_address(self) -> str | None:
         if self._metrics_server is not None:
@@ -321,17 +389,18 @@ class Service:
 
     def _write_status(self, state: str) -> None:
         """A small JSON file `i2vd status` reads: who runs, what it is doing. Best effort (never fails the loop)."""
-        worker = self._worker
         generator = self._generator
+        running = [worker.current_job for worker in self._workers if worker.current_job is not None]
         status = {
             "state": state,
             "pid": os.getpid(),
             "started_at": self._started_at.isoformat(),
             "updated_at": datetime.now().astimezone().isoformat(),
-            "running_job": worker.current_job if worker is not None else None,
+            "running_job": running[0] if running else None,
             "queued": len(self.queue),
             "model": generator.info.model_id if generator is not None else None,
             "device": generator.info.device if generator is not None else None,
+            "workers": [view.describe() for view in self._worker_views() if isinstance(view, _WorkerView)],
             "metrics": self._metrics_address(),
             **self.controller.snapshot(generator.memory_stats() if generator is not None else {}),
         }
@@ -342,3 +411,36 @@ class Service:
             temp.replace(path)
         except OSError:
             log.warning("status_write_failed", exc_info=True)
+
+
+@dataclass(frozen=True)
+class _WorkerView:
+    """One worker as the per-worker metrics and `i2vd status` see it."""
+
+    name: str
+    device: str
+    worker: Worker
+    thread: threading.Thread
+    generator: Generator
+
+    def up(self) -> bool:
+        return self.thread.is_alive()
+
+    def busy(self) -> bool:
+        return self.worker.busy.is_set()
+
+    def restarts(self) -> int:
+        return int(getattr(self.generator, "restarts", 0))
+
+    def describe(self) -> dict[str, object]:
+        step, total = self.worker.progress or (0, 0)
+        return {
+            "name": self.name,
+            "device": self.device,
+            "up": self.up(),
+            "running_job": self.worker.current_job,
+            "step": step,
+            "steps": total,
+            "restarts": self.restarts(),
+            "pid": getattr(self.generator, "pid", None),
+        }

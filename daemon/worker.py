@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+from PIL import Image
 
 from daemon.config import DaemonConfig
 from daemon.encode import Encoder
@@ -49,15 +50,17 @@ class StageTimer:
         self.timings: dict[str, float] = {}
         self._metrics = metrics
 
+    def add(self, name: str, seconds: float) -> None:
+        self.timings[name] = self.timings.get(name, 0.0) + seconds
+        self._metrics.stage_duration.labels(stage=name).observe(seconds)
+
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         started = time.perf_counter()
         try:
             yield
         finally:
-            seconds = time.perf_counter() - started
-            self.timings[name] = self.timings.get(name, 0.0) + seconds
-            self._metrics.stage_duration.labels(stage=name).observe(seconds)
+            self.add(name, time.perf_counter() - started)
 
 
 @dataclass
@@ -85,7 +88,9 @@ class Worker:
         *,
         interrupt: threading.Event,
         on_status: Callable[[str], object] = lambda status: None,
+        name: str = "w0",
     ) -> None:
+        self.name = name
         self._config = config
         self._generator = generator
         self._store = store
@@ -97,7 +102,7 @@ class Worker:
         self._publisher = Publisher(config.outbox, daily_subfolders=config.publish.daily_subfolders)
         self._finisher = Finisher(config, self._encoder, self._publisher, store, generator.info)
         finishers = max(1, config.encode.max_concurrent_ffmpeg - 1)  # one ffmpeg slot stays free for the main MP4
-        self._pool = ThreadPoolExecutor(max_workers=finishers, thread_name_prefix="i2vd-finish")
+        self._pool = ThreadPoolExecutor(max_workers=finishers, thread_name_prefix=f"i2vd-finish-{name}")
         self._backlog = threading.BoundedSemaphore(finishers + config.encode.finishing_backlog)
         self._in_flight = 0
         self._lock = threading.Lock()
@@ -106,6 +111,8 @@ class Worker:
         """Set while any job is generating or finishing (`--once` waits for it to clear)."""
         self.current_job: str | None = None
         self.current_name: str | None = None
+        self.current_batch: frozenset[str] = frozenset()
+        """Ids of every job in the batch generating now (`current_job` is the first of them)."""
         self.progress: tuple[int, int] | None = None
         """(step, total) of the running job's denoising loop, for `i2vd status`."""
         self._cancel_id: str | None = None
@@ -124,26 +131,63 @@ class Worker:
                 if job is None:
                     self._backlog.release()
                     break
+                jobs = [job, *self._companions(job)]
                 self._metrics.queue_depth.set(len(self._queue))
-                self._metrics.pending.dec()
-                self._start(job)
+                self._metrics.pending.dec(len(jobs))
+                self._start(jobs)
         finally:
             self._pool.shutdown(wait=True)
         if self._pool_error is not None:
             raise self._pool_error
 
-    def _start(self, job: ClaimedJob) -> None:
-        self._enter()
+    def _companions(self, first: ClaimedJob) -> list[ClaimedJob]:
+        """Queued jobs that can share a batch with `first` (same size, frames, steps), bounded by the generator's
+        VRAM budget, `worker.max_batch_size` and the free finishing backlog; waits `batch_wait_seconds` at most."""
+        limit = self._batch_limit(first)
+        if limit <= 1:
+            return []
+        key = _batch_key(first)
+        deadline = time.monotonic() + self._config.worker.batch_wait_seconds
+        taken: list[ClaimedJob] = []
+        while True:
+            for job in self._queue.take(lambda other: _batch_key(other) == key, limit - 1 - len(taken)):
+                if self._backlog.acquire(blocking=False):
+                    taken.append(job)
+                else:  # no finishing room for it: back into the queue, in its place
+                    self._requeue_now(job)
+                    return taken
+            if len(taken) >= limit - 1 or time.monotonic() >= deadline:
+                return taken
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+    def _batch_limit(self, job: ClaimedJob) -> int:
+        sizer = getattr(self._generator, "max_batch_size", None)
+        if self._config.worker.max_batch_size <= 1 or not callable(getattr(self._generator, "generate_batch", None)):
+            return 1
+        if job.resolved is None or not callable(sizer):
+            return 1
         try:
-            attempt = self._begin(job)
+            allowed = int(sizer(_request(job.resolved, None)))
+        except Exception:
+            log.warning("batch_size_unknown", exc_info=True)
+            return 1
+        return max(1, min(self._config.worker.max_batch_size, allowed))
+
+    def _start(self, jobs: list[ClaimedJob]) -> None:
+        for _ in jobs:
+            self._enter()
+        try:
+            attempts = self._begin_many(jobs)
         except BaseException:
-            self._leave()
+            for _ in jobs:
+                self._leave()
             raise
-        if isinstance(attempt, str):
-            self._leave()
-            return
-        future = self._pool.submit(self._complete, attempt)
-        future.add_done_callback(self._finished_in_pool)
+        for attempt in attempts:
+            if isinstance(attempt, str):
+                self._leave()
+                continue
+            future = self._pool.submit(self._complete, attempt)
+            future.add_done_callback(self._finished_in_pool)
 
     def _finished_in_pool(self, future: Future[str]) -> None:
         error = future.exception()
@@ -166,29 +210,73 @@ class Worker:
 
     def process(self, job: ClaimedJob) -> str:
         """Run one job to an outcome (succeeded, rejected, failed, cancelled, retried, interrupted) in this thread."""
-        attempt = self._begin(job)
+        (attempt,) = self._begin_many([job])
         return attempt if isinstance(attempt, str) else self._complete(attempt)
 
-    def _begin(self, job: ClaimedJob) -> _Attempt | str:
-        """The GPU half. Returns the attempt to finish, or the outcome when the job ended here."""
-        self.current_job, self.current_name, self.progress = job.job_id, job.stem, None
-        self._metrics.in_progress.inc()
-        attempt = _Attempt(self._store.record_attempt(job), time.perf_counter(), StageTimer(self._metrics))
-        job = attempt.job
-        with structlog.contextvars.bound_contextvars(job_id=job.job_id):
-            self._on_status(f"generating {job.stem} (attempt {job.attempts})")
-            try:
-                attempt.generated = self._generate_stages(attempt)
-            except Exception as exc:
-                self.current_job, self.current_name, self.progress = None, None, None
-                return self._settle(attempt, exc)
-            finally:
-                self.current_job, self.current_name, self.progress = None, None, None
-            return attempt
+    def _begin_many(self, jobs: list[ClaimedJob]) -> list[_Attempt | str]:
+        """The GPU half for one job or one batch. Per job: the attempt to finish, or the outcome if it ended here."""
+        outcomes: list[_Attempt | str] = []
+        live: list[_Attempt] = []
+        for job in jobs:
+            self._metrics.in_progress.inc()
+            attempt = _Attempt(self._store.record_attempt(job), time.perf_counter(), StageTimer(self._metrics))
+            outcomes.append(attempt)
+            live.append(attempt)
+        first = live[0].job
+        self.current_job, self.current_name, self.progress = first.job_id, first.stem, None
+        self.current_batch = frozenset(attempt.job.job_id for attempt in live)
+        size = f" (batch of {len(live)})" if len(live) > 1 else ""
+        self._on_status(f"generating {first.stem}{size} (attempt {first.attempts})")
+        try:
+            results = self._generate_attempts(live, outcomes)
+        finally:
+            self.current_job, self.current_name, self.progress = None, None, None
+            self.current_batch = frozenset()
+        for attempt, outcome in results:
+            with structlog.contextvars.bound_contextvars(job_id=attempt.job.job_id, worker=self.name):
+                if isinstance(outcome, Exception):
+                    outcomes[outcomes.index(attempt)] = self._settle(attempt, outcome)
+                    continue
+                try:
+                    attempt.generated = self._after_generate(attempt, outcome)
+                except Exception as exc:
+                    outcomes[outcomes.index(attempt)] = self._settle(attempt, exc)
+        return outcomes
+
+    def _generate_attempts(
+        self, live: list[_Attempt], outcomes: list[_Attempt | str]
+    ) -> list[tuple[_Attempt, GenerationResult | Exception]]:
+        """Load each image (a bad one ends only its own job), then generate the rest together."""
+        requests: list[tuple[_Attempt, GenerationRequest]] = []
+        for attempt in live:
+            with structlog.contextvars.bound_contextvars(job_id=attempt.job.job_id, worker=self.name):
+                try:
+                    requests.append((attempt, self._prepare(attempt)))
+                except Exception as exc:
+                    outcomes[outcomes.index(attempt)] = self._settle(attempt, exc)
+        if not requests:
+            return []
+        started = time.perf_counter()
+        try:
+            results = self._generate([request for _, request in requests])
+        except Exception as exc:
+            results = [exc] * len(requests)  # type: ignore[list-item]
+        seconds = time.perf_counter() - started
+        for attempt, _ in requests:
+            attempt.timer.add("generate", seconds)
+        return [(attempt, result) for (attempt, _), result in zip(requests, results, strict=True)]
+
+    def _prepare(self, attempt: _Attempt) -> GenerationRequest:
+        resolved = attempt.job.resolved
+        if resolved is None:
+            raise JobRejected("job was queued without a validated sidecar", reason="state_corrupt")
+        with attempt.timer.stage("load_image"):
+            image = load_image_rgb(attempt.job.image_path, self._config.intake.max_image_pixels)
+        return _request(resolved, image)
 
     def _complete(self, attempt: _Attempt) -> str:
         """The CPU half: variants, verification, publication, archival; then the outcome."""
-        with structlog.contextvars.bound_contextvars(job_id=attempt.job.job_id):
+        with structlog.contextvars.bound_contextvars(job_id=attempt.job.job_id, worker=self.name):
             try:
                 self._finish_stages(attempt)
             except Exception as exc:
@@ -201,7 +289,9 @@ class Worker:
         try:
             if exc is None:
                 outcome = "succeeded"
-            elif isinstance(exc, JobInterrupted):
+            elif isinstance(exc, JobInterrupted) or (isinstance(exc, TransientJobError) and self._interrupt.is_set()):
+                # A failure while the service stops (e.g. the generation process killed by a second signal) is not
+                # the job's fault: it is released like an interrupted job and does not end in failed/.
                 outcome = self._interrupted(job)
             elif isinstance(exc, SanityCheckFailed):
                 self._store.fail(job, exc, exc.reason, exc.message, exc.detail)
@@ -217,6 +307,7 @@ class Worker:
             self._metrics.in_progress.dec()
             self._publisher.discard_staging(job.job_id)
         self._metrics.jobs.labels(outcome=outcome).inc()
+        self._metrics.worker_jobs.labels(worker=self.name, outcome=outcome).inc()
         self._log_finished(attempt, outcome, time.perf_counter() - attempt.started)
         if self.current_job is None:  # not while the next job generates: its status wins
             self._on_status(f"idle; last job {outcome}")
@@ -228,8 +319,13 @@ class Worker:
             self._store.fail(job, None, "cancelled", "Cancelled by an operator (i2vd cancel) while running.")
             log.info("job_cancelled", name=job.stem, state="running")
             return "cancelled"
-        log.info("job_released", reason="service stopping")
-        self._metrics.pending.inc()  # still claimed on disk: resumed at the next start
+        self._metrics.pending.inc()  # still claimed on disk
+        if not self._interrupt.is_set():
+            # Interrupted only because another job of its batch was cancelled: straight back into the queue.
+            log.info("job_released", reason="batch companion cancelled")
+            self._requeue_now(job)
+            return "retried"
+        log.info("job_released", reason="service stopping")  # resumed at the next start
         return "interrupted"
 
     def _log_finished(self, attempt: _Attempt, outcome: str, seconds: float) -> None:
@@ -256,6 +352,9 @@ class Worker:
         self._store.fail(job, None, "retries_exhausted", message, detail if detail is not None else repr(exc))
         return "failed"
 
+    def _requeue_now(self, job: ClaimedJob) -> None:
+        self._queue.put(job, priority=job.resolved.priority if job.resolved else 0, sequence=job.sequence)
+
     def _requeue_later(self, job: ClaimedJob) -> None:
         """Re-queue after a delay on a timer, so the jobs behind this one are not blocked while it waits."""
 
@@ -268,16 +367,15 @@ class Worker:
         timer.daemon = True
         timer.start()
 
-    def _generate_stages(self, attempt: _Attempt) -> GeneratedJob:
+    def _after_generate(self, attempt: _Attempt, result: GenerationResult) -> GeneratedJob:
+        """Sanity checks and the main MP4 (into staging) for one generated video."""
         job, timer = attempt.job, attempt.timer
         resolved = job.resolved
-        if resolved is None:
-            raise JobRejected("job was queued without a validated sidecar", reason="state_corrupt")
-        with timer.stage("load_image"):
-            image = load_image_rgb(job.image_path, self._config.intake.max_image_pixels)
-        with timer.stage("generate"):
-            result = self._generate(resolved, image)
+        assert resolved is not None
         attempt.peak_vram = result.peak_vram_bytes
+        if result.degradations:
+            self._metrics.degraded_jobs.inc()
+            log.warning("job_degraded", steps=list(result.degradations), used=dict(result.used))
         report = self._check_sanity(resolved, result)
         staging = self._publisher.staging_dir(job.job_id)
         with timer.stage("encode"):
@@ -318,36 +416,31 @@ class Worker:
         self._finisher.archive_inputs(generated)
         self._record_success(attempt, published)
 
-    def _generate(self, resolved: ResolvedJob, image: object) -> GenerationResult:
-        request = GenerationRequest(
-            image=image,  # type: ignore[arg-type]
-            prompt=resolved.prompt,
-            negative_prompt=resolved.negative_prompt,
-            width=resolved.width,
-            height=resolved.height,
-            num_frames=resolved.num_frames,
-            target_fps=resolved.target_fps,
-            steps=resolved.steps,
-            guidance_scale=resolved.guidance_scale,
-            seed=resolved.seed,
-        )
-        every = max(1, resolved.steps // 10)
+    def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        steps = requests[0].steps
+        every = max(1, steps // 10)
 
         def on_step(step: int, total: int, seconds: float) -> None:
             self._metrics.denoise_step.observe(seconds)
             self.progress = (step, total)
             if step % every == 0 or step == total:
-                log.info("generate_step", step=step, total=total, step_seconds=round(seconds, 4))
+                log.info("generate_step", step=step, total=total, step_seconds=round(seconds, 4), batch=len(requests))
 
         try:
-            return self._generator.generate(request, on_step=on_step, should_interrupt=self._should_interrupt)
+            if len(requests) == 1:
+                return [self._generator.generate(requests[0], on_step=on_step, should_interrupt=self._should_interrupt)]
+            batcher = self._generator.generate_batch  # type: ignore[attr-defined]
+            results: list[GenerationResult] = batcher(
+                requests, on_step=on_step, should_interrupt=self._should_interrupt
+            )
+            return results
         except TransientJobError as exc:
             if "memory" in exc.message.lower():
                 self._metrics.oom.inc()
             raise
 
     def _should_interrupt(self) -> bool:
-        return self._interrupt.is_set() or (self._cancel_id is not None and self._cancel_id == self.current_job)
+        return self._interrupt.is_set() or (self._cancel_id is not None and self._cancel_id in self.current_batch)
 
     def _record_success(self, attempt: _Attempt, published: list[Path]) -> None:
         job, generated = attempt.job, attempt.generated
@@ -371,3 +464,26 @@ class Worker:
             steps=resolved.steps,
             timings={stage: round(value, 3) for stage, value in attempt.timer.timings.items()},
         )
+
+
+def _request(resolved: ResolvedJob, image: Image.Image | None) -> GenerationRequest:
+    """The generator's request for a resolved job (`image` None: only for sizing questions)."""
+    return GenerationRequest(
+        image=image,  # type: ignore[arg-type]
+        prompt=resolved.prompt,
+        negative_prompt=resolved.negative_prompt,
+        width=resolved.width,
+        height=resolved.height,
+        num_frames=resolved.num_frames,
+        target_fps=resolved.target_fps,
+        steps=resolved.steps,
+        guidance_scale=resolved.guidance_scale,
+        seed=resolved.seed,
+    )
+
+
+def _batch_key(job: ClaimedJob) -> tuple[int, int, int, int] | None:
+    resolved = job.resolved
+    if resolved is None:
+        return None
+    return (resolved.width, resolved.height, resolved.num_frames, resolved.steps)

@@ -13,14 +13,14 @@ import threading
 import time
 from pathlib import Path
 
+import fake_generators
 import numpy as np
 import pytest
 from PIL import Image
 
-import fake_generators
 from daemon.errors import FatalError, JobInterrupted, TransientJobError
-from daemon.generate.base import GenerationRequest
 from daemon.genchild import GenerationProcessError
+from daemon.generate.base import GenerationRequest
 from daemon.genproc import ChildSettings, JobTimedOut, ProcessGenerator, WorkerCrashed
 
 pytestmark = pytest.mark.integration

@@ -105,6 +105,7 @@ def test_cancel_requests_round_trip_and_junk_is_dropped(tmp_path: Path) -> None:
 class _Worker:
     def __init__(self, job_id: str | None, name: str | None) -> None:
         self.current_job, self.current_name = job_id, name
+        self.name = "w0"
         self.cancelled: list[str] = []
 
     def cancel(self, job_id: str) -> None:
@@ -121,7 +122,8 @@ def _controller(inbox: Path, worker: Any) -> tuple[Controller, JobStore, JobQueu
     store = JobStore(inbox, inbox / ".i2vd")
     queue: JobQueue[ClaimedJob] = JobQueue()
     metrics = DaemonMetrics()
-    return Controller(inbox / ".i2vd", queue, store, metrics, lambda: worker), store, queue, metrics
+    workers = [worker] if worker is not None else []
+    return Controller(inbox / ".i2vd", queue, store, metrics, lambda: workers), store, queue, metrics
 
 
 def test_controller_cancels_a_pending_job_to_failed(inbox: Path) -> None:
@@ -169,10 +171,11 @@ def test_controller_follows_the_pause_flag(inbox: Path) -> None:
 
 
 def test_snapshot_reports_progress_outcomes_and_memory(inbox: Path) -> None:
-    worker = SimpleNamespace(current_job="job-1", current_name="cat", progress=(3, 10))
+    worker = SimpleNamespace(current_job="job-1", current_name="cat", progress=(3, 10), name="w0")
     controller, _store, _queue, metrics = _controller(inbox, worker)
     metrics.jobs.labels(outcome="succeeded").inc()
     snapshot = controller.snapshot({"allocated": 5, "total": 10})
-    assert snapshot["running"] == {"job_id": "job-1", "name": "cat", "step": 3, "steps": 10}
+    assert snapshot["running"] == {"job_id": "job-1", "name": "cat", "step": 3, "steps": 10, "worker": "w0"}
+    assert snapshot["running_jobs"] == [snapshot["running"]]
     assert snapshot["outcomes"]["succeeded"] == 1 and snapshot["outcomes"]["cancelled"] == 0
     assert snapshot["gpu_memory_bytes"] == {"allocated": 5, "total": 10}
