@@ -15,10 +15,10 @@ library could fail to unpickle in the parent.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
-import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,7 +27,7 @@ from typing import Any
 from daemon.errors import FatalError, I2vdError, JobInterrupted, JobRejected, TransientJobError
 from daemon.generate.base import Generator
 
-PR_SET_PDEATHSIG = 1
+PARENT_CHECK_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -75,13 +75,22 @@ def rebuild_error(wire: WireError) -> I2vdError:
     return GenerationProcessError(wire.message, detail=wire.detail)
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to SIGKILL this process when its parent dies; exit now if the parent is already gone."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def exit_with_parent(parent_pid: int, period: float = PARENT_CHECK_SECONDS) -> None:
+    """Exit at once when the daemon is gone (reparented), even in the middle of a denoising step.
+
+    Not `PR_SET_PDEATHSIG`: Linux sends that signal when the parent *thread* exits, and generation processes are
+    started (and restarted) from short-lived threads, so it would kill healthy children. A daemon thread that
+    polls the parent pid costs nothing and also works where prctl does not exist.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(period)
+        os._exit(1)
+
     if os.getppid() != parent_pid:
         os._exit(1)
+    threading.Thread(target=watch, name="i2vd-parent-watch", daemon=True).start()
 
 
 def child_main(
@@ -95,7 +104,7 @@ def child_main(
     log_format: str = "auto",
 ) -> None:
     """Entry point of the spawned process. Returns (exit 0) on `stop` or when the parent's end closes."""
-    die_with_parent(parent_pid)
+    exit_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides: a terminal's Ctrl-C must not kill a job
     os.environ.update(env)
     from daemon.logs import configure_logging, get_logger

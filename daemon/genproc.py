@@ -14,7 +14,7 @@ and then serves requests over a pipe. The parent, `ProcessGenerator`, is what th
   started at once, so the next job finds a model loading or loaded;
 - a child that cannot load the model `MAX_LOAD_FAILURES` times in a row is a `FatalError` (bad weights or
   config): the service exits non-zero instead of looping;
-- the child asks the kernel to kill it when the parent dies (`PR_SET_PDEATHSIG`), so it never outlives the daemon.
+- the child exits as soon as its parent is gone (it watches its parent pid), so it never outlives the daemon.
 
 Only one call runs at a time per `ProcessGenerator` (one worker thread owns it).
 """
@@ -212,7 +212,7 @@ class ProcessGenerator:
     def _ensure_ready(self) -> None:
         if self._process is None or not self._process.is_alive() or self._info is None:
             self._restart("not running")
-        elif self._waiting_for_ready:
+        if self._waiting_for_ready:
             self._await_ready()
             self._waiting_for_ready = False
 

@@ -115,3 +115,13 @@ def make_batching(limit: int = 4) -> BatchingGenerator:
 
 def fail_to_load() -> InstantGenerator:
     raise OSError("weights not found (injected)")
+
+
+def load_fake(model: object) -> InstantGenerator:
+    """Stands in for `daemon.generate.load_generator(model_config)` in executor tests (monkeypatched into
+    `daemon.executor`); `I2VD_TEST_FAKE` = "behaviour[:marker[:step_seconds]]" chooses how it misbehaves."""
+    behaviour, _, rest = os.environ.get("I2VD_TEST_FAKE", "ok").partition(":")
+    marker, _, step = rest.partition(":")
+    generator = InstantGenerator(float(step or 0.0), behaviour, Path(marker) if marker else None)
+    generator.info = ModelInfo("fake-instant", None, "cpu", "float32", 0.0, {"pid": str(os.getpid())})
+    return generator
