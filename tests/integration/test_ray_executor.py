@@ -172,6 +172,7 @@ def test_a_restarted_daemon_reattaches_to_its_detached_actor(
     """The first driver is another process that exits, as a stopped daemon does; its detached actor lives on."""
     script = f"""
 import sys
+from pathlib import Path
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from raysupport import FakeFactory, share_with_ray
 from daemon.config import RayConfig
@@ -179,7 +180,7 @@ from daemon.raygen import RayGenerator
 from daemon.rayconnect import connect
 connect(RayConfig(address={local_ray!r}, namespace={NAMESPACE!r}))
 share_with_ray()
-print(RayGenerator("i2vd-worker-0", FakeFactory({str(factory.loads_file)!r}), detached=True).state().pid)
+print(RayGenerator("i2vd-worker-0", FakeFactory(Path({str(factory.loads_file)!r})), detached=True).state().pid)
 """
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
