@@ -95,4 +95,3 @@ class GeneratorActor:
         with self._lock:
             self._steps = {key: value for key, value in self._steps.items() if key == call_id}
             self._interrupted &= {call_id}
-

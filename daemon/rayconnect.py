@@ -2,12 +2,15 @@
 
 Ray is an optional dependency (`pip install "i2vd[cluster]"`): this module imports it inside `connect`, so the core
 install never needs it. The daemon process is the Ray driver and the only claimer of jobs; the cluster only runs
-generator actors (see `daemon.raygen` and `../shared/research/distributed.md` §6).
+generator actors (see `daemon.raygen`).
 
-Defaults keep Ray quiet and local. A local Ray (no `address`) binds every port it opens to 127.0.0.1 and starts no
-dashboard; actor output goes to Ray's own log files (`/tmp/ray/session_latest/logs/worker-*.out`), not to the
-daemon's stderr, whose lines must stay JSON. On a real cluster the nodes were started by `ray start` (README,
-"Running on a Ray cluster"), which decides their ports, dashboard and metrics export.
+Defaults keep Ray quiet. A local Ray (no `address`) starts no dashboard (its port would be the one HTTP door), and
+actor output goes to Ray's own log files (`/tmp/ray/session_latest/logs/worker-*.out`), not to the daemon's stderr,
+whose lines must stay JSON. Ray's internal gRPC ports (GCS, raylet, workers) listen on every interface whatever
+`ray.init` is told (Ray resolves 127.0.0.1 to the node's address, measured with Ray 2.60); they are guarded by
+Ray's token authentication, which Ray 2.60 turns on for a local Ray (token in `~/.ray/auth_token`, or
+`RAY_AUTH_TOKEN`), and by the host firewall. On a real cluster the nodes were started by `ray start` (README,
+"Running on a Ray cluster"), which decides their ports, authentication, dashboard and metrics export.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def connect(config: RayConfig, **overrides: Any) -> bool:
         "log_to_driver": False,
     }
     if config.address is None:
-        options.update(include_dashboard=False, dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK)
+        options.update(include_dashboard=False, dashboard_host=LOOPBACK)
     options.update(overrides)
     ray.init(**options)
     return True

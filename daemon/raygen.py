@@ -4,7 +4,8 @@ Each worker thread of the daemon gets one `RayGenerator`, a thin proxy to a name
 `executor.ray.namespace`) that holds a warm generator (`daemon.rayactor.GeneratorActor`). The worker loop, the
 store, the queue and the error policy do not change: the proxy speaks the same `Generator` protocol.
 
-Who decides what (distributed.md §1, §3.1, §6):
+Who decides what (as the distributed-engine study recommends: Ray Core actors, the shared folder as the only
+durable job store, one claimer):
 - The shared inbox's store is the only durable job state and the daemon its only claimer. Ray keeps no queue: one
   call per actor at a time, so the backlog stays on disk in priority order and nothing is lost when Ray is.
 - Retries are the store's: actors run with `max_task_retries=0`. When an actor dies mid-job (process crash, OOM

@@ -30,6 +30,13 @@ from daemon.store import ClaimedJob, JobStore
 from daemon.worker import Worker
 
 
+def ray_auth_env() -> dict[str, str]:
+    """Token authentication off for the tests' short-lived Ray: a local Ray 2.60 would otherwise write a token into
+    ~/.ray, and a per-run token cannot be used instead because the driver reads its auth mode when Ray is imported,
+    before any fixture runs. Ray's processes and a second driver inherit the setting."""
+    return {"RAY_AUTH_MODE": "disabled"}
+
+
 def share_with_ray() -> None:
     from ray import cloudpickle
 
@@ -106,7 +113,12 @@ class Harness:
         self.queue: JobQueue[ClaimedJob] = JobQueue()
         self.metrics = DaemonMetrics()
         self.worker = Worker(
-            self.config, generator, self.store, self.queue, self.metrics, interrupt=threading.Event()  # type: ignore[arg-type]
+            self.config,
+            generator,
+            self.store,
+            self.queue,
+            self.metrics,
+            interrupt=threading.Event(),  # type: ignore[arg-type]
         )
 
     def claim(self, make_image: Callable[..., Path], stem: str, sidecar: str) -> ClaimedJob:

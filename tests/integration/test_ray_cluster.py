@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from raysupport import FakeFactory, Harness, share_with_ray
+from raysupport import FakeFactory, Harness, ray_auth_env, share_with_ray
 
 from daemon.config import RayConfig
-from daemon.raygen import RayGenerator
 from daemon.rayconnect import connect, disconnect
+from daemon.raygen import RayGenerator
 
 ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
@@ -37,7 +37,8 @@ FAST_HEALTH_CHECKS = {
 
 @pytest.fixture
 def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # Ray 2.60 would otherwise write a token into ~/.ray
+    for key, value in ray_auth_env().items():
+        monkeypatch.setenv(key, value)
     cluster = cluster_utils.Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 1, "num_gpus": 0, "_system_config": FAST_HEALTH_CHECKS},

@@ -9,7 +9,6 @@ Ray is shared by the module (starting it takes seconds); each test removes the a
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -17,13 +16,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from raysupport import FakeFactory, Harness, render_frames, share_with_ray
+from raysupport import FakeFactory, Harness, ray_auth_env, render_frames, share_with_ray
 
 from daemon.config import RayConfig, load_config
 from daemon.errors import JobInterrupted
 from daemon.generate.base import GenerationRequest
-from daemon.raygen import RayGenerator, WorkerCrashed, load_model, make_ray_generator_factories
 from daemon.rayconnect import connect, disconnect
+from daemon.raygen import RayGenerator, WorkerCrashed, load_model, make_ray_generator_factories
 
 ray = pytest.importorskip("ray")
 
@@ -35,21 +34,18 @@ NAMESPACE = "i2vd-test"
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[str]:
     """A private local Ray with 2 CPUs and 2 logical GPUs; yields its GCS address (for a second driver)."""
-    saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # Ray 2.60 would otherwise write a token into ~/.ray
-    try:
-        assert connect(
-            RayConfig(namespace=NAMESPACE), num_cpus=2, num_gpus=2, object_store_memory=128 * 1024 * 1024
-        )
-        assert not connect(RayConfig(namespace=NAMESPACE)), "a second connect leaves the first connection alone"
-        share_with_ray()
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        disconnect()
-        if saved is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = saved
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in ray_auth_env().items():
+            patch.setenv(key, value)
+        try:
+            assert connect(
+                RayConfig(namespace=NAMESPACE), num_cpus=2, num_gpus=2, object_store_memory=128 * 1024 * 1024
+            )
+            assert not connect(RayConfig(namespace=NAMESPACE)), "a second connect leaves the first connection alone"
+            share_with_ray()
+            yield ray.get_runtime_context().gcs_address
+        finally:
+            disconnect()
 
 
 @pytest.fixture
@@ -73,9 +69,7 @@ def request(make_image: Callable[..., Path], steps: int = 3, seed: int = 7) -> G
         return GenerationRequest(image.copy(), "a cat", "", 64, 48, 5, 16, steps, 9.0, seed)
 
 
-def test_two_workers_are_placed_on_their_own_gpus(
-    fresh_actors: None, factory: FakeFactory, tmp_path: Path
-) -> None:
+def test_two_workers_are_placed_on_their_own_gpus(fresh_actors: None, factory: FakeFactory, tmp_path: Path) -> None:
     config = load_config(None, {"inbox": tmp_path / "in", "outbox": tmp_path / "out"})
     config = config.model_copy(
         update={"executor": config.executor.model_copy(update={"kind": "ray", "ray": RayConfig(workers=2)})}
@@ -153,7 +147,7 @@ def test_a_call_past_the_job_timeout_restarts_the_actor(
     slow = FakeFactory(factory.loads_file, step_seconds=0.2)
     generator = RayGenerator("timeout", slow, job_timeout_seconds=0.5, poll_seconds=0.05)
     first_pid = generator.state().pid
-    with pytest.raises(WorkerCrashed, match="longer than 0.5 s"):
+    with pytest.raises(WorkerCrashed, match=r"longer than 0\.5 s"):
         generator.generate(request(make_image, steps=50))
     assert generator.state().pid != first_pid
 
@@ -182,8 +176,7 @@ connect(RayConfig(address={local_ray!r}, namespace={NAMESPACE!r}))
 share_with_ray()
 print(RayGenerator("i2vd-worker-0", FakeFactory(Path({str(factory.loads_file)!r})), detached=True).state().pid)
 """
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     first_pid = int(done.stdout.split()[-1])
     reattached = RayGenerator("i2vd-worker-0", factory, detached=True)
