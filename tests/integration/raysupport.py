@@ -92,6 +92,11 @@ class FakeFactory:
         return [int(line) for line in self.loads_file.read_text().split()] if self.loads_file.exists() else []
 
 
+def failing_factory() -> FakeGenerator:
+    """A model that cannot load (weights missing, CUDA unusable)."""
+    raise FileNotFoundError("model directory /srv/models/missing does not exist")
+
+
 class Harness:
     """A real store, queue and `Worker` over a tmp inbox/outbox, with tiny job defaults and no retry delay."""
 

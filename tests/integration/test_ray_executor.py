@@ -16,13 +16,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from raysupport import FakeFactory, Harness, ray_auth_env, render_frames, share_with_ray
+from raysupport import FakeFactory, Harness, failing_factory, ray_auth_env, render_frames, share_with_ray
 
 from daemon.config import RayConfig, load_config
 from daemon.errors import JobInterrupted
 from daemon.generate.base import GenerationRequest
 from daemon.rayconnect import connect, disconnect
-from daemon.raygen import RayGenerator, WorkerCrashed, load_model, make_ray_generator_factories
+from daemon.raygen import ActorStartFailed, RayGenerator, WorkerCrashed, load_model, make_ray_generator_factories
 
 ray = pytest.importorskip("ray")
 
@@ -99,7 +99,8 @@ def test_steps_and_frames_come_back_from_the_actor(
 def test_an_interrupt_reaches_the_actor_between_steps(
     fresh_actors: None, factory: FakeFactory, make_image: Callable[..., Path]
 ) -> None:
-    generator = RayGenerator("interrupt", FakeFactory(factory.loads_file, step_seconds=0.1), poll_seconds=0.02)
+    slow = FakeFactory(factory.loads_file, step_seconds=0.1)
+    generator = RayGenerator("interrupt", slow, poll_seconds=0.02, detached=False)
     steps: list[int] = []
     with pytest.raises(JobInterrupted):
         generator.generate(
@@ -139,6 +140,13 @@ def test_an_actor_dead_for_good_is_replaced_by_the_next_call(
         generator.generate(request(make_image))
     assert generator.generate(request(make_image)).frames.shape[0] == 5
     assert len(crashing.loads()) == 2
+
+
+def test_a_model_that_cannot_load_is_reported_at_once(fresh_actors: None) -> None:
+    started = time.perf_counter()
+    with pytest.raises(ActorStartFailed, match="model directory /srv/models/missing does not exist"):
+        RayGenerator("broken", failing_factory, max_restarts=3)
+    assert time.perf_counter() - started < 30, "an actor whose __init__ raises is not restarted"
 
 
 def test_a_call_past_the_job_timeout_restarts_the_actor(
