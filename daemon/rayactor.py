@@ -7,17 +7,29 @@ has the GPU Ray gave it (Ray sets `CUDA_VISIBLE_DEVICES`, so the generator sees 
 The actor is threaded (`max_concurrency >= 2`): `generate` runs in one thread while the driver polls `progress`
 and sends `interrupt` from another. Every call carries a `call_id` chosen by the driver, so an interrupt or a
 progress poll can never be mistaken for another call's, even when it arrives before the call it names starts.
-At most one generation runs at a time (`_busy`): a second driver attached to the same actor waits its turn.
+At most one generation (or batch) runs at a time (`_busy`): a second driver attached to the same actor waits its
+turn.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
-from daemon.generate.base import GenerationRequest, GenerationResult, Generator, ModelInfo
+from daemon.generate.base import (
+    BatchGenerator,
+    GenerationRequest,
+    GenerationResult,
+    Generator,
+    InterruptCheck,
+    ModelInfo,
+    StepCallback,
+)
+
+_T = TypeVar("_T")
 
 GeneratorFactory = Callable[[], Generator]
 """Builds the warm generator inside the actor; must be picklable (a module-level function or a partial of one)."""
@@ -65,13 +77,44 @@ class GeneratorActor:
 
     def generate(self, request: GenerationRequest, call_id: str) -> GenerationResult:
         """Run one generation; steps are buffered for `progress`, `interrupt(call_id)` stops it between steps."""
+        return self._run(
+            call_id,
+            lambda on_step, should_interrupt: self._generator.generate(
+                request, on_step=on_step, should_interrupt=should_interrupt
+            ),
+        )
+
+    def max_batch_size(self, request: GenerationRequest) -> int:
+        """How many requests shaped like `request` one `generate_batch` may take (1: the generator cannot batch)."""
+        generator = self._batch_generator()
+        return 1 if generator is None else max(1, int(generator.max_batch_size(request)))
+
+    def generate_batch(self, requests: Sequence[GenerationRequest], call_id: str) -> list[GenerationResult]:
+        """Several compatible requests in one batch (`BatchGenerator`), with the same progress and interrupts."""
+        generator = self._batch_generator()
+        if generator is None:
+            raise TypeError(f"{type(self._generator).__name__} cannot generate batches")
+        return self._run(
+            call_id,
+            lambda on_step, should_interrupt: generator.generate_batch(
+                requests, on_step=on_step, should_interrupt=should_interrupt
+            ),
+        )
+
+    def _batch_generator(self) -> BatchGenerator | None:
+        """The generator as a `BatchGenerator` when it has that optional capability (the protocol is structural)."""
+        generator = self._generator
+        if hasattr(generator, "generate_batch") and hasattr(generator, "max_batch_size"):
+            return cast(BatchGenerator, generator)
+        return None
+
+    def _run(self, call_id: str, call: Callable[[StepCallback, InterruptCheck], _T]) -> _T:
         with self._busy:
             self._forget_other_calls(call_id)
             try:
-                return self._generator.generate(
-                    request,
-                    on_step=lambda step, total, seconds: self._record_step(call_id, (step, total, seconds)),
-                    should_interrupt=lambda: call_id in self._interrupted,
+                return call(
+                    lambda step, total, seconds: self._record_step(call_id, (step, total, seconds)),
+                    lambda: call_id in self._interrupted,
                 )
             finally:
                 with self._lock:

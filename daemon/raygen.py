@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
@@ -39,7 +39,15 @@ import structlog
 
 from daemon.config import DaemonConfig, ModelConfig
 from daemon.errors import FatalError, JobInterrupted, TransientJobError
-from daemon.generate.base import GenerationRequest, GenerationResult, Generator, InterruptCheck, ModelInfo, StepCallback
+from daemon.generate.base import (
+    GenerationRequest,
+    GenerationResult,
+    Generator,
+    InterruptCheck,
+    ModelInfo,
+    StepCallback,
+    batch_key,
+)
 from daemon.rayactor import ActorState, GeneratorActor, GeneratorFactory
 
 if TYPE_CHECKING:
@@ -80,7 +88,10 @@ def _remote_actor_class() -> Any:
 
 class RayGenerator:
     """A `Generator` backed by the named actor `name`; creating one creates or re-attaches to the actor and waits
-    until its model is loaded (`info` is then known). Thread-compatible, not thread-safe: one per worker thread."""
+    until its model is loaded (`info` is then known). Thread-compatible, not thread-safe: one per worker thread.
+
+    It is also a `BatchGenerator`: `max_batch_size` is the actor's generator's answer, 1 when that generator cannot
+    batch, so the worker batches through Ray exactly when it would locally."""
 
     def __init__(
         self,
@@ -108,6 +119,7 @@ class RayGenerator:
         self._poll = poll_seconds
         self._ready_timeout = ready_timeout_seconds
         self._job_timeout = job_timeout_seconds
+        self._batch_sizes: dict[tuple[int, int, int, int], int] = {}
         self._handle: ActorHandle[Any] = self._attach()
         try:
             self._info: ModelInfo = self._get(self._handle.info.remote(), ready_timeout_seconds)
@@ -131,13 +143,30 @@ class RayGenerator:
         on_step: StepCallback | None = None,
         should_interrupt: InterruptCheck | None = None,
     ) -> GenerationResult:
-        self._wait_ready(should_interrupt)
-        call_id = uuid.uuid4().hex
-        try:
-            result = self._follow(self._handle.generate.remote(request, call_id), call_id, on_step, should_interrupt)
-        except Exception as exc:
-            self._reraise(exc, "generating")
+        result: GenerationResult = self._call("generate", request, on_step, should_interrupt)
         return _with_own_frames(result)
+
+    def max_batch_size(self, request: GenerationRequest) -> int:
+        """The actor's answer (1 when its generator cannot batch), asked once per request shape."""
+        key = batch_key(request)
+        if key not in self._batch_sizes:
+            self._wait_ready(None)
+            try:
+                self._batch_sizes[key] = int(
+                    self._get(self._handle.max_batch_size.remote(request), self._ready_timeout)
+                )
+            except Exception as exc:
+                self._reraise(exc, "sizing a batch")
+        return self._batch_sizes[key]
+
+    def generate_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_step: StepCallback | None = None,
+        should_interrupt: InterruptCheck | None = None,
+    ) -> list[GenerationResult]:
+        results: list[GenerationResult] = self._call("generate_batch", list(requests), on_step, should_interrupt)
+        return [_with_own_frames(result) for result in results]
 
     def memory_stats(self) -> Mapping[str, int]:
         """The actor's device memory; empty when it cannot answer now (restarting, node lost): metrics only."""
@@ -153,9 +182,22 @@ class RayGenerator:
         handle: ActorHandle[Any] = _remote_actor_class().options(**self._options).remote(self._factory)
         return handle
 
+    def _call(
+        self, method: str, payload: object, on_step: StepCallback | None, should_interrupt: InterruptCheck | None
+    ) -> Any:
+        """Call `method(payload, call_id)` on the actor once it is up, following it to its result."""
+        self._wait_ready(should_interrupt)
+        call_id = uuid.uuid4().hex
+        try:
+            return self._follow(
+                getattr(self._handle, method).remote(payload, call_id), call_id, on_step, should_interrupt
+            )
+        except Exception as exc:
+            self._reraise(exc, "generating")
+
     def _follow(
         self, ref: Any, call_id: str, on_step: StepCallback | None, should_interrupt: InterruptCheck | None
-    ) -> GenerationResult:
+    ) -> Any:
         """Wait for the call, relaying its steps to `on_step` and an interrupt to the actor; enforce the timeout."""
         import ray
 
@@ -164,8 +206,7 @@ class RayGenerator:
             done, _ = ray.wait([ref], timeout=self._poll)
             self._relay_progress(call_id, on_step)
             if done:
-                result: GenerationResult = ray.get(ref)
-                return result
+                return ray.get(ref)
             if not interrupted and should_interrupt is not None and should_interrupt():
                 self._handle.interrupt.remote(call_id)
                 interrupted = True

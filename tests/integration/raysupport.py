@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,15 +77,40 @@ class FakeGenerator:
         return {"allocated": 1, "reserved": 2, "total": 4, "free": 2}
 
 
+class FakeBatchGenerator(FakeGenerator):
+    """The fake with the optional `BatchGenerator` capability: up to `batch` requests per call."""
+
+    def __init__(self, step_seconds: float, crash_marker: Path | None, batch: int) -> None:
+        super().__init__(step_seconds, crash_marker)
+        self._batch = batch
+
+    def max_batch_size(self, request: GenerationRequest) -> int:
+        return self._batch
+
+    def generate_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_step: Callable[[int, int, float], None] | None = None,
+        should_interrupt: Callable[[], bool] | None = None,
+    ) -> list[GenerationResult]:
+        assert 1 <= len(requests) <= self._batch
+        self.generate(requests[0], on_step, should_interrupt)  # the shared denoising loop
+        return [GenerationResult(frames=render_frames(request)) for request in requests]
+
+
 @dataclass(frozen=True)
 class FakeFactory:
     loads_file: Path
     step_seconds: float = 0.0
     crash_marker: Path | None = None
+    batch: int = 0
+    """> 0: build a `FakeBatchGenerator` taking up to `batch` requests."""
 
     def __call__(self) -> FakeGenerator:
         with self.loads_file.open("a") as handle:
             handle.write(f"{os.getpid()}\n")
+        if self.batch:
+            return FakeBatchGenerator(self.step_seconds, self.crash_marker, self.batch)
         return FakeGenerator(self.step_seconds, self.crash_marker)
 
     def loads(self) -> list[int]:

@@ -96,6 +96,21 @@ def test_steps_and_frames_come_back_from_the_actor(
     assert (result.frames == render_frames(job)).all()
 
 
+def test_batches_go_through_when_the_actors_generator_can_batch(
+    fresh_actors: None, factory: FakeFactory, make_image: Callable[..., Path]
+) -> None:
+    plain = RayGenerator("plain", factory)
+    assert plain.max_batch_size(request(make_image)) == 1
+    batching = RayGenerator("batching", FakeFactory(factory.loads_file, batch=3), poll_seconds=0.02)
+    jobs = [request(make_image, steps=4, seed=seed) for seed in (1, 2)]
+    assert batching.max_batch_size(jobs[0]) == 3
+    steps: list[int] = []
+    results = batching.generate_batch(jobs, on_step=lambda step, total, seconds: steps.append(step))
+    assert steps == [1, 2, 3, 4]
+    for result, job in zip(results, jobs, strict=True):
+        assert (result.frames == render_frames(job)).all() and result.frames.flags.writeable
+
+
 def test_an_interrupt_reaches_the_actor_between_steps(
     fresh_actors: None, factory: FakeFactory, make_image: Callable[..., Path]
 ) -> None:
