@@ -120,6 +120,9 @@ class RayGenerator:
         self._ready_timeout = ready_timeout_seconds
         self._job_timeout = job_timeout_seconds
         self._batch_sizes: dict[tuple[int, int, int, int], int] = {}
+        self._pid: int | None = None
+        """The actor process that last answered; `_killed_pid`: one this proxy killed, not to be trusted."""
+        self._killed_pid: int | None = None
         self._handle: ActorHandle[Any] = self._attach()
         try:
             self._info: ModelInfo = self._get(self._handle.info.remote(), ready_timeout_seconds)
@@ -133,9 +136,7 @@ class RayGenerator:
 
     def state(self) -> ActorState:
         """Where the actor runs now (waits for a restarting actor)."""
-        self._wait_ready(None)
-        state: ActorState = self._get(self._handle.state.remote(), self._ready_timeout)
-        return state
+        return self._wait_ready(None)
 
     def generate(
         self,
@@ -211,6 +212,7 @@ class RayGenerator:
                 self._handle.interrupt.remote(call_id)
                 interrupted = True
             if self._job_timeout is not None and time.monotonic() - started > self._job_timeout:
+                self._killed_pid = self._pid
                 ray.kill(self._handle, no_restart=False)  # Ray restarts it; the next call waits for that
                 raise WorkerCrashed(f"generation took longer than {self._job_timeout:g} s; the actor was restarted")
 
@@ -220,8 +222,11 @@ class RayGenerator:
         for step, total, seconds in self._get(self._handle.progress.remote(call_id), 60.0):
             on_step(step, total, seconds)
 
-    def _wait_ready(self, should_interrupt: InterruptCheck | None) -> None:
-        """Block until the actor answers: a restarting actor (after a crash or a node loss) takes a model load."""
+    def _wait_ready(self, should_interrupt: InterruptCheck | None) -> ActorState:
+        """Block until the actor answers: a restarting actor (after a crash or a node loss) takes a model load.
+
+        An actor this proxy killed (job timeout) may still answer for a moment, since `ray.kill` is asynchronous;
+        its pid is remembered and its answers do not count."""
         import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError
 
@@ -232,20 +237,24 @@ class RayGenerator:
                 while not ray.wait([ref], timeout=self._poll)[0]:
                     if should_interrupt is not None and should_interrupt():
                         raise JobInterrupted("interrupted while waiting for the Ray actor to restart")
-                    if time.monotonic() > deadline:
-                        raise WorkerCrashed(f"Ray actor {self.name} did not come back in {self._ready_timeout:g} s")
-                ray.get(ref)
-                return
+                    self._check_deadline(deadline)
+                state: ActorState = ray.get(ref)
+                if state.pid != self._killed_pid:
+                    self._pid, self._killed_pid = state.pid, None
+                    return state
             except ActorUnavailableError:
-                time.sleep(self._poll)
+                pass
             except ActorDiedError as exc:
                 if exc.actor_init_failed:
                     raise WorkerCrashed(f"Ray actor {self.name} failed to load its model: {exc}") from exc
                 log.warning("ray_actor_dead", actor=self.name, error=str(exc).splitlines()[0])
-                time.sleep(self._poll)
                 self._handle = self._attach()
-            if time.monotonic() > deadline:
-                raise WorkerCrashed(f"Ray actor {self.name} did not come back in {self._ready_timeout:g} s")
+            time.sleep(self._poll)
+            self._check_deadline(deadline)
+
+    def _check_deadline(self, deadline: float) -> None:
+        if time.monotonic() > deadline:
+            raise WorkerCrashed(f"Ray actor {self.name} did not come back in {self._ready_timeout:g} s")
 
     def _reraise(self, exc: Exception, doing: str) -> NoReturn:
         translated = self._translate(exc, doing)
