@@ -12,5 +12,6 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # shellcheck disable=SC2086  # TORCH_SPEC may carry pip options on purpose
 .venv/bin/python -m pip install --quiet $TORCH_SPEC
-.venv/bin/python -m pip install --quiet -e ".[test]"
+# `cluster` brings Ray: the ray executor's tests run everywhere the suite runs.
+.venv/bin/python -m pip install --quiet -e ".[test,cluster]"
 echo "i2vd installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
