@@ -40,6 +40,8 @@ def command_run(args: argparse.Namespace) -> int:
     from daemon.signals import StopSignals
 
     config = _load(args)
+    if args.executor is not None:
+        config = config.model_copy(update={"executor": config.executor.model_copy(update={"kind": args.executor})})
     configure_logging(config.logging.level, config.logging.format)
     signals = StopSignals()
     signals.install()
@@ -227,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--inbox")
     run.add_argument("--outbox")
     run.add_argument("--once", action="store_true", help="process what is in the inbox, then exit 0")
+    run.add_argument(
+        "--executor", choices=("local", "ray"), help="where generation runs (default: executor.kind of the config)"
+    )
     run.set_defaults(handler=command_run)
 
     validate = with_config(commands.add_parser("validate", help="check a sidecar (and image); print the plan"))

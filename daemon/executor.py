@@ -118,8 +118,10 @@ def local_generator_factory(config: DaemonConfig, slot: WorkerSlot) -> Generator
 def plan_generators(config: DaemonConfig) -> list[tuple[WorkerSlot, GeneratorFactory]]:
     """One (slot, factory) per worker for the configured executor."""
     if config.executor.kind == "ray":
-        from daemon.raygen import make_ray_generator_factories  # type: ignore[import-not-found]
+        from daemon.rayconnect import connect
+        from daemon.raygen import make_ray_generator_factories
 
+        connect(config.executor.ray)
         factories = make_ray_generator_factories(config)
         return [(WorkerSlot(f"ray{index}", f"ray:{index}"), factory) for index, factory in enumerate(factories)]
     return [(slot, local_generator_factory(config, slot)) for slot in plan_local_slots(config)]

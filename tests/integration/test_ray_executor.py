@@ -223,3 +223,44 @@ def test_the_real_tiny_model_runs_in_an_actor(
     [manifest] = [json.loads(path.read_text()) for path in harness.config.outbox.glob("video_*.json")]
     assert manifest["seed"] == 3 and manifest["attempts"] == 1
     assert time.perf_counter() - started < 200
+
+
+@pytest.mark.slow
+def test_the_service_runs_jobs_on_ray_actors_end_to_end(
+    local_ray: str, fresh_actors: None, tmp_path: Path, make_image: Callable[..., Path]
+) -> None:
+    """`executor.kind: ray` through the whole service: the real tiny model in a Ray actor, the claim/publish
+    protocol on this host, one published job with a manifest, per-worker metrics labelled with the actor slot."""
+    from daemon.config import DaemonConfig
+    from daemon.service import Service
+    from daemon.systemd import SystemdNotifier
+
+    base = load_config(None, {"inbox": tmp_path / "inbox", "outbox": tmp_path / "outbox"})
+    data = base.model_dump()
+    data["generation"]["defaults"].update({"resolution": None, "width": 64, "height": 64, "num_frames": 8, "steps": 2})
+    data["intake"].update({"stable_seconds": 0.0, "rescan_seconds": 0.2})
+    data["metrics"].update({"enabled": False})
+    data["model"].update({"device": "cpu", "cache_dir": tmp_path / "cache"})
+    data["executor"] = {"kind": "ray", "ray": {"namespace": NAMESPACE, "workers": 1, "detached": False}}
+    config = DaemonConfig(**data)
+    config.inbox.mkdir(parents=True)
+    service = Service(config, notifier=SystemdNotifier(None))
+    service.start()
+    try:
+        make_image("cat.png", size=(80, 64), directory=config.inbox)
+        (config.inbox / "cat.yaml").write_text("prompt: a cat\nvariants: [first_frame]\n")
+        deadline = time.monotonic() + 240
+        while not list(config.outbox.glob("video_*.json")):
+            assert time.monotonic() < deadline, "no manifest published"
+            time.sleep(0.2)
+        [manifest_path] = config.outbox.glob("video_*.json")
+        manifest = json.loads(manifest_path.read_text())
+        assert "embedded-tiny" in json.dumps(manifest["model"])
+        assert len(manifest["outputs"]) == 2
+        value = service.metrics.registry.get_sample_value(
+            "i2vd_worker_jobs_total", {"worker": "ray0", "outcome": "succeeded"}
+        )
+        assert value == 1
+    finally:
+        service.request_stop()
+        service.stop(timeout=30)
