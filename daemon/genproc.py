@@ -100,6 +100,8 @@ class ProcessGenerator:
         self._waiting_for_ready = False
         self.restarts = 0
         """Children started after the first (crashes, timeouts): exported per worker."""
+        self.last_ready_at: float | None = None
+        """`time.perf_counter()` when the current child reported its model loaded (recovery benchmarks)."""
         with self._lock:
             self._spawn()
             self._await_ready()
@@ -197,6 +199,7 @@ class ProcessGenerator:
                 info, self._can_batch, self._memory = message[1], message[2], message[3]
                 self._info = replace(info, device=self._settings.device_label)
                 self._load_failures = 0
+                self.last_ready_at = time.perf_counter()
                 return
             if kind == "load_failed":
                 self._load_failed(f"loading the model failed: {message[1]}")
