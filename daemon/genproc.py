@@ -283,7 +283,7 @@ class ProcessGenerator:
         process = self._process
         code = process.exitcode if process is not None else None
         if code is not None and code < 0:
-            how = f"killed by {signal.Signals(-code).name}"
+            how = f"was killed by {signal.Signals(-code).name}"
         else:
             how = f"exited with status {code}"
         self._restart(how)
