@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
-from PIL import Image
 
+from daemon.attempt import Attempt, StageTimer, batch_key_of, generation_request
 from daemon.config import DaemonConfig
 from daemon.encode import Encoder
 from daemon.errors import JobInterrupted, JobRejected, TransientJobError
@@ -41,38 +39,6 @@ from daemon.sanity import SanityCheckFailed, SanityReport, check_frames
 from daemon.store import ClaimedJob, JobStore
 
 log = structlog.get_logger(__name__)
-
-
-class StageTimer:
-    """Collects per-stage seconds for the manifest and the stage histogram."""
-
-    def __init__(self, metrics: DaemonMetrics) -> None:
-        self.timings: dict[str, float] = {}
-        self._metrics = metrics
-
-    def add(self, name: str, seconds: float) -> None:
-        self.timings[name] = self.timings.get(name, 0.0) + seconds
-        self._metrics.stage_duration.labels(stage=name).observe(seconds)
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(name, time.perf_counter() - started)
-
-
-@dataclass
-class _Attempt:
-    """One attempt of one job, carried from the GPU half into the finishing pool (per job: no shared state)."""
-
-    job: ClaimedJob
-    started: float
-    timer: StageTimer
-    peak_vram: int = 0
-    generated: GeneratedJob | None = None
-    published: list[Path] = field(default_factory=list)
 
 
 class Worker:
@@ -146,11 +112,11 @@ class Worker:
         limit = self._batch_limit(first)
         if limit <= 1:
             return []
-        key = _batch_key(first)
+        key = batch_key_of(first)
         deadline = time.monotonic() + self._config.worker.batch_wait_seconds
         taken: list[ClaimedJob] = []
         while True:
-            for job in self._queue.take(lambda other: _batch_key(other) == key, limit - 1 - len(taken)):
+            for job in self._queue.take(lambda other: batch_key_of(other) == key, limit - 1 - len(taken)):
                 if self._backlog.acquire(blocking=False):
                     taken.append(job)
                 else:  # no finishing room for it: back into the queue, in its place
@@ -167,7 +133,7 @@ class Worker:
         if job.resolved is None or not callable(sizer):
             return 1
         try:
-            allowed = int(sizer(_request(job.resolved, None)))
+            allowed = int(sizer(generation_request(job.resolved, None)))
         except Exception:
             log.warning("batch_size_unknown", exc_info=True)
             return 1
@@ -213,13 +179,13 @@ class Worker:
         (attempt,) = self._begin_many([job])
         return attempt if isinstance(attempt, str) else self._complete(attempt)
 
-    def _begin_many(self, jobs: list[ClaimedJob]) -> list[_Attempt | str]:
+    def _begin_many(self, jobs: list[ClaimedJob]) -> list[Attempt | str]:
         """The GPU half for one job or one batch. Per job: the attempt to finish, or the outcome if it ended here."""
-        outcomes: list[_Attempt | str] = []
-        live: list[_Attempt] = []
+        outcomes: list[Attempt | str] = []
+        live: list[Attempt] = []
         for job in jobs:
             self._metrics.in_progress.inc()
-            attempt = _Attempt(self._store.record_attempt(job), time.perf_counter(), StageTimer(self._metrics))
+            attempt = Attempt(self._store.record_attempt(job), time.perf_counter(), StageTimer(self._metrics))
             outcomes.append(attempt)
             live.append(attempt)
         first = live[0].job
@@ -244,10 +210,10 @@ class Worker:
         return outcomes
 
     def _generate_attempts(
-        self, live: list[_Attempt], outcomes: list[_Attempt | str]
-    ) -> list[tuple[_Attempt, GenerationResult | Exception]]:
+        self, live: list[Attempt], outcomes: list[Attempt | str]
+    ) -> list[tuple[Attempt, GenerationResult | Exception]]:
         """Load each image (a bad one ends only its own job), then generate the rest together."""
-        requests: list[tuple[_Attempt, GenerationRequest]] = []
+        requests: list[tuple[Attempt, GenerationRequest]] = []
         for attempt in live:
             with structlog.contextvars.bound_contextvars(job_id=attempt.job.job_id, worker=self.name):
                 try:
@@ -266,15 +232,15 @@ class Worker:
             attempt.timer.add("generate", seconds)
         return [(attempt, result) for (attempt, _), result in zip(requests, results, strict=True)]
 
-    def _prepare(self, attempt: _Attempt) -> GenerationRequest:
+    def _prepare(self, attempt: Attempt) -> GenerationRequest:
         resolved = attempt.job.resolved
         if resolved is None:
             raise JobRejected("job was queued without a validated sidecar", reason="state_corrupt")
         with attempt.timer.stage("load_image"):
             image = load_image_rgb(attempt.job.image_path, self._config.intake.max_image_pixels)
-        return _request(resolved, image)
+        return generation_request(resolved, image)
 
-    def _complete(self, attempt: _Attempt) -> str:
+    def _complete(self, attempt: Attempt) -> str:
         """The CPU half: variants, verification, publication, archival; then the outcome."""
         with structlog.contextvars.bound_contextvars(job_id=attempt.job.job_id, worker=self.name):
             try:
@@ -283,7 +249,7 @@ class Worker:
                 return self._settle(attempt, exc)
             return self._settle(attempt, None)
 
-    def _settle(self, attempt: _Attempt, exc: Exception | None) -> str:
+    def _settle(self, attempt: Attempt, exc: Exception | None) -> str:
         """Apply the error policy to an attempt's end and do its bookkeeping; return the outcome."""
         job = attempt.job
         try:
@@ -328,7 +294,7 @@ class Worker:
         log.info("job_released", reason="service stopping")  # resumed at the next start
         return "interrupted"
 
-    def _log_finished(self, attempt: _Attempt, outcome: str, seconds: float) -> None:
+    def _log_finished(self, attempt: Attempt, outcome: str, seconds: float) -> None:
         """The canonical line: one per attempt and outcome, with every stage timing so far and the peak VRAM."""
         log.info(
             "job_finished",
@@ -367,7 +333,7 @@ class Worker:
         timer.daemon = True
         timer.start()
 
-    def _after_generate(self, attempt: _Attempt, result: GenerationResult) -> GeneratedJob:
+    def _after_generate(self, attempt: Attempt, result: GenerationResult) -> GeneratedJob:
         """Sanity checks and the main MP4 (into staging) for one generated video."""
         job, timer = attempt.job, attempt.timer
         resolved = job.resolved
@@ -405,7 +371,7 @@ class Worker:
             raise SanityCheckFailed(f"generated frames failed sanity checks: {checks}", detail=report.as_manifest())
         return report
 
-    def _finish_stages(self, attempt: _Attempt) -> None:
+    def _finish_stages(self, attempt: Attempt) -> None:
         generated, timer = attempt.generated, attempt.timer
         if generated is None:
             raise RuntimeError("finishing an attempt that has not generated")
@@ -442,7 +408,7 @@ class Worker:
     def _should_interrupt(self) -> bool:
         return self._interrupt.is_set() or (self._cancel_id is not None and self._cancel_id in self.current_batch)
 
-    def _record_success(self, attempt: _Attempt, published: list[Path]) -> None:
+    def _record_success(self, attempt: Attempt, published: list[Path]) -> None:
         job, generated = attempt.job, attempt.generated
         assert generated is not None
         resolved, seconds = generated.resolved, time.perf_counter() - attempt.started
@@ -464,26 +430,3 @@ class Worker:
             steps=resolved.steps,
             timings={stage: round(value, 3) for stage, value in attempt.timer.timings.items()},
         )
-
-
-def _request(resolved: ResolvedJob, image: Image.Image | None) -> GenerationRequest:
-    """The generator's request for a resolved job (`image` None: only for sizing questions)."""
-    return GenerationRequest(
-        image=image,  # type: ignore[arg-type]
-        prompt=resolved.prompt,
-        negative_prompt=resolved.negative_prompt,
-        width=resolved.width,
-        height=resolved.height,
-        num_frames=resolved.num_frames,
-        target_fps=resolved.target_fps,
-        steps=resolved.steps,
-        guidance_scale=resolved.guidance_scale,
-        seed=resolved.seed,
-    )
-
-
-def _batch_key(job: ClaimedJob) -> tuple[int, int, int, int] | None:
-    resolved = job.resolved
-    if resolved is None:
-        return None
-    return (resolved.width, resolved.height, resolved.num_frames, resolved.steps)
