@@ -38,7 +38,9 @@ class InstantGenerator:
     def memory_stats(self) -> Mapping[str, int]:
         return {"allocated": 1000 + self.calls, "reserved": 2000, "total": 10_000, "free": 8000}
 
-    def _misbehave(self) -> None:
+    def _misbehave(self, request: GenerationRequest) -> None:
+        if self.behaviour == "crash_on_poison" and "poison" in request.prompt:
+            os._exit(3)
         first_time = self.marker is not None and not self.marker.exists()
         if self.marker is not None:
             self.marker.touch()
@@ -60,7 +62,7 @@ class InstantGenerator:
         should_interrupt: InterruptCheck | None = None,
     ) -> GenerationResult:
         self.calls += 1
-        self._misbehave()
+        self._misbehave(request)
         for step in range(1, request.steps + 1):
             if should_interrupt is not None and should_interrupt():
                 raise JobInterrupted

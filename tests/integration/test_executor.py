@@ -168,16 +168,27 @@ def test_a_poison_job_goes_to_failed_and_the_next_job_is_not_blocked(
 ) -> None:
     """C21: the process dies on every attempt of one job -> failed/ after max_attempts with its history; a job
     dropped behind it is published (no head-of-line blocking)."""
-    fake_model(f"always_crash:{tmp_path / 'marker'}")
-    config = config_for(tmp_path, worker={"retry_delay_seconds": 0.2, "max_attempts": 3})
+    fake_model("crash_on_poison")
+    config = config_for(tmp_path, worker={"retry_delay_seconds": 0.5, "max_attempts": 3})
     config.inbox.mkdir(parents=True)
     service = running(config)
     drop(config.inbox, make_image, "poison")
+    time.sleep(0.3)
+    drop(config.inbox, make_image, "after")
     wait_until(lambda: (config.inbox / "failed" / "poison" / "reason.json").exists())
+    wait_until(lambda: len(published(config)) == 1)
+    assert published(config)[0]["input"]["image"] == "after.png"
     reason = json.loads((config.inbox / "failed" / "poison" / "reason.json").read_text())
     assert reason["reason"] == "retries_exhausted" and reason["attempts"] == 3
-    assert "exited with status 3" in reason["detail"] or "exited with status 3" in reason["message"]
+    assert "exited with status 3" in json.dumps(reason)
     assert sample(service, "i2vd_worker_restarts_total", worker="w0", device="cpu") == 3
+    # The reconciliation identity of the metrics: every received pair is in exactly one state.
+    received = sample(service, "i2vd_jobs_received_total")
+    terminal = sum(
+        sample(service, "i2vd_jobs_total", outcome=o) for o in ("succeeded", "failed", "rejected", "cancelled")
+    )
+    assert received == 2
+    assert received == terminal + sample(service, "i2vd_jobs_in_progress") + sample(service, "i2vd_jobs_pending")
 
 
 @pytest.mark.slow
