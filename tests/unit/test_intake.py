@@ -7,6 +7,7 @@ import json
 import os
 import struct
 import zlib
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -110,10 +111,16 @@ class Harness:
         self.drop(f"{stem}.yaml", sidecar)
 
     def settle(self) -> IntakeResult:
-        """Two polls with the stability window in between: the second one claims."""
+        """Two polls with the stability window in between: the second one claims. A pair held as incomplete
+        (truncated image, half a YAML file) gets one more poll after the grace period."""
         self.intake.poll()
         self.clock.advance(self.config.intake.stable_seconds)
-        return self.intake.poll()
+        result = self.intake.poll()
+        if result.settling:
+            self.clock.advance(self.config.intake.incomplete_grace_seconds)
+            later = self.intake.poll()
+            result = replace(later, accepted=result.accepted + later.accepted, rejected=result.rejected + later.rejected)
+        return result
 
     def failed(self, name: str) -> Path:
         return self.inbox / "failed" / name
