@@ -207,9 +207,10 @@ class Intake:
         if info.st_dev != self._inbox_device:
             raise OSError(0, "the inbox is on another filesystem than at start (unmounted?)")
         store = self._store
-        missing = [d for d in (store.jobs_dir, store.done_dir, store.trash_dir, store.failed_dir) if not d.is_dir()]
+        folders = (store.state_dir, store.jobs_dir, store.done_dir, store.trash_dir, store.failed_dir)
+        missing = [directory for directory in folders if not directory.is_dir()]
         for directory in missing:
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(exist_ok=True)  # never `parents`: that would recreate an inbox deleted meanwhile
         if missing:
             log.warning("inbox_state_recreated", folders=[str(d) for d in missing])
 

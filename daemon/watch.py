@@ -169,6 +169,7 @@ class InboxWatcher:
         mode: ObserverMode,
         on_hint: Callable[[], None],
         polling_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.inbox = inbox
         self.mode = mode
@@ -179,7 +180,7 @@ class InboxWatcher:
         self._lock = threading.Lock()
         self._identity: tuple[int, int] | None = None
         self._first_device: int | None = None
-        self._clock: Callable[[], float] = time.monotonic
+        self._clock = clock
         self._down_since: float | None = None
         self._next_try = 0.0
         self._backoff = RESTART_BACKOFF_SECONDS[0]
