@@ -34,8 +34,9 @@ from daemon.pairing import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS  # re-exported f
 from daemon.pairing import SIDECAR_EXTENSIONS as SIDECAR_EXTENSIONS
 from daemon.pairing import StabilityTracker as StabilityTracker
 from daemon.pairing import ambiguous_groups as ambiguous_groups
-from daemon.pairing import find_pairs, stem_of
+from daemon.pairing import find_pairs as find_pairs
 from daemon.pairing import is_ignored as is_ignored
+from daemon.pairing import stem_of
 from daemon.safeopen import INPUT_PIXELS_PER_OUTPUT_PIXEL, decode_image, read_input, rejected
 from daemon.safeopen import InputRejected as InputRejected
 from daemon.store import ClaimedJob, JobStore

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from intake_helpers import SIDECAR, Harness, image_bytes, noise_image, reasons
@@ -25,6 +26,7 @@ from daemon.config import DaemonConfig
 from daemon.generate.base import GenerationRequest, GenerationResult, ModelInfo
 from daemon.intake import Intake
 from daemon.service import Service
+from daemon.store import JobStore
 from daemon.systemd import SystemdNotifier
 from daemon.watch import InboxWatcher, ObserverMode
 
@@ -36,8 +38,8 @@ JUNK = (".DS_Store", "._cat.png", "Thumbs.db", "desktop.ini", "~$cat.yaml", ".nf
 def watchers() -> Iterator[Callable[..., InboxWatcher]]:
     made: list[InboxWatcher] = []
 
-    def make(inbox: Path, mode: ObserverMode, on_hint: Callable[[], None], **kwargs: object) -> InboxWatcher:
-        watcher = InboxWatcher(inbox, mode, on_hint, **kwargs)  # type: ignore[arg-type]
+    def make(inbox: Path, mode: ObserverMode, on_hint: Callable[[], None], **kwargs: Any) -> InboxWatcher:
+        watcher = InboxWatcher(inbox, mode, on_hint, **kwargs)
         made.append(watcher)
         return watcher
 
@@ -126,13 +128,13 @@ def test_a2_service_still_sends_ready_and_exports_the_polling_mode(
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(tmp_path / "notify.sock"))
     sock.settimeout(TIMEOUT)
-    config = DaemonConfig(inbox=tmp_path / "inbox", outbox=tmp_path / "outbox", metrics={"enabled": False})  # type: ignore[arg-type]
+    config = DaemonConfig(inbox=tmp_path / "inbox", outbox=tmp_path / "outbox", metrics={"enabled": False})
     service = Service(
         config, notifier=SystemdNotifier(str(tmp_path / "notify.sock")), generator_factory=lambda c: StubGenerator()
     )
     try:
         service.start()
-        messages = []
+        messages: list[bytes] = []
         while not any(b"READY=1" in message for message in messages):
             messages.append(sock.recv(4096))
         registry = service.metrics.registry
@@ -311,8 +313,8 @@ def test_a9_service_rearms_the_watcher_after_the_inbox_is_recreated(tmp_path: Pa
     config = DaemonConfig(
         inbox=tmp_path / "inbox",
         outbox=tmp_path / "outbox",
-        metrics={"enabled": False},  # type: ignore[arg-type]
-        intake={"stable_seconds": 0.1, "rescan_seconds": 0.2},  # type: ignore[arg-type]
+        metrics={"enabled": False},
+        intake={"stable_seconds": 0.1, "rescan_seconds": 0.2},
     )
     service = Service(config, notifier=SystemdNotifier(""), generator_factory=lambda c: StubGenerator())
     service.start()
@@ -344,13 +346,16 @@ def test_a10_slow_chunked_write_gives_exactly_one_job_after_the_last_write(
     exactly one job, claimed only after the last write."""
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    config = DaemonConfig(inbox=inbox, outbox=tmp_path / "outbox", intake={"stable_seconds": 0.5})  # type: ignore[arg-type]
-    from daemon.store import JobStore
-
+    config = DaemonConfig(inbox=inbox, outbox=tmp_path / "outbox", intake={"stable_seconds": 0.5})
     intake = Intake(config, JobStore(inbox, config.state_path))
     hint = threading.Event()
     hints: list[int] = []
-    watchers(inbox, "inotify", lambda: (hints.append(1), hint.set())).start()
+
+    def on_hint() -> None:
+        hints.append(1)
+        hint.set()
+
+    watchers(inbox, "inotify", on_hint).start()
     claimed: list[tuple[float, str]] = []
     stop = threading.Event()
 

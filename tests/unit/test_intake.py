@@ -119,7 +119,8 @@ class Harness:
         if result.settling:
             self.clock.advance(self.config.intake.incomplete_grace_seconds)
             later = self.intake.poll()
-            result = replace(later, accepted=result.accepted + later.accepted, rejected=result.rejected + later.rejected)
+            accepted, rejected = result.accepted + later.accepted, result.rejected + later.rejected
+            result = replace(later, accepted=accepted, rejected=rejected)
         return result
 
     def failed(self, name: str) -> Path:
