@@ -81,19 +81,20 @@ def _parse_spec(data: bytes, name: str) -> JobSpec:
         raise rejected(name, exc.reason, f"The sidecar {name} is not valid: {exc.message}", exc.detail) from exc
 
 
-def inspect_inputs(
-    image: Path, sidecar: Path, names: tuple[str, str], config: DaemonConfig, known: Inspection | None = None
-) -> Inspection:
-    """Safely read both files, parse the sidecar, check the sidecar's `sha256`, decode the image fully.
-
-    `names` are the user's (image, sidecar) names, for messages. When `known` holds the same image hash (the copy
-    checked in the inbox before the claim), the decode is not repeated.
-    """
-    image_name, sidecar_name = names
+def read_pair(image: Path, sidecar: Path, names: tuple[str, str], config: DaemonConfig) -> tuple[bytes, bytes]:
+    """The (image, sidecar) bytes, each read safely under its size cap; `names` are the user's names."""
     limits = config.intake
-    spec = _parse_spec(read_input(sidecar, limits.max_sidecar_bytes, sidecar_name), sidecar_name)
-    data = read_input(image, limits.max_image_bytes, image_name)
-    digest = hashlib.sha256(data).hexdigest()
+    sidecar_data = read_input(sidecar, limits.max_sidecar_bytes, names[1])
+    return read_input(image, limits.max_image_bytes, names[0]), sidecar_data
+
+
+def inspect_data(
+    image_data: bytes, sidecar_data: bytes, names: tuple[str, str], config: DaemonConfig, known: Inspection | None
+) -> Inspection:
+    """Parse the sidecar, check its `sha256`, decode the image fully (unless `known` already did, same hash)."""
+    image_name, sidecar_name = names
+    spec = _parse_spec(sidecar_data, sidecar_name)
+    digest = hashlib.sha256(image_data).hexdigest()
     if spec.sha256 is not None and spec.sha256 != digest:
         message = (
             f"{image_name} does not match the sha256 given in {sidecar_name}: the image is incomplete or not the "
@@ -102,8 +103,20 @@ def inspect_inputs(
         raise rejected(image_name, "sha256_mismatch", message, {"expected": spec.sha256, "actual": digest})
     if known is not None and known.image_sha256 == digest:
         return Inspection(spec, digest, known.image_size)
-    size = _oriented_size(decode_image(data, image_pixel_limit(config), image_name))
+    size = _oriented_size(decode_image(image_data, image_pixel_limit(config), image_name))
     return Inspection(spec, digest, size)
+
+
+def inspect_inputs(
+    image: Path, sidecar: Path, names: tuple[str, str], config: DaemonConfig, known: Inspection | None = None
+) -> Inspection:
+    """Safely read both files, parse the sidecar, check the sidecar's `sha256`, decode the image fully.
+
+    When `known` holds the same image hash (the copy checked in the inbox before the claim), the decode is not
+    repeated.
+    """
+    image_data, sidecar_data = read_pair(image, sidecar, names, config)
+    return inspect_data(image_data, sidecar_data, names, config, known)
 
 
 def validate_claimed(job: ClaimedJob, config: DaemonConfig, known: Inspection | None = None) -> tuple[ResolvedJob, str]:
@@ -166,8 +179,9 @@ class Intake:
         self._config = config
         self._store = store
         self._tracker = StabilityTracker(config.intake.stable_seconds, clock)
-        self._announced: set[str] = set()
-        self._inspected: dict[str, tuple[tuple[Any, Any], Inspection | InputRejected | None]] = {}
+        self._clock = clock
+        self._announced: set[tuple[str, str]] = set()
+        self._inspected: dict[str, tuple[tuple[bytes, bytes], float, Inspection | InputRejected | None]] = {}
         self._inbox_device = os.stat(config.inbox).st_dev
         self._inbox_problem: str | None = None
 
@@ -193,7 +207,7 @@ class Intake:
         settling += unsettled_groups
         self._tracker.retain([p for pair in pairs for p in (pair.image, pair.sidecar)] + unpaired)
         stems = {pair.stem for pair in pairs}
-        self._announced &= stems
+        self._announced = {(stem, event) for stem, event in self._announced if stem in stems}
         self._inspected = {stem: value for stem, value in self._inspected.items() if stem in stems}
         return replace(result, waiting=settling + orphans, settling=settling)
 
@@ -230,8 +244,9 @@ class Intake:
         return self._tracker.observe(path, info)
 
     def _announce(self, stem: str, event: str, **fields: Any) -> None:
-        if stem not in self._announced:
-            self._announced.add(stem)
+        """Log `event` once per pair and state, not on every poll."""
+        if (stem, event) not in self._announced:
+            self._announced.add((stem, event))
             log.info(event, stem=_printable(stem), **fields)
 
     def _handle_pair(self, pair: Pair, result: IntakeResult) -> int:
@@ -243,7 +258,8 @@ class Intake:
         inspection = self._inspect_in_place(pair)
         if isinstance(inspection, InputRejected) and self._hold(pair, inspection):
             return 1
-        self._announced.discard(pair.stem)
+        self._announced -= {(pair.stem, "pair_waiting"), (pair.stem, "pair_incomplete")}
+        self._inspected.pop(pair.stem, None)
         for path in (pair.image, pair.sidecar):
             self._tracker.forget(path)
         if not _is_text(pair.image.name, pair.sidecar.name):
@@ -260,29 +276,44 @@ class Intake:
         return 0
 
     def _inspect_in_place(self, pair: Pair) -> Inspection | InputRejected | None:
-        """Check the pair where it lies; cached while both files keep their signatures. None: check crashed."""
-        key = (self._tracker.signature(pair.image), self._tracker.signature(pair.sidecar))
+        """Check the pair where it lies. The result is kept per content (not per stat signature, which stale NFS
+        attributes or a preallocated file can freeze), so a held pair is re-read but not re-decoded while its
+        bytes stay the same. None: the check itself crashed (the claimed copy is validated again anyway)."""
+        names = (pair.image.name, pair.sidecar.name)
+        try:
+            image_data, sidecar_data = read_pair(pair.image, pair.sidecar, names, self._config)
+        except InputRejected as exc:
+            self._inspected.pop(pair.stem, None)
+            return exc
+        content = (hashlib.sha256(image_data).digest(), hashlib.sha256(sidecar_data).digest())
         cached = self._inspected.get(pair.stem)
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        if cached is not None and cached[0] == content:
+            return cached[2]
         outcome: Inspection | InputRejected | None
         try:
-            outcome = inspect_inputs(pair.image, pair.sidecar, (pair.image.name, pair.sidecar.name), self._config)
+            outcome = inspect_data(image_data, sidecar_data, names, self._config, None)
         except InputRejected as exc:
             outcome = exc
         except Exception:
             log.exception("inspection_crashed", stem=_printable(pair.stem))
-            outcome = None  # the claimed copy is validated again, with a clear reason if it fails there too
-        self._inspected[pair.stem] = (key, outcome)
+            outcome = None
+        self._inspected[pair.stem] = (content, self._clock(), outcome)
         return outcome
 
     def _hold(self, pair: Pair, problem: InputRejected) -> bool:
-        """True while a problem that may mean "not written yet" gets its grace period of unchanged files."""
+        """True while a problem that may mean "not written yet" gets its grace period of unchanged files.
+
+        Unchanged means: the same (size, mtime, inode) for window + grace, *and* the same bytes for the grace period
+        (the first in-place check happens once the window has passed).
+        """
         if problem.reason not in HOLD_REASONS:
             return False
         settings = self._config.intake
+        cached = self._inspected.get(pair.stem)
+        same_content = self._clock() - cached[1] if cached is not None else float("inf")
         unchanged = min(self._tracker.unchanged_for(pair.image), self._tracker.unchanged_for(pair.sidecar))
-        if unchanged >= settings.stable_seconds + settings.incomplete_grace_seconds:
+        grace = settings.incomplete_grace_seconds
+        if unchanged >= settings.stable_seconds + grace and same_content >= grace:
             return False
         self._announce(pair.stem, "pair_incomplete", reason=problem.reason, input=_printable(problem.input_name))
         return True
