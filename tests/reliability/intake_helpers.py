@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from daemon.config import DaemonConfig, IntakeConfig
+from daemon.config import DaemonConfig, GenerationConfig, IntakeConfig
 from daemon.intake import Intake, IntakeResult
 from daemon.store import JobStore
 
@@ -59,12 +59,17 @@ def png_header_only(width: int, height: int) -> bytes:
 class Harness:
     """An `Intake` with a fake clock over a real inbox and store."""
 
-    def __init__(self, inbox: Path, **intake: Any) -> None:
+    def __init__(self, inbox: Path, generation: GenerationConfig | None = None, **intake: Any) -> None:
         inbox.mkdir(parents=True, exist_ok=True)
         self.inbox = inbox
         self.clock = FakeClock()
         settings = {"stable_seconds": 2.0, "incomplete_grace_seconds": 10.0, **intake}
-        self.config = DaemonConfig(inbox=inbox, outbox=inbox.parent / "outbox", intake=IntakeConfig(**settings))
+        self.config = DaemonConfig(
+            inbox=inbox,
+            outbox=inbox.parent / "outbox",
+            intake=IntakeConfig(**settings),
+            generation=generation or GenerationConfig(),
+        )
         self.store = JobStore(inbox, self.config.state_path)
         self.intake = Intake(self.config, self.store, clock=self.clock)
 
