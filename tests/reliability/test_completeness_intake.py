@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from intake_helpers import SIDECAR, Harness, image_bytes, noise_image, reasons
@@ -188,7 +189,7 @@ def test_b16_decode_of_a_held_image_is_not_repeated_while_it_is_unchanged(
     what was checked in place."""
     harness = Harness(tmp_path / "inbox")
     calls: list[str] = []
-    real_decode = intake_module.decode_image
+    real_decode = intake_module.decode_image  # type: ignore[attr-defined]
 
     def counting(data: bytes, max_pixels: int, name: str) -> object:
         calls.append(name)
@@ -221,8 +222,8 @@ def test_b17_stale_nfs_attributes_do_not_start_a_job_early(tmp_path: Path, monke
     stale = os.lstat(image)
     real_lstat = os.lstat
 
-    def cached_lstat(path: object, *args: object, **kwargs: object) -> os.stat_result:
-        return stale if os.fspath(path) == os.fspath(image) else real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+    def cached_lstat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        return stale if os.fspath(path) == os.fspath(image) else real_lstat(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "lstat", cached_lstat)
     harness.poll()

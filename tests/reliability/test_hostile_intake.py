@@ -23,7 +23,6 @@ import structlog
 from intake_helpers import SIDECAR, Harness, image_bytes, noise_image, png_header_only, reasons
 from PIL import Image, ImageFile
 
-import daemon.safeopen as safeopen_module
 from daemon.config import DaemonConfig, GenerationConfig, IntakeConfig
 from daemon.errors import JobRejected
 from daemon.intake import image_pixel_limit
@@ -246,7 +245,7 @@ def test_e39_a_file_swapped_between_check_and_open_is_refused(
             os.replace(replacement, target)
         return result
 
-    monkeypatch.setattr(safeopen_module.os, "lstat", lstat_then_swap)
+    monkeypatch.setattr(os, "lstat", lstat_then_swap)
     with pytest.raises(InputRejected) as caught:
         read_input(target, None, "cat.png")
     assert caught.value.reason == reason
