@@ -147,6 +147,7 @@ def test_a2_service_still_sends_ready_and_exports_the_polling_mode(
 
 
 # ----- A4 ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a4_queue_overflow_loses_nothing_because_the_rescan_is_the_truth(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -338,6 +339,7 @@ def test_a9_service_rearms_the_watcher_after_the_inbox_is_recreated(tmp_path: Pa
 
 
 # ----- A10 --------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a10_slow_chunked_write_gives_exactly_one_job_after_the_last_write(
     tmp_path: Path, watchers: Callable[..., InboxWatcher]
 ) -> None:
