@@ -36,8 +36,8 @@ from daemon.pairing import StabilityTracker as StabilityTracker
 from daemon.pairing import ambiguous_groups as ambiguous_groups
 from daemon.pairing import find_pairs as find_pairs
 from daemon.pairing import is_ignored as is_ignored
-from daemon.pairing import stem_of
-from daemon.safeopen import INPUT_PIXELS_PER_OUTPUT_PIXEL, decode_image, read_input, rejected
+from daemon.pairing import signature_of, stem_of
+from daemon.safeopen import INPUT_PIXELS_PER_OUTPUT_PIXEL, decode_image, read_checked, read_input, rejected
 from daemon.safeopen import InputRejected as InputRejected
 from daemon.store import ClaimedJob, JobStore
 from daemon.store import Pair as Pair  # re-exported: intake's callers may import Pair from here
@@ -45,7 +45,9 @@ from daemon.store import Pair as Pair  # re-exported: intake's callers may impor
 log = structlog.get_logger(__name__)
 
 # Reasons that may only mean "the writer is not done yet": hold the pair (files unchanged) before rejecting it.
-HOLD_REASONS = frozenset({"image_unreadable", "sha256_mismatch", "sidecar_yaml", "sidecar_encoding", "unreadable"})
+HOLD_REASONS = frozenset(
+    {"image_unreadable", "sha256_mismatch", "sidecar_yaml", "sidecar_encoding", "unreadable", "replaced"}
+)
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
 
 
@@ -279,12 +281,12 @@ class Intake:
         """Check the pair where it lies. The result is kept per content (not per stat signature, which stale NFS
         attributes or a preallocated file can freeze), so a held pair is re-read but not re-decoded while its
         bytes stay the same. None: the check itself crashed (the claimed copy is validated again anyway)."""
-        names = (pair.image.name, pair.sidecar.name)
         try:
-            image_data, sidecar_data = read_pair(pair.image, pair.sidecar, names, self._config)
+            image_data, sidecar_data = self._read_unchanged(pair)
         except InputRejected as exc:
             self._inspected.pop(pair.stem, None)
             return exc
+        names = (pair.image.name, pair.sidecar.name)
         content = (hashlib.sha256(image_data).digest(), hashlib.sha256(sidecar_data).digest())
         cached = self._inspected.get(pair.stem)
         if cached is not None and cached[0] == content:
@@ -299,6 +301,19 @@ class Intake:
             outcome = None
         self._inspected[pair.stem] = (content, self._clock(), outcome)
         return outcome
+
+    def _read_unchanged(self, pair: Pair) -> tuple[bytes, bytes]:
+        """Both files' bytes, provided each still has the signature that was found stable (a file swapped or
+        written to between that `lstat` and the end of the read is `replaced`, which holds the pair)."""
+        limits = self._config.intake
+        data: list[bytes] = []
+        for path, limit in ((pair.sidecar, limits.max_sidecar_bytes), (pair.image, limits.max_image_bytes)):
+            content, info = read_checked(path, limit, path.name)
+            if signature_of(info) != self._tracker.signature(path):
+                self._tracker.observe(path, info)  # the window starts again on the fresh attributes
+                raise rejected(path.name, "replaced", f"{path.name} changed while it was being checked.")
+            data.append(content)
+        return data[1], data[0]
 
     def _hold(self, pair: Pair, problem: InputRejected) -> bool:
         """True while a problem that may mean "not written yet" gets its grace period of unchanged files.

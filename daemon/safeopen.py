@@ -100,8 +100,9 @@ def _open_checked(path: Path, name: str, limit: int) -> tuple[int, os.stat_resul
         raise rejected(name, "not_regular_file", f"{name} cannot be opened: {exc.strerror}.") from exc
 
 
-def read_input(path: Path, max_bytes: int | None, name: str) -> bytes:
-    """The bytes of an input, refusing links, hard links, non-regular files and anything over `max_bytes`.
+def read_checked(path: Path, max_bytes: int | None, name: str) -> tuple[bytes, os.stat_result]:
+    """The bytes of an input and its `fstat` taken after the last read, refusing links, hard links, non-regular
+    files and anything over `max_bytes`.
 
     lstat, open with O_NOFOLLOW, then fstat and compare (Postfix's safe_open): what is read is what was
     checked. `name` is the user's file name, for messages.
@@ -120,7 +121,12 @@ def read_input(path: Path, max_bytes: int | None, name: str) -> bytes:
             if size > limit:  # it grew after the fstat
                 raise _too_large(name, size, limit)
             chunks.append(chunk)
-    return b"".join(chunks)
+        return b"".join(chunks), os.fstat(handle.fileno())
+
+
+def read_input(path: Path, max_bytes: int | None, name: str) -> bytes:
+    """`read_checked` without the final stat."""
+    return read_checked(path, max_bytes, name)[0]
 
 
 def _unidentified(data: bytes, name: str) -> InputRejected:

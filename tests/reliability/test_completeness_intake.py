@@ -211,26 +211,34 @@ def test_b16_decode_of_a_held_image_is_not_repeated_while_it_is_unchanged(
 # ----- B17 --------------------------------------------------------------------------------------------------------
 def test_b17_stale_nfs_attributes_do_not_start_a_job_early(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Checklist B17: on NFS with attribute caching, `stat` may report the final size and an old mtime while the
-    data is still arriving. Simulated by an `os.lstat` that keeps returning the first (stale) attributes for the
-    image: the signature never moves, yet opening and hashing the real content (sidecar sha256) holds the pair
-    until the content is complete."""
+    data is still arriving (until `acregmax` expires). Simulated by an `os.lstat` that keeps returning the first
+    attributes of the image until the test lets the cache expire. Opening the file revalidates (close-to-open
+    consistency): the in-place check hashes the real bytes (sidecar sha256) and compares the open file's fstat
+    with the stable signature, so the pair is held until the content is complete and its fresh attributes have
+    been stable for a whole window."""
     harness = Harness(tmp_path / "inbox")
     data = noise_image()
     image = harness.inbox / "cat.png"
     image.write_bytes(data[:100] + bytes(len(data) - 100))
     harness.drop("cat.yaml", sidecar_with_hash(data))
-    stale = os.lstat(image)
+    stale, cache_valid = os.lstat(image), [True]
     real_lstat = os.lstat
 
     def cached_lstat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
-        return stale if os.fspath(path) == os.fspath(image) else real_lstat(path, *args, **kwargs)
+        if cache_valid[0] and os.fspath(path) == os.fspath(image):
+            return stale
+        return real_lstat(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "lstat", cached_lstat)
     harness.poll()
     for _ in range(3):
         assert harness.poll(harness.stable).accepted == []
     image.write_bytes(data)  # the rest arrives; the cached attributes still say nothing changed
-    (job,) = harness.poll(1.0).accepted
+    for _ in range(3):
+        assert harness.poll(harness.stable).accepted == []
+    cache_valid[0] = False  # acregmax passed: stat now shows the real attributes
+    assert harness.poll(1.0).accepted == []
+    (job,) = harness.poll(harness.stable).accepted
     assert job.image_sha256 == hashlib.sha256(data).hexdigest()
 
 
@@ -287,3 +295,32 @@ def test_half_written_sidecar_is_held_then_completed(tmp_path: Path) -> None:
     harness.poll(1.0)
     (job,) = harness.poll(harness.stable).accepted
     assert job.resolved is not None and job.resolved.prompt == "a cat surfing"
+
+
+def test_a_file_replaced_during_the_in_place_check_restarts_the_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that atomically renames a new version over the image while it is being checked: the pair is not
+    claimed on the strength of the old file's stability; the new file gets its own window."""
+    harness = Harness(tmp_path / "inbox")
+    harness.drop_pair()
+    image = harness.inbox / "cat.png"
+    real_lstat = os.lstat
+    swaps: list[int] = []
+
+    def lstat_then_replace(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        result = real_lstat(path, *args, **kwargs)
+        if os.fspath(path) == os.fspath(image) and not swaps and harness.clock.now > 1000.0:
+            swaps.append(1)
+            (tmp_path / "new.png").write_bytes(image_bytes((32, 32)))
+            os.replace(tmp_path / "new.png", image)
+        return result
+
+    harness.poll()
+    monkeypatch.setattr(os, "lstat", lstat_then_replace)
+    held = harness.poll(harness.stable)
+    assert swaps == [1] and (held.accepted, held.rejected, held.settling) == ([], [], 1)
+    monkeypatch.undo()
+    assert harness.poll(0.1).accepted == []  # the new inode starts a new window
+    (job,) = harness.poll(harness.stable).accepted
+    assert job.resolved is not None and (job.resolved.width, job.resolved.height) == (512, 512)
