@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from PIL import Image, ImageOps
 
+from daemon.checks import Inspection, inspect_data, inspect_inputs
+from daemon.checks import image_pixel_limit as image_pixel_limit  # re-exported for tests and tools
+from daemon.checks import load_image_rgb as load_image_rgb  # re-exported: the worker and CLI load images from here
 from daemon.config import DaemonConfig
 from daemon.errors import JobRejected
-from daemon.jobspec import JobSpec, ResolvedJob, parse_sidecar, resolve_job
+from daemon.jobspec import ResolvedJob, resolve_job
 from daemon.pairing import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS  # re-exported for the CLI and tests
 from daemon.pairing import SIDECAR_EXTENSIONS as SIDECAR_EXTENSIONS
 from daemon.pairing import StabilityTracker as StabilityTracker
@@ -37,8 +39,8 @@ from daemon.pairing import ambiguous_groups as ambiguous_groups
 from daemon.pairing import find_pairs as find_pairs
 from daemon.pairing import is_ignored as is_ignored
 from daemon.pairing import signature_of, stem_of
-from daemon.safeopen import INPUT_PIXELS_PER_OUTPUT_PIXEL, decode_image, read_checked, read_input, rejected
 from daemon.safeopen import InputRejected as InputRejected
+from daemon.safeopen import read_checked, rejected
 from daemon.store import ClaimedJob, JobStore
 from daemon.store import Pair as Pair  # re-exported: intake's callers may import Pair from here
 
@@ -48,77 +50,6 @@ log = structlog.get_logger(__name__)
 HOLD_REASONS = frozenset(
     {"image_unreadable", "sha256_mismatch", "sidecar_yaml", "sidecar_encoding", "unreadable", "replaced"}
 )
-_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
-
-
-def image_pixel_limit(config: DaemonConfig) -> int:
-    """The decode limit: `intake.max_image_pixels`, and never more than 64x the model's output pixel limit."""
-    return min(config.intake.max_image_pixels, config.generation.max_pixels * INPUT_PIXELS_PER_OUTPUT_PIXEL)
-
-
-# ----- checking a pair --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Inspection:
-    """What checking a pair found: the parsed sidecar, the image's sha256 and its size after EXIF rotation."""
-
-    spec: JobSpec
-    image_sha256: str
-    image_size: tuple[int, int]
-
-
-def _oriented_size(image: Image.Image) -> tuple[int, int]:
-    """The size after EXIF rotation, which is what the worker will feed the model."""
-    width, height = image.size
-    try:
-        orientation = image.getexif().get(0x0112)
-    except Exception:
-        return width, height
-    return (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)
-
-
-def _parse_spec(data: bytes, name: str) -> JobSpec:
-    try:
-        return parse_sidecar(data)
-    except JobRejected as exc:
-        raise rejected(name, exc.reason, f"The sidecar {name} is not valid: {exc.message}", exc.detail) from exc
-
-
-def read_pair(image: Path, sidecar: Path, names: tuple[str, str], config: DaemonConfig) -> tuple[bytes, bytes]:
-    """The (image, sidecar) bytes, each read safely under its size cap; `names` are the user's names."""
-    limits = config.intake
-    sidecar_data = read_input(sidecar, limits.max_sidecar_bytes, names[1])
-    return read_input(image, limits.max_image_bytes, names[0]), sidecar_data
-
-
-def inspect_data(
-    image_data: bytes, sidecar_data: bytes, names: tuple[str, str], config: DaemonConfig, known: Inspection | None
-) -> Inspection:
-    """Parse the sidecar, check its `sha256`, decode the image fully (unless `known` already did, same hash)."""
-    image_name, sidecar_name = names
-    spec = _parse_spec(sidecar_data, sidecar_name)
-    digest = hashlib.sha256(image_data).hexdigest()
-    if spec.sha256 is not None and spec.sha256 != digest:
-        message = (
-            f"{image_name} does not match the sha256 given in {sidecar_name}: the image is incomplete or not the "
-            "one the sidecar was written for."
-        )
-        raise rejected(image_name, "sha256_mismatch", message, {"expected": spec.sha256, "actual": digest})
-    if known is not None and known.image_sha256 == digest:
-        return Inspection(spec, digest, known.image_size)
-    size = _oriented_size(decode_image(image_data, image_pixel_limit(config), image_name))
-    return Inspection(spec, digest, size)
-
-
-def inspect_inputs(
-    image: Path, sidecar: Path, names: tuple[str, str], config: DaemonConfig, known: Inspection | None = None
-) -> Inspection:
-    """Safely read both files, parse the sidecar, check the sidecar's `sha256`, decode the image fully.
-
-    When `known` holds the same image hash (the copy checked in the inbox before the claim), the decode is not
-    repeated.
-    """
-    image_data, sidecar_data = read_pair(image, sidecar, names, config)
-    return inspect_data(image_data, sidecar_data, names, config, known)
 
 
 def validate_claimed(job: ClaimedJob, config: DaemonConfig, known: Inspection | None = None) -> tuple[ResolvedJob, str]:
@@ -142,18 +73,6 @@ def validate_claimed(job: ClaimedJob, config: DaemonConfig, known: Inspection | 
         message = f"The sidecar {job.sidecar_name} asks for something this daemon cannot do: {exc.message}"
         raise rejected(job.sidecar_name, exc.reason, message, exc.detail) from exc
     return resolved, inspection.image_sha256
-
-
-def load_image_rgb(path: Path, max_pixels: int, max_bytes: int | None = None) -> Image.Image:
-    """Load a validated image for the model: same safety checks, EXIF rotation applied, RGB."""
-    image = decode_image(read_input(path, max_bytes, path.name), max_pixels, path.name)
-    try:
-        image = ImageOps.exif_transpose(image) or image
-    except Exception:
-        log.warning("exif_transpose_failed", path=str(path))
-    if image.mode == "P":
-        image = image.convert("RGBA")  # palette transparency must go through RGBA, or Pillow warns
-    return image.convert("RGB")
 
 
 # ----- the poll loop ---------------------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ import pytest
 from intake_helpers import SIDECAR, Harness, image_bytes, noise_image, reasons
 from structlog.testing import capture_logs
 
-import daemon.intake as intake_module
+import daemon.checks as checks_module
 from daemon.config import IntakeConfig
+from daemon.safeopen import decode_image as safeopen_decode
 
 
 def sidecar_with_hash(data: bytes, prompt: str = "a cat") -> bytes:
@@ -189,13 +190,13 @@ def test_b16_decode_of_a_held_image_is_not_repeated_while_it_is_unchanged(
     what was checked in place."""
     harness = Harness(tmp_path / "inbox")
     calls: list[str] = []
-    real_decode = intake_module.decode_image  # type: ignore[attr-defined]
+    real_decode = safeopen_decode
 
     def counting(data: bytes, max_pixels: int, name: str) -> object:
         calls.append(name)
         return real_decode(data, max_pixels, name)
 
-    monkeypatch.setattr(intake_module, "decode_image", counting)
+    monkeypatch.setattr(checks_module, "decode_image", counting)
     data = noise_image()
     harness.drop_pair(image=data[:-200])
     harness.poll()

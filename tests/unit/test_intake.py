@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from structlog.testing import capture_logs
 
-import daemon.intake as intake_module
+import daemon.checks as checks_module
 from daemon.config import DaemonConfig, IntakeConfig
 from daemon.intake import (
     IMAGE_EXTENSIONS,
@@ -506,7 +506,7 @@ def test_a_crash_inside_validation_quarantines_instead_of_losing_the_job(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(intake_module, "decode_image", broken)
+    monkeypatch.setattr(checks_module, "decode_image", broken)
     harness.drop_pair()
     assert_rejected(harness.settle(), harness, "validation_error", "cat.png")
 
