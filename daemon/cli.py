@@ -104,7 +104,7 @@ def _drop_atomically(data_source: Path | bytes, destination: Path) -> None:
 def command_submit(args: argparse.Namespace) -> int:
     """Drop a pair into the inbox: image first, sidecar last (the daemon waits for both)."""
     from daemon.intake import IMAGE_EXTENSIONS
-    from daemon.jobspec import sanitize_output_name
+    from daemon.jobspec import output_name_for_stem
 
     config = _load(args)
     image = Path(args.image)
@@ -119,7 +119,7 @@ def command_submit(args: argparse.Namespace) -> int:
         return EXIT_DATAERR
     inbox = config.inbox
     inbox.mkdir(parents=True, exist_ok=True)
-    stem = sanitize_output_name(args.name or image.stem)
+    stem = output_name_for_stem(args.name or image.stem)  # never fails: `image` when nothing usable is left
     while any((inbox / f"{stem}{ext}").exists() for ext in (suffix, ".yaml")):
         stem = f"{stem}-{uuid.uuid4().hex[:6]}"
     _drop_atomically(image, inbox / f"{stem}{suffix}")

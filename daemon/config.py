@@ -99,6 +99,11 @@ class IntakeConfig(_Frozen):
     max_sidecar_bytes: Annotated[int, Field(ge=256, le=1024 * 1024)] = 64 * 1024
     max_image_bytes: Annotated[int, Field(ge=1024)] = 50 * 1024 * 1024
     max_image_pixels: Annotated[int, Field(ge=64 * 64)] = 50_000_000
+    incomplete_grace_seconds: Annotated[float, Field(ge=0.0, le=86400.0)] = 30.0
+    """A stable pair that looks unfinished (truncated image, sidecar sha256 not matching yet, half a YAML file) waits
+    this much longer, files unchanged, before it is rejected; any change restarts the wait."""
+    orphan_timeout_seconds: Annotated[float, Field(gt=0.0)] | None = 3600.0
+    """An image or sidecar unchanged this long without its partner goes to failed/ (`orphan_timeout`); null: never."""
 
 
 X264Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import secrets
+import unicodedata
 from typing import Annotated, Any
 
 import yaml
@@ -29,6 +30,12 @@ from daemon.errors import JobRejected
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**63 - 1
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+# Device names Windows refuses as file names; an outbox shared over SMB must never be asked for one.
+_RESERVED_NAMES = frozenset({"con", "prn", "aux", "nul"} | {f"{d}{n}" for d in ("com", "lpt") for n in range(1, 10)})
+FALLBACK_OUTPUT_NAME = "image"
+MAX_YAML_DEPTH = 8
+"""A sidecar is a flat mapping (one list, `variants`): deeper nesting is an attack on the recursive composer."""
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # I2VGen-XL's VAE downsamples by 8, so pixel sizes must be multiples of 8.
 SIZE_MULTIPLE = 8
 MAX_ASPECT = 16 / 9
@@ -39,11 +46,26 @@ _BYTES_PER_LATENT_POSITION = int((7.3 - 4.64) * 2**30 / (64 * 64 * 16))
 
 
 def sanitize_output_name(raw: str) -> str:
-    """Reduce a user-supplied stem to `[A-Za-z0-9._-]`, no leading dot, at most 64 chars; refuse an empty result."""
-    cleaned = _UNSAFE_NAME_CHARS.sub("_", raw).strip("._-")[:64].rstrip("._-")
+    """Reduce a user-supplied stem to `[A-Za-z0-9._-]`, no leading dot, at most 64 chars; refuse an empty result.
+
+    Accents are dropped first (NFKD), so `café` in NFC or NFD both give `cafe`. No separator, `..`-only name, NUL
+    or control character survives, so the name can never leave the outbox; Windows device names are refused.
+    """
+    ascii_text = "".join(ch for ch in unicodedata.normalize("NFKD", raw) if not unicodedata.combining(ch))
+    cleaned = _UNSAFE_NAME_CHARS.sub("_", ascii_text).strip("._-")[:64].rstrip("._-")
     if not cleaned:
         raise ValueError("output_name has no usable characters (allowed: letters, digits, '.', '_', '-')")
+    if cleaned.split(".")[0].lower() in _RESERVED_NAMES:
+        raise ValueError(f"output_name {cleaned!r} is a reserved device name on Windows")
     return cleaned
+
+
+def output_name_for_stem(stem: str) -> str:
+    """The output name of a job whose sidecar gave none: its sanitized stem, or `image` when nothing is left."""
+    try:
+        return sanitize_output_name(stem)
+    except ValueError:
+        return FALLBACK_OUTPUT_NAME
 
 
 class JobSpec(BaseModel):
@@ -69,6 +91,8 @@ class JobSpec(BaseModel):
     )
     priority: Annotated[int, Field(ge=-100, le=100)] = 0
     output_name: str | None = None
+    # Sidecar-last protocol: the image's sha256, so a pair starts only once the image is complete (see intake).
+    sha256: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -81,6 +105,16 @@ class JobSpec(BaseModel):
     @classmethod
     def _sanitize_name(cls, value: str | None) -> str | None:
         return None if value is None else sanitize_output_name(value)
+
+    @field_validator("sha256")
+    @classmethod
+    def _is_sha256(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        digest = value.strip().lower().removeprefix("sha256:")
+        if not _SHA256.fullmatch(digest):
+            raise ValueError("sha256 must be 64 hexadecimal digits (the output of `sha256sum IMAGE`)")
+        return digest
 
     @model_validator(mode="after")
     def _size_is_one_choice(self) -> JobSpec:
@@ -146,10 +180,19 @@ class _StrictSafeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _refuse_aliases(text: str) -> None:
+def _refuse_aliases_and_depth(text: str) -> None:
+    """Walk the parser's events (iterative, unlike the composer) and refuse aliases, anchors and deep nesting."""
+    depth = 0
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
             raise JobRejected("sidecar uses YAML anchors/aliases, which are not allowed", reason="sidecar_yaml")
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                message = f"sidecar nests lists or mappings more than {MAX_YAML_DEPTH} levels deep"
+                raise JobRejected(message, reason="sidecar_yaml")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
 
 
 def load_sidecar_mapping(data: bytes) -> dict[str, Any]:
@@ -159,7 +202,7 @@ def load_sidecar_mapping(data: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise JobRejected(f"sidecar is not UTF-8 text: {exc}", reason="sidecar_encoding") from exc
     try:
-        _refuse_aliases(text)
+        _refuse_aliases_and_depth(text)
         document = yaml.load(text, Loader=_StrictSafeLoader)
     except yaml.YAMLError as exc:
         raise JobRejected(f"sidecar is not valid YAML: {exc}", reason="sidecar_yaml") from exc
@@ -174,8 +217,16 @@ def parse_sidecar(data: bytes) -> JobSpec:
     try:
         return JobSpec.model_validate(mapping)
     except ValidationError as exc:
-        problems = [f"{'.'.join(str(p) for p in err['loc']) or 'sidecar'}: {err['msg']}" for err in exc.errors()]
+        problems = [_describe(err["loc"], err["msg"], err.get("input")) for err in exc.errors()]
         raise JobRejected("; ".join(problems), reason="sidecar_invalid", detail=problems) from exc
+
+
+def _describe(location: tuple[int | str, ...], message: str, value: object) -> str:
+    """`key: message`, with a hint when YAML 1.1 turned a word into a bool (`no`, `on`, `yes`: the Norway problem)."""
+    line = f"{'.'.join(str(p) for p in location) or 'sidecar'}: {message}"
+    if isinstance(value, bool) and "string" in message:
+        line += " (YAML reads yes/no/on/off/true/false as a boolean: put the text in quotes)"
+    return line
 
 
 def _merge(layers: list[GenerationSettings]) -> dict[str, Any]:
@@ -250,6 +301,6 @@ def resolve_job(
         seed=spec.seed if spec.seed is not None else (seed if seed is not None else secrets.randbelow(2**32)),
         variants=tuple(dict.fromkeys(variants)),
         priority=spec.priority,
-        output_name=spec.output_name or sanitize_output_name(stem),
+        output_name=spec.output_name or output_name_for_stem(stem),
         estimated_vram_bytes=estimate_vram_bytes(width, height, merged["num_frames"]),
     )

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import daemon.watch as watch_module
-from daemon.watch import InboxWatcher, ObserverMode, filesystem_type, needs_polling
+from daemon.watch import InboxWatcher, ObserverMode, filesystem_type, needs_polling, network_filesystem
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +25,7 @@ TIMEOUT = 5.0
 def make_watcher() -> Iterator[Callable[..., InboxWatcher]]:
     watchers: list[InboxWatcher] = []
 
-    def make(inbox: Path, mode: ObserverMode, on_hint: Callable[[], None], **kwargs: float) -> InboxWatcher:
+    def make(inbox: Path, mode: ObserverMode, on_hint: Callable[[], None], **kwargs: Any) -> InboxWatcher:
         watcher = InboxWatcher(inbox, mode, on_hint, **kwargs)
         watchers.append(watcher)
         return watcher
@@ -199,3 +201,69 @@ def test_a_missing_inbox_is_an_error_not_a_fallback(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         watcher.start()
     assert not watcher.is_alive()
+
+
+@pytest.mark.parametrize(
+    ("magic", "expected"), [(0x6969, "nfs"), (0xFE534D42, "smb2"), (0x65735546, "fuse"), (0xEF53, None)]
+)
+def test_statfs_magic_detects_network_filesystems(
+    monkeypatch: pytest.MonkeyPatch, magic: int, expected: str | None
+) -> None:
+    """statfs(2)'s f_type decides even when the mount table looks local (containers may hide the real mount)."""
+    monkeypatch.setattr(watch_module, "filesystem_type", lambda path: "overlay")
+    monkeypatch.setattr(watch_module, "_statfs_type", lambda path: magic)
+    assert network_filesystem(Path("/inbox")) == expected
+
+
+def test_statfs_reads_the_real_filesystem_type(tmp_path: Path) -> None:
+    """The ctypes statfs call works here: a local test directory is not reported as a network filesystem."""
+    assert watch_module._statfs_type(tmp_path) not in (None, 0)
+    assert network_filesystem(tmp_path) is None
+
+
+def test_supervise_backs_off_while_the_inbox_is_missing_then_recovers(tmp_path: Path) -> None:
+    """`supervise()` retries a dead watcher after 0.5 s, 1 s, 2 s ... (capped at 30 s), not on every call."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    now = [0.0]
+    watcher = InboxWatcher(inbox, "polling", lambda: None, polling_interval=0.1, clock=lambda: now[0])
+    watcher.start()
+    try:
+        os.rename(inbox, tmp_path / "gone")
+        tries: list[float] = []
+        real_start = watcher.start
+
+        def counting_start() -> None:
+            tries.append(now[0])
+            real_start()
+
+        watcher.start = counting_start  # type: ignore[method-assign]
+        while now[0] < 200.0:
+            assert not watcher.supervise()
+            now[0] += 0.25
+        gaps = [round(b - a, 2) for a, b in itertools.pairwise(tries)]
+        assert gaps[:6] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0] and max(gaps) == 30.0
+        os.rename(tmp_path / "gone", inbox)
+        now[0] += 30.0
+        assert watcher.supervise() and watcher.is_alive()
+    finally:
+        watcher.stop(timeout=TIMEOUT)
+
+
+def test_an_unmounted_share_is_not_watched_through_its_mount_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an unmount the inbox path still exists (the empty mount point) but on another device: simulated by
+    `_identity` reporting a new device. The watcher reports itself dead and refuses to restart there."""
+    watcher = InboxWatcher(tmp_path, "inotify", lambda: None)
+    watcher.start()
+    try:
+        real = watch_module._identity(tmp_path)
+        monkeypatch.setattr(watch_module, "_identity", lambda path: (real[0] + 1, 2))
+        assert not watcher.is_alive()
+        watcher.stop(timeout=TIMEOUT)
+        with pytest.raises(OSError, match="unmounted") as caught:
+            watcher.start()
+        assert caught.value.errno == errno.ENODEV and not watcher.supervise()
+    finally:
+        watcher.stop(timeout=TIMEOUT)

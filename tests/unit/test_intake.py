@@ -7,6 +7,7 @@ import json
 import os
 import struct
 import zlib
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 from PIL import Image
 from structlog.testing import capture_logs
 
-import daemon.intake as intake_module
+import daemon.checks as checks_module
 from daemon.config import DaemonConfig, IntakeConfig
 from daemon.intake import (
     IMAGE_EXTENSIONS,
@@ -110,10 +111,17 @@ class Harness:
         self.drop(f"{stem}.yaml", sidecar)
 
     def settle(self) -> IntakeResult:
-        """Two polls with the stability window in between: the second one claims."""
+        """Two polls with the stability window in between: the second one claims. A pair held as incomplete
+        (truncated image, half a YAML file) gets one more poll after the grace period."""
         self.intake.poll()
         self.clock.advance(self.config.intake.stable_seconds)
-        return self.intake.poll()
+        result = self.intake.poll()
+        if result.settling:
+            self.clock.advance(self.config.intake.incomplete_grace_seconds)
+            later = self.intake.poll()
+            accepted, rejected = result.accepted + later.accepted, result.rejected + later.rejected
+            result = replace(later, accepted=accepted, rejected=rejected)
+        return result
 
     def failed(self, name: str) -> Path:
         return self.inbox / "failed" / name
@@ -498,7 +506,7 @@ def test_a_crash_inside_validation_quarantines_instead_of_losing_the_job(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(intake_module, "decode_image", broken)
+    monkeypatch.setattr(checks_module, "decode_image", broken)
     harness.drop_pair()
     assert_rejected(harness.settle(), harness, "validation_error", "cat.png")
 

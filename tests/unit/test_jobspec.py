@@ -8,7 +8,15 @@ import pytest
 
 from daemon.config import GenerationConfig, GenerationSettings, load_config
 from daemon.errors import JobRejected
-from daemon.jobspec import estimate_vram_bytes, parse_sidecar, resolve_job, sanitize_output_name, tier_size
+from daemon.jobspec import (
+    MAX_YAML_DEPTH,
+    estimate_vram_bytes,
+    output_name_for_stem,
+    parse_sidecar,
+    resolve_job,
+    sanitize_output_name,
+    tier_size,
+)
 
 CONFIG = load_config(None)
 
@@ -164,3 +172,54 @@ def test_vram_estimate_matches_the_measured_stock_point() -> None:
     gib = estimate_vram_bytes(512, 512, 16) / 2**30
     assert 7.2 < gib < 7.4
     assert estimate_vram_bytes(768, 768, 16) > estimate_vram_bytes(512, 512, 16)
+
+
+# ----- hostile-input rules (checklist E38, E41) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["ab" * 32, "AB" * 32, "sha256:" + "ab" * 32, "  " + "ab" * 32 + "  "],
+)
+def test_sidecar_sha256_is_normalised(value: str) -> None:
+    """The sidecar-last protocol's `sha256:` accepts `sha256sum` output in any case, with an optional prefix."""
+    assert parse_sidecar(f"prompt: x\nsha256: '{value}'\n".encode()).sha256 == "ab" * 32
+
+
+def test_nesting_deeper_than_the_limit_is_refused_before_composition() -> None:
+    """Checklist E38: nesting is refused from the parser's events, before PyYAML's recursive composer runs."""
+    ok = "prompt: x\nvariants: " + "[" * (MAX_YAML_DEPTH - 1) + "]" * (MAX_YAML_DEPTH - 1)
+    with pytest.raises(JobRejected, match="variants"):  # shape is wrong, but depth is allowed
+        parse_sidecar(ok.encode())
+    deep = "prompt: x\nvariants: " + "[" * MAX_YAML_DEPTH + "]" * MAX_YAML_DEPTH
+    with pytest.raises(JobRejected, match="levels deep") as caught:
+        parse_sidecar(deep.encode())
+    assert caught.value.reason == "sidecar_yaml"
+
+
+@pytest.mark.parametrize("word", ["no", "yes", "on", "off", "true", "False"])
+def test_yaml_booleans_where_text_is_expected_get_a_hint(word: str) -> None:
+    """Checklist E38 (the Norway problem): `prompt: no` is a bool in YAML 1.1; the message says to quote it."""
+    with pytest.raises(JobRejected, match="put the text in quotes") as caught:
+        parse_sidecar(f"prompt: {word}\n".encode())
+    assert caught.value.reason == "sidecar_invalid"
+    assert parse_sidecar(f"prompt: '{word}'\n".encode()).prompt == word
+
+
+@pytest.mark.parametrize("raw", ["con", "CON", "nul.txt", "Com1", "lpt9"])
+def test_windows_device_names_are_refused(raw: str) -> None:
+    """Checklist E41: device names Windows refuses (an outbox may be an SMB share) are not output names."""
+    with pytest.raises(ValueError, match="reserved"):
+        sanitize_output_name(raw)
+
+
+@pytest.mark.parametrize(
+    ("stem", "name"),
+    [("café", "cafe"), ("cafe\u0301", "cafe"), ("日本", "image"), ("con", "image"), ("-rf", "rf"), ("a\nb", "a_b")],
+)
+def test_output_name_for_stem_never_fails(stem: str, name: str) -> None:
+    """Checklist E42: a stem with accents (NFC or NFD) keeps its letters; one with nothing usable becomes `image`
+    instead of crashing validation."""
+    assert output_name_for_stem(stem) == name
+    job = resolve_job(parse_sidecar(b"prompt: x"), CONFIG.generation, CONFIG.encode, stem=stem)
+    assert job.output_name == name

@@ -1,0 +1,105 @@
+"""Checking an image + sidecar pair: safe reads, sidecar parse, the sidecar's `sha256`, the full image decode.
+
+Used twice per pair: in place in the inbox before the claim (to learn whether the pair is complete) and on the
+claimed copies after it (what is validated is what will run). The second check reuses the first one's decode when
+the image's hash is the same, so a large image is decoded once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from PIL import Image, ImageOps
+
+from daemon.config import DaemonConfig
+from daemon.errors import JobRejected
+from daemon.jobspec import JobSpec, parse_sidecar
+from daemon.safeopen import INPUT_PIXELS_PER_OUTPUT_PIXEL, decode_image, read_input, rejected
+
+log = structlog.get_logger(__name__)
+
+_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+
+
+def image_pixel_limit(config: DaemonConfig) -> int:
+    """The decode limit: `intake.max_image_pixels`, and never more than 64x the model's output pixel limit."""
+    return min(config.intake.max_image_pixels, config.generation.max_pixels * INPUT_PIXELS_PER_OUTPUT_PIXEL)
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What checking a pair found: the parsed sidecar, the image's sha256 and its size after EXIF rotation."""
+
+    spec: JobSpec
+    image_sha256: str
+    image_size: tuple[int, int]
+
+
+def _oriented_size(image: Image.Image) -> tuple[int, int]:
+    """The size after EXIF rotation, which is what the worker will feed the model."""
+    width, height = image.size
+    try:
+        orientation = image.getexif().get(0x0112)
+    except Exception:
+        return width, height
+    return (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)
+
+
+def _parse_spec(data: bytes, name: str) -> JobSpec:
+    try:
+        return parse_sidecar(data)
+    except JobRejected as exc:
+        raise rejected(name, exc.reason, f"The sidecar {name} is not valid: {exc.message}", exc.detail) from exc
+
+
+def read_pair(image: Path, sidecar: Path, names: tuple[str, str], config: DaemonConfig) -> tuple[bytes, bytes]:
+    """The (image, sidecar) bytes, each read safely under its size cap; `names` are the user's names."""
+    limits = config.intake
+    sidecar_data = read_input(sidecar, limits.max_sidecar_bytes, names[1])
+    return read_input(image, limits.max_image_bytes, names[0]), sidecar_data
+
+
+def inspect_data(
+    image_data: bytes, sidecar_data: bytes, names: tuple[str, str], config: DaemonConfig, known: Inspection | None
+) -> Inspection:
+    """Parse the sidecar, check its `sha256`, decode the image fully (unless `known` already did, same hash)."""
+    image_name, sidecar_name = names
+    spec = _parse_spec(sidecar_data, sidecar_name)
+    digest = hashlib.sha256(image_data).hexdigest()
+    if spec.sha256 is not None and spec.sha256 != digest:
+        message = (
+            f"{image_name} does not match the sha256 given in {sidecar_name}: the image is incomplete or not the "
+            "one the sidecar was written for."
+        )
+        raise rejected(image_name, "sha256_mismatch", message, {"expected": spec.sha256, "actual": digest})
+    if known is not None and known.image_sha256 == digest:
+        return Inspection(spec, digest, known.image_size)
+    size = _oriented_size(decode_image(image_data, image_pixel_limit(config), image_name))
+    return Inspection(spec, digest, size)
+
+
+def inspect_inputs(
+    image: Path, sidecar: Path, names: tuple[str, str], config: DaemonConfig, known: Inspection | None = None
+) -> Inspection:
+    """Safely read both files, parse the sidecar, check the sidecar's `sha256`, decode the image fully.
+
+    When `known` holds the same image hash (the copy checked in the inbox before the claim), the decode is not
+    repeated.
+    """
+    image_data, sidecar_data = read_pair(image, sidecar, names, config)
+    return inspect_data(image_data, sidecar_data, names, config, known)
+
+
+def load_image_rgb(path: Path, max_pixels: int, max_bytes: int | None = None) -> Image.Image:
+    """Load a validated image for the model: same safety checks, EXIF rotation applied, RGB."""
+    image = decode_image(read_input(path, max_bytes, path.name), max_pixels, path.name)
+    try:
+        image = ImageOps.exif_transpose(image) or image
+    except Exception:
+        log.warning("exif_transpose_failed", path=str(path))
+    if image.mode == "P":
+        image = image.convert("RGBA")  # palette transparency must go through RGBA, or Pillow warns
+    return image.convert("RGB")
