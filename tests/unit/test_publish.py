@@ -9,12 +9,11 @@ import os
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from daemon import fsio
-from daemon.errors import OutputLost, StorageFull, TransientJobError
+from daemon.errors import OutputLost, StorageFull
 from daemon.publish import STAGING_DIR_NAME, Publisher, next_base_name, sha256_file
 
 FIXED = datetime(2026, 11, 25, 8, 30, 0)
