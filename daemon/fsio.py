@@ -46,12 +46,13 @@ def _load_renameat2() -> Callable[..., int] | None:
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        function: Callable[..., int] = libc.renameat2
+        function = libc.renameat2
     except (OSError, AttributeError):  # glibc < 2.28 or another libc without the wrapper
         return None
     function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     function.restype = ctypes.c_int
-    return function
+    typed: Callable[..., int] = function
+    return typed
 
 
 _renameat2 = _load_renameat2()
