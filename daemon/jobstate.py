@@ -56,6 +56,7 @@ class PublishingMark(BaseModel):
     directory: str
     base: str
     names: list[str]
+    sha256: list[str]
     archive: bool = True
 
 

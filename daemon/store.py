@@ -217,10 +217,15 @@ class JobStore:
         history = _close_open(job.history, self._now(), outcome, error, counted=False)
         return self._update(job, attempts=max(0, job.attempts - 1), history=history)
 
-    def mark_publishing(self, job: ClaimedJob, directory: Path, base: str, names: Sequence[str], archive: bool) -> None:
-        """Note, before the manifest is delivered, which names the outputs already have, so `recover()` can
-        finish a publication a crash cut short (manifest there) or take back its orphan outputs (no manifest)."""
-        mark = PublishingMark(directory=str(directory), base=base, names=list(names), archive=archive)
+    def mark_publishing(
+        self, job: ClaimedJob, directory: Path, base: str, names: Sequence[str], digests: Sequence[str], archive: bool
+    ) -> None:
+        """Note, before the manifest is delivered, which names (and bytes) the outputs already have, so
+        `recover()` can finish a publication a crash cut short (manifest there) or take its orphan outputs back
+        (no manifest)."""
+        mark = PublishingMark(
+            directory=str(directory), base=base, names=list(names), sha256=list(digests), archive=archive
+        )
         self._update(job, publishing=mark)
 
     # ----- recovery -----------------------------------------------------------------------------------------
@@ -303,10 +308,10 @@ class JobStore:
                 return True
         except (OSError, ValueError, AttributeError):
             pass
-        for name in mark.names:
+        for name, digest in zip(mark.names, mark.sha256, strict=True):
             path = directory / name
-            if path.is_file() and not path.is_symlink():
-                path.unlink()  # delivered without its manifest: never complete from a reader's view
+            if path.is_file() and not path.is_symlink() and sha256_file(path) == digest:
+                path.unlink()  # ours, delivered without its manifest: never complete from a reader's view
                 log.warning("orphan_output_removed", job_id=job.job_id, output=name)
         self._update(job, publishing=None)
         return False
