@@ -99,6 +99,9 @@ class IntakeConfig(_Frozen):
     max_sidecar_bytes: Annotated[int, Field(ge=256, le=1024 * 1024)] = 64 * 1024
     max_image_bytes: Annotated[int, Field(ge=1024)] = 50 * 1024 * 1024
     max_image_pixels: Annotated[int, Field(ge=64 * 64)] = 50_000_000
+    duplicate_policy: Literal["process", "skip"] = "process"
+    """A pair byte-identical to one already published (completed-input ledger, daemon/ledger.py): `process` it
+    again under a new output name, or `skip` it (inputs archived in the state dir's done/ with a pointer file)."""
 
 
 X264Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower"]

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
-from daemon.config import EncodeConfig, GenerationConfig
+from daemon.config import DaemonConfig, EncodeConfig, GenerationConfig
 from daemon.jobspec import parse_sidecar, resolve_job
 from daemon.ledger import CompletedLedger, LedgerEntry, input_key
 from daemon.publish import Publisher, sha256_file
@@ -217,3 +218,11 @@ def test_ledger_is_bounded_compacted_and_survives_a_torn_line(inbox: Path) -> No
     assert reloaded.lookup(input_key(f"{22:064x}", "0" * 64)) is not None
     assert reloaded.lookup(input_key(f"{0:064x}", "0" * 64)) is None
     assert reloaded.has_job("job18") and not reloaded.has_job("job17")
+
+
+def test_duplicate_policy_config_key() -> None:
+    """Checklist C24: `intake.duplicate_policy` defaults to `process` and accepts only `process` or `skip`."""
+    assert DaemonConfig().intake.duplicate_policy == "process"
+    assert DaemonConfig(intake={"duplicate_policy": "skip"}).intake.duplicate_policy == "skip"  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        DaemonConfig(intake={"duplicate_policy": "ignore"})  # type: ignore[arg-type]
