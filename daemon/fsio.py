@@ -206,3 +206,19 @@ def rename_no_replace(source: Path, destination: Path, sha256: str | None = None
         os.unlink(source)  # a link that was made but reported EEXIST: same inode under both names
         return True
     return done
+
+
+def rename_or_confirm(source: Path, destination: Path) -> bool:
+    """`os.rename`, where a failure that in fact happened (NFS: rename(2), BUGS) is confirmed instead of raised:
+    source gone and destination the same inode -> done, returning True ("reconciled"). Any other failure (ENOENT:
+    someone else moved it first) goes up."""
+    identity = os.lstat(source)
+    try:
+        os.rename(source, destination)
+    except OSError:
+        if os.path.lexists(source) or not os.path.lexists(destination):
+            raise
+        if not _same_file(os.lstat(destination), identity):
+            raise
+        return True
+    return False

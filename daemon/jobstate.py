@@ -133,3 +133,25 @@ def to_job(directory: Path, state: JobState) -> ClaimedJob:
 def history_json(history: tuple[AttemptRecord, ...] | list[AttemptRecord]) -> list[dict[str, object]]:
     """The attempts as plain JSON values (for reason.json)."""
     return [record.model_dump(mode="json") for record in history]
+
+
+def close_open_attempt(
+    history: tuple[AttemptRecord, ...],
+    now: datetime,
+    outcome: str,
+    error: str | None = None,
+    *,
+    counted: bool = True,
+) -> tuple[AttemptRecord, ...]:
+    """The history with its last attempt ended (if it is still open); unchanged otherwise."""
+    if not history or history[-1].ended_at is not None:
+        return history
+    last = history[-1].model_copy(update={"ended_at": now, "outcome": outcome, "error": error, "counted": counted})
+    return (*history[:-1], last)
+
+
+def skipped_attempt(now: datetime, earlier_job_id: str) -> AttemptRecord:
+    """The history entry of a duplicate skipped by policy (not an attempt: `counted` is False)."""
+    return AttemptRecord(
+        number=0, started_at=now, ended_at=now, outcome="skipped_duplicate", error=earlier_job_id, counted=False
+    )

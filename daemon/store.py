@@ -30,14 +30,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import structlog
-from pydantic import ValidationError
 
 from daemon.config import WorkerConfig
 from daemon.errors import FatalError, JobRejected
-from daemon.fsio import atomic_write_bytes, fsync_dir, link_no_clobber
+from daemon.fsio import atomic_write_bytes, fsync_dir, link_no_clobber, rename_or_confirm
 from daemon.jobspec import ResolvedJob
 from daemon.jobstate import (
-    CRASHED,
     JOB_FILE,
     SIDECAR_FILE,
     AttemptRecord,
@@ -45,20 +43,22 @@ from daemon.jobstate import (
     JobState,
     Pair,
     PublishingMark,
-    history_json,
+    close_open_attempt,
     image_file_name,
     read_state,
+    skipped_attempt,
     to_job,
     write_state,
 )
 from daemon.ledger import DEFAULT_MAX_ENTRIES, LEDGER_FILE, CompletedLedger, LedgerEntry, input_key
 from daemon.publish import sha256_file
+from daemon.quarantine import FailedFolder, move_into
+from daemon.recovery import recover_jobs
 
 __all__ = ["ClaimedJob", "JobState", "JobStore", "Pair"]
 
 log = structlog.get_logger(__name__)
 
-REASON_FILE = "reason.json"
 DUPLICATE_FILE = "duplicate_of.json"
 SEQUENCE_FILE = "sequence"
 DEFAULT_MAX_ATTEMPTS: int = WorkerConfig.model_fields["max_attempts"].default
@@ -100,13 +100,14 @@ class JobStore:
         self.done_dir = state_dir / "done"
         self.trash_dir = state_dir / "trash"
         self.failed_dir = inbox / "failed"
-        self._now = now
+        self.now = now
         self._lock = threading.Lock()
         for directory in (inbox, self.jobs_dir, self.done_dir, self.trash_dir, self.failed_dir):
             directory.mkdir(parents=True, exist_ok=True)
         if os.stat(inbox).st_dev != os.stat(state_dir).st_dev:
             raise FatalError(f"state_dir {state_dir} must be on the same filesystem as the inbox {inbox}")
         self._sequence = self._last_sequence()
+        self.failed_folder = FailedFolder(self.failed_dir, now)
         self.ledger = CompletedLedger(state_dir / LEDGER_FILE, ledger_max_entries)
         self.recovery_report: Counter[str] = Counter()
         """What the last `recover()` did besides re-queueing: `poison`, `completed`, `rolled_back`, `corrupt`..."""
@@ -120,7 +121,7 @@ class JobStore:
             last = int((self.state_dir / SEQUENCE_FILE).read_text(encoding="ascii").strip())
         except (OSError, ValueError):
             last = 0
-        for directory in self._job_dirs():
+        for directory in self.job_dirs():
             try:
                 last = max(last, read_state(directory).sequence)
             except (OSError, ValueError):
@@ -133,7 +134,7 @@ class JobStore:
             atomic_write_bytes(self.state_dir / SEQUENCE_FILE, f"{self._sequence}\n".encode("ascii"))
             return self._sequence
 
-    def _job_dirs(self) -> list[Path]:
+    def job_dirs(self) -> list[Path]:
         entries = sorted(os.scandir(self.jobs_dir), key=lambda entry: entry.name)
         return [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False) and e.name[0] != "."]
 
@@ -143,7 +144,7 @@ class JobStore:
 
         Raises FileNotFoundError, with the inbox as it was, if either file vanished before it could be moved.
         """
-        received = self._now()
+        received = self.now()
         job_id = f"{received.astimezone(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(4)}"
         directory = self.jobs_dir / job_id
         directory.mkdir()
@@ -161,10 +162,11 @@ class JobStore:
         fsync_dir(self.jobs_dir)
         job = to_job(directory, state)
         try:
-            _claim_move(pair.sidecar, job.sidecar_path)
-            _claim_move(pair.image, job.image_path)
+            for source, destination in ((pair.sidecar, job.sidecar_path), (pair.image, job.image_path)):
+                if rename_or_confirm(source, destination):
+                    log.warning("claim_rename_reconciled", job_id=job_id, source=source.name)
         except OSError:
-            self._roll_back_claim(job)
+            self.roll_back_claim(job)
             raise
         fsync_dir(self.inbox)
         state = state.model_copy(update={"phase": "claimed"})
@@ -172,7 +174,7 @@ class JobStore:
         log.debug("pair_claimed", job_id=job_id, stem=pair.stem)
         return to_job(directory, state)
 
-    def _roll_back_claim(self, job: ClaimedJob) -> None:
+    def roll_back_claim(self, job: ClaimedJob) -> None:
         """Put back whatever an interrupted claim already moved, then drop the job directory."""
         moved = [(job.sidecar_path, job.sidecar_name), (job.image_path, job.image_name)]
         leftovers = [path for path, _ in moved if os.path.lexists(path)]
@@ -191,31 +193,31 @@ class JobStore:
         fsync_dir(self.jobs_dir)
 
     # ----- state updates ------------------------------------------------------------------------------------
-    def _update(self, job: ClaimedJob, **changes: Any) -> ClaimedJob:
+    def update_state(self, job: ClaimedJob, **changes: Any) -> ClaimedJob:
         state = read_state(job.directory)
         write_state(job.directory, JobState.model_validate({**state.model_dump(), **changes}))
         return replace(job, **{key: value for key, value in changes.items() if key in _JOB_FIELDS})
 
     def mark_validated(self, job: ClaimedJob, resolved: ResolvedJob, image_sha256: str) -> ClaimedJob:
         """Persist the resolved job (its seed included, so a retry after a restart makes the same video)."""
-        return self._update(job, resolved=resolved, image_sha256=image_sha256)
+        return self.update_state(job, resolved=resolved, image_sha256=image_sha256)
 
     def record_attempt(self, job: ClaimedJob) -> ClaimedJob:
         """Count an attempt and note its start in the history *before* work starts, so a job that kills the
         daemon is known at the next start (and becomes poison after `max_attempts`) instead of looping."""
-        history = _close_open(job.history, self._now(), "unrecorded")
-        started = AttemptRecord(number=job.attempts + 1, started_at=self._now())
-        return self._update(job, attempts=job.attempts + 1, history=(*history, started))
+        history = close_open_attempt(job.history, self.now(), "unrecorded")
+        started = AttemptRecord(number=job.attempts + 1, started_at=self.now())
+        return self.update_state(job, attempts=job.attempts + 1, history=(*history, started))
 
     def end_attempt(self, job: ClaimedJob, outcome: str, error: str | None = None) -> ClaimedJob:
         """Note how the running attempt ended (`succeeded`, `retried`, `failed`...) in the job's history."""
-        return self._update(job, history=_close_open(job.history, self._now(), outcome, error))
+        return self.update_state(job, history=close_open_attempt(job.history, self.now(), outcome, error))
 
     def release_attempt(self, job: ClaimedJob, outcome: str, error: str | None = None) -> ClaimedJob:
         """End the running attempt *without* counting it (disk full: `StorageFull.consumes_attempt` is False;
         service stopping): the job stays claimed and pending, with the same attempts left as before."""
-        history = _close_open(job.history, self._now(), outcome, error, counted=False)
-        return self._update(job, attempts=max(0, job.attempts - 1), history=history)
+        history = close_open_attempt(job.history, self.now(), outcome, error, counted=False)
+        return self.update_state(job, attempts=max(0, job.attempts - 1), history=history)
 
     def mark_publishing(
         self, job: ClaimedJob, directory: Path, base: str, names: Sequence[str], digests: Sequence[str], archive: bool
@@ -226,116 +228,14 @@ class JobStore:
         mark = PublishingMark(
             directory=str(directory), base=base, names=list(names), sha256=list(digests), archive=archive
         )
-        self._update(job, publishing=mark)
+        self.update_state(job, publishing=mark)
 
     # ----- recovery -----------------------------------------------------------------------------------------
     def recover(self) -> list[ClaimedJob]:
-        """Every claimed job left by a previous run, oldest sequence first, each exactly once.
-
-        On the way: interrupted claims are rolled back, broken state goes to failed/ (`state_corrupt`), a job the
-        ledger knows as published is archived instead of re-run, a publication a crash cut short is finished or
-        taken back, the attempt the daemon died in is closed as `crashed`, and a job that already used
-        `max_attempts` that way is quarantined as `poison` with its history. `recovery_report` counts each.
-        """
-        self._empty_trash()
-        self.recovery_report = Counter()
-        jobs: list[ClaimedJob] = []
-        for directory in self._job_dirs():
-            try:
-                job = self._recover_one(directory)
-            except Exception:
-                log.exception("job_recovery_failed", directory=str(directory))
-                continue
-            if job is not None:
-                jobs.append(job)
-        self.recovery_report["requeued"] = len(jobs)
-        return sorted(jobs, key=lambda job: job.sequence)
-
-    def _recover_one(self, directory: Path) -> ClaimedJob | None:
-        for temp in directory.glob(f".{JOB_FILE}.tmp-*"):
-            temp.unlink()  # a job.json rewrite interrupted by the crash; the old job.json is intact
-        try:
-            state = read_state(directory)
-        except (OSError, ValueError, ValidationError) as exc:
-            self._quarantine_corrupt(directory, f"job.json is missing or unreadable: {exc}")
-            self.recovery_report["corrupt"] += 1
-            return None
-        job = to_job(directory, state)
-        if state.phase == "claiming":
-            log.warning("claim_rolled_back", job_id=job.job_id, stem=job.stem)
-            self._roll_back_claim(job)
-            self.recovery_report["rolled_back"] += 1
-            return None
-        if self.ledger.has_job(job.job_id) or self._publication_done(job, state.publishing):
-            self._finish_completed(job, state.publishing.archive if state.publishing else True)
-            return None
-        missing = [p.name for p in (job.image_path, job.sidecar_path) if not os.path.lexists(p)]
-        if missing:
-            self.fail(job, None, "state_corrupt", "The claimed job lost some of its input files.", missing)
-            self.recovery_report["corrupt"] += 1
-            return None
-        return self._recover_attempts(job)
-
-    def _recover_attempts(self, job: ClaimedJob) -> ClaimedJob | None:
-        """Close the attempt the daemon died in; quarantine the job as poison once it died in `max_attempts`."""
-        died = bool(job.history) and job.history[-1].ended_at is None
-        if died:
-            error = "the daemon stopped during this attempt (killed, crashed or lost power)"
-            job = self._update(job, history=_close_open(job.history, self._now(), CRASHED, error))
-        legacy = not job.history and job.attempts > 0  # job.json from before the history was kept
-        if job.attempts >= self.max_attempts and (died or legacy):
-            message = (
-                f"The daemon stopped during each of this job's last attempts ({job.attempts} of "
-                f"{self.max_attempts} allowed); it is kept here so it cannot stop the daemon again."
-            )
-            detail = {"attempts": job.attempts, "max_attempts": self.max_attempts}
-            target = self.fail(job, None, "poison", message, detail)
-            log.error("job_poison", job_id=job.job_id, stem=job.stem, attempts=job.attempts, failed_dir=str(target))
-            self.recovery_report["poison"] += 1
-            return None
-        return job
-
-    def _publication_done(self, job: ClaimedJob, mark: PublishingMark | None) -> bool:
-        """A crash during delivery: manifest there (ours) -> done; else take the orphan outputs back out."""
-        if mark is None:
-            return False
-        directory = Path(mark.directory)
-        manifest = directory / f"{mark.base}.json"
-        try:
-            if json.loads(manifest.read_bytes()).get("job_id") == job.job_id:
-                names = [*mark.names, manifest.name]
-                self._record_published(job, [directory / name for name in names], manifest)
-                return True
-        except (OSError, ValueError, AttributeError):
-            pass
-        for name, digest in zip(mark.names, mark.sha256, strict=True):
-            path = directory / name
-            if path.is_file() and not path.is_symlink() and sha256_file(path) == digest:
-                path.unlink()  # ours, delivered without its manifest: never complete from a reader's view
-                log.warning("orphan_output_removed", job_id=job.job_id, output=name)
-        self._update(job, publishing=None)
-        return False
-
-    def _finish_completed(self, job: ClaimedJob, archive: bool) -> None:
-        log.warning("job_already_published", job_id=job.job_id, stem=job.stem)
-        self.recovery_report["completed"] += 1
-        self._move_inputs_away(job, archive)
-
-    def _quarantine_corrupt(self, directory: Path, detail: str) -> None:
-        if not any(directory.iterdir()):
-            directory.rmdir()  # a crash between mkdir and the first job.json write: nothing to keep
-            return
-        target = self._rename_to_failed(directory, directory.name)
-        message = "The daemon's record of this job was damaged; its files are kept here."
-        self._write_reason(target, directory.name, "state_corrupt", message, detail, 0)
-        log.error("job_rejected", reason="state_corrupt", failed_dir=str(target), detail=detail)
-
-    def _empty_trash(self) -> None:
-        for entry in os.scandir(self.trash_dir):
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path)
-            else:
-                os.unlink(entry.path)
+        """Every claimed job left by a previous run, oldest sequence first, each exactly once (daemon/recovery.py
+        says what else happens on the way); `recovery_report` counts what was not re-queued and why."""
+        jobs, self.recovery_report = recover_jobs(self)
+        return jobs
 
     # ----- completed-input ledger -----------------------------------------------------------------------------
     def input_key(self, job: ClaimedJob) -> str:
@@ -358,14 +258,14 @@ class JobStore:
         if policy == "process":
             log.info("duplicate_input", job_id=job.job_id, stem=job.stem, policy=policy, earlier=pointer)
             return None
-        text = json.dumps({**pointer, "at": self._now().isoformat()}, indent=2, ensure_ascii=True)
+        text = json.dumps({**pointer, "at": self.now().isoformat()}, indent=2, ensure_ascii=True)
         atomic_write_bytes(job.directory / DUPLICATE_FILE, text.encode("ascii") + b"\n")
-        self._update(job, history=(*job.history, _skipped(self._now(), earlier.job_id)))
-        self._move_inputs_away(job, archive=True)
+        self.update_state(job, history=(*job.history, skipped_attempt(self.now(), earlier.job_id)))
+        self.move_inputs_away(job, archive=True)
         log.info("duplicate_skipped", job_id=job.job_id, stem=job.stem, earlier=pointer)
         return earlier
 
-    def _record_published(self, job: ClaimedJob, outputs: Sequence[Path], manifest: Path | None) -> None:
+    def record_published(self, job: ClaimedJob, outputs: Sequence[Path], manifest: Path | None) -> None:
         image = job.image_sha256 or sha256_file(job.image_path)
         sidecar = sha256_file(job.sidecar_path)
         entry = LedgerEntry(
@@ -376,7 +276,7 @@ class JobStore:
             sidecar_sha256=sidecar,
             outputs=[str(path) for path in outputs],
             manifest=str(manifest) if manifest is not None else None,
-            at=self._now(),
+            at=self.now(),
         )
         self.ledger.record(entry)
 
@@ -388,12 +288,12 @@ class JobStore:
         """
         manifest = next((path for path in outputs if path.suffix == ".json"), None)
         try:
-            self._record_published(job, outputs, manifest)
+            self.record_published(job, outputs, manifest)
         except OSError:
             log.exception("ledger_write_failed", job_id=job.job_id)
-        return self._move_inputs_away(job, archive)
+        return self.move_inputs_away(job, archive)
 
-    def _move_inputs_away(self, job: ClaimedJob, archive: bool) -> bool:
+    def move_inputs_away(self, job: ClaimedJob, archive: bool) -> bool:
         target = (self.done_dir if archive else self.trash_dir) / job.job_id
         try:
             os.rename(job.directory, target)
@@ -429,13 +329,13 @@ class JobStore:
         if detail is None and rejection is not None:
             detail = rejection.detail
         input_name = input_name or getattr(rejection, "input_name", None) or job.image_name
-        target = self._rename_to_failed(job.directory, job.stem)
+        target = self.failed_folder.rename_in(job.directory, job.stem)
         fsync_dir(self.jobs_dir)
         for claimed, original in ((job.image_path.name, job.image_name), (SIDECAR_FILE, job.sidecar_name)):
             if os.path.lexists(target / claimed):
                 os.rename(target / claimed, target / original)
-        history = _close_open(job.history, self._now(), reason, message)
-        self._write_reason(target, input_name, reason, message, detail, job.attempts, history)
+        history = close_open_attempt(job.history, self.now(), reason, message)
+        self.failed_folder.write_reason(target, input_name, reason, message, detail, job.attempts, history)
         (target / JOB_FILE).unlink(missing_ok=True)
         fsync_dir(target)
         return target
@@ -450,67 +350,16 @@ class JobStore:
         else:
             paths = list(pair_or_paths)
             stem = paths[0].name.rsplit(".", 1)[0] or paths[0].name
-        target = self._make_failed_dir(stem)
-        moved = [path for path in paths if self._move_into(path, target)]
+        target = self.failed_folder.make_dir(stem)
+        moved = [path for path in paths if move_into(path, target)]
         if not moved:
             target.rmdir()
             raise FileNotFoundError(errno.ENOENT, "files vanished before quarantine", str(paths[0]))
-        self._write_reason(target, moved[0].name, reason, message, detail, 0)
+        self.failed_folder.write_reason(target, moved[0].name, reason, message, detail, 0)
         fsync_dir(target)
         for parent in {path.parent for path in moved}:
             fsync_dir(parent)
         return target
-
-    @staticmethod
-    def _move_into(path: Path, target: Path) -> bool:
-        try:
-            os.rename(path, target / path.name)
-        except FileNotFoundError:
-            return False
-        return True
-
-    def _make_failed_dir(self, name: str) -> Path:
-        with self._lock:
-            counter = 1
-            while True:
-                candidate = self.failed_dir / (name if counter == 1 else f"{name}-{counter}")
-                try:
-                    candidate.mkdir()
-                except FileExistsError:
-                    counter += 1
-                    continue
-                fsync_dir(self.failed_dir)
-                return candidate
-
-    def _rename_to_failed(self, directory: Path, name: str) -> Path:
-        """Move a whole directory to a fresh `failed/NAME[-N]` in one rename (rename(2) never merges dirs)."""
-        target = self._make_failed_dir(name)
-        try:
-            os.rename(directory, target)  # replaces the empty placeholder atomically
-        except OSError:
-            target.rmdir()
-            raise
-        fsync_dir(self.failed_dir)
-        return target
-
-    def _write_reason(
-        self,
-        target: Path,
-        input_name: str,
-        reason: str,
-        message: str,
-        detail: Any,
-        attempts: int,
-        history: tuple[AttemptRecord, ...] = (),
-    ) -> None:
-        """`reason.json`; jobs that ran also get `history` (each attempt's start, end, outcome and error)."""
-        at = self._now().isoformat()
-        record = {"input": input_name, "reason": reason, "detail": detail, "message": message}
-        record |= {"attempts": attempts, "at": at}
-        if history:
-            record["history"] = history_json(history)
-        text = json.dumps(record, indent=2, ensure_ascii=True, default=str)
-        atomic_write_bytes(target / REASON_FILE, text.encode("ascii") + b"\n")
 
     # ----- observation --------------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
@@ -521,40 +370,3 @@ class JobStore:
         counts["not_removed"] = len(self.not_removed)
         counts["claimed"] = max(0, counts["claimed"] - counts["not_removed"])
         return counts
-
-
-def _close_open(
-    history: tuple[AttemptRecord, ...],
-    now: datetime,
-    outcome: str,
-    error: str | None = None,
-    *,
-    counted: bool = True,
-) -> tuple[AttemptRecord, ...]:
-    """The history with its last attempt ended (if it is still open); unchanged otherwise."""
-    if not history or history[-1].ended_at is not None:
-        return history
-    last = history[-1].model_copy(update={"ended_at": now, "outcome": outcome, "error": error, "counted": counted})
-    return (*history[:-1], last)
-
-
-def _skipped(now: datetime, earlier_job_id: str) -> AttemptRecord:
-    return AttemptRecord(
-        number=0, started_at=now, ended_at=now, outcome="skipped_duplicate", error=earlier_job_id, counted=False
-    )
-
-
-def _claim_move(source: Path, destination: Path) -> None:
-    """Rename one input into the job directory. On NFS a rename reported failed may have happened (rename(2),
-    BUGS): source gone and destination the same file -> claimed (Postfix `sane_rename`). Any other failure
-    (ENOENT: another daemon or thread claimed it first) goes up, for a quiet roll-back."""
-    identity = os.lstat(source)
-    try:
-        os.rename(source, destination)
-    except OSError:
-        if os.path.lexists(source) or not os.path.lexists(destination):
-            raise
-        moved = os.lstat(destination)
-        if (moved.st_dev, moved.st_ino) != (identity.st_dev, identity.st_ino):
-            raise
-        log.warning("claim_rename_reconciled", source=source.name)
