@@ -301,6 +301,9 @@ class DaemonConfig(BaseSettings):
     inbox: Path = Path("inbox")
     outbox: Path = Path("outbox")
     state_dir: Path | None = Field(default=None, description="default: INBOX/.i2vd (must be on the inbox's filesystem)")
+    require_mounts: list[Path] = Field(
+        default_factory=list, description="mount points that must be mounted before start (like RequiresMountsFor=)"
+    )
     model: ModelConfig = ModelConfig()
     generation: GenerationConfig = GenerationConfig()
     intake: IntakeConfig = IntakeConfig()
