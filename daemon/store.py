@@ -289,6 +289,8 @@ class JobStore:
         manifest = next((path for path in outputs if path.suffix == ".json"), None)
         try:
             self.record_published(job, outputs, manifest)
+            if job.history and job.history[-1].ended_at is None:
+                job = self.update_state(job, history=close_open_attempt(job.history, self.now(), "succeeded"))
         except OSError:
             log.exception("ledger_write_failed", job_id=job.job_id)
         return self.move_inputs_away(job, archive)

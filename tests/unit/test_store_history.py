@@ -81,3 +81,12 @@ def test_below_the_limit_a_crashed_job_is_requeued(inbox: Path) -> None:
     store.record_attempt(store.claim(the_pair(inbox)))
     (job,) = open_store(inbox, max_attempts=3).recover()
     assert job.attempts == 1
+
+
+def test_completion_closes_the_attempt_as_succeeded_in_the_archived_state(inbox: Path) -> None:
+    """The archived job.json (done/<id>/) shows how the last attempt ended."""
+    store = open_store(inbox)
+    job = store.record_attempt(store.claim(the_pair(inbox)))
+    assert store.complete(job, archive=True)
+    state = json.loads((inbox / ".i2vd" / "done" / job.job_id / "job.json").read_text())
+    assert state["history"][-1]["outcome"] == "succeeded" and state["history"][-1]["ended_at"]
