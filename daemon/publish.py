@@ -154,8 +154,9 @@ class Publisher:
         If a name was taken meanwhile (another worker, same second, same name), the whole set moves to the
         next base (`-2`, `-3`...); pass `manifest` as a callable taking the final base when it records output
         names.
-        On an OS error (disk full...) the files already moved are moved back into staging, so the outbox holds
-        no partial set, and `TransientJobError` is raised; the staged files stay for a retry or discard.
+        On an OS error the files already moved are moved back into staging, so the outbox holds no partial set,
+        and `TransientJobError` is raised (`StorageFull` for a full disk or quota); the staged files stay for a
+        retry or discard. An fsync error on a staged file discards that file and raises `OutputLost`.
         """
         _check_single_name(base, "base name")
         suffixes = [suffix for _, suffix in files]
