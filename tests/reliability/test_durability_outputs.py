@@ -8,7 +8,10 @@ A small loopback or tmpfs filesystem needs root here, so ENOSPC and EIO are inje
 from __future__ import annotations
 
 import errno
+import json
 import os
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -304,3 +307,58 @@ def test_sweep_staging_removes_what_a_crash_left(publisher: Publisher, outbox: P
     assert publisher.sweep_staging() == 2
     assert list((outbox / STAGING_DIR_NAME).iterdir()) == []
     assert Publisher(outbox / "missing").sweep_staging() == 0
+
+
+KILL_CHILD = """\
+import os, signal, sys
+from pathlib import Path
+from daemon import fsio
+from daemon.publish import Publisher
+outbox, kill_at = Path(sys.argv[1]), int(sys.argv[2])
+publisher = Publisher(outbox)
+staging = publisher.staging_dir("job1")
+(staging / "a.mp4").write_bytes(b"M" * 200_000)
+(staging / "b.png").write_bytes(b"P" * 50_000)
+calls = [0]
+def step(real):
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    return wrapped
+os.fsync = step(os.fsync)
+os.write = step(os.write)
+fsio._rename_noreplace_syscall = step(fsio._rename_noreplace_syscall)
+publisher.publish("video_x_cat", [(staging / "a.mp4", ".mp4"), (staging / "b.png", ".png")], {"job_id": "job1"})
+print(calls[0])
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_at_every_publish_step_leaves_no_output_or_a_complete_one(tmp_path: Path) -> None:
+    """Checklist D27: a real `kill -9` of a publishing process before each of its fsync, write and rename calls in
+    turn. After every kill, each name visible in the outbox holds its complete content (never 0 bytes, never a
+    part), and the manifest, when visible, comes with every output it lists. The staging sweep at the next start
+    leaves no temp file."""
+    repo = Path(__file__).resolve().parents[2]
+    expected = {"video_x_cat.mp4": b"M" * 200_000, "video_x_cat.png": b"P" * 50_000}
+    clean = subprocess.run(
+        [sys.executable, "-c", KILL_CHILD, str(tmp_path / "clean"), "0"], cwd=repo, capture_output=True, check=True
+    )
+    steps = int(clean.stdout)
+    assert steps >= 6
+    for kill_at in range(1, steps + 1):
+        outbox = tmp_path / f"kill{kill_at}"
+        done = subprocess.run([sys.executable, "-c", KILL_CHILD, str(outbox), str(kill_at)], cwd=repo, timeout=60)
+        assert done.returncode == -9
+        names = visible(outbox)
+        for name in names:
+            data = (outbox / name).read_bytes()
+            if name.endswith(".json"):
+                assert json.loads(data) == {"job_id": "job1"}
+                assert set(expected) <= set(names), f"manifest visible without its outputs (kill at {kill_at})"
+            else:
+                assert data == expected[name], f"partial {name} after kill at step {kill_at}"
+        Publisher(outbox).sweep_staging()
+        assert list((outbox / STAGING_DIR_NAME).iterdir()) == []
