@@ -104,6 +104,9 @@ class IntakeConfig(_Frozen):
     this much longer, files unchanged, before it is rejected; any change restarts the wait."""
     orphan_timeout_seconds: Annotated[float, Field(gt=0.0)] | None = 3600.0
     """An image or sidecar unchanged this long without its partner goes to failed/ (`orphan_timeout`); null: never."""
+    duplicate_policy: Literal["process", "skip"] = "process"
+    """A pair byte-identical to one already published (completed-input ledger, daemon/ledger.py): `process` it
+    again under a new output name, or `skip` it (inputs archived in the state dir's done/ with a pointer file)."""
 
 
 X264Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower"]
@@ -311,6 +314,9 @@ class DaemonConfig(BaseSettings):
     inbox: Path = Path("inbox")
     outbox: Path = Path("outbox")
     state_dir: Path | None = Field(default=None, description="default: INBOX/.i2vd (must be on the inbox's filesystem)")
+    require_mounts: list[Path] = Field(
+        default_factory=list, description="mount points that must be mounted before start (like RequiresMountsFor=)"
+    )
     model: ModelConfig = ModelConfig()
     generation: GenerationConfig = GenerationConfig()
     intake: IntakeConfig = IntakeConfig()

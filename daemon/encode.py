@@ -2,9 +2,19 @@
 
 Every ffmpeg run is an argv list (never a shell) built only from our own numbers and absolute `file:`
 paths, in a new session so that a timeout can kill the whole process group; the last few KiB of stderr are
-kept for the error. Nothing is trusted on exit status alone: imageio-ffmpeg's writer does not notice when
-ffmpeg dies (DESIGN.md §5), so each output is decoded again and its codec, size, frame count, rate and
-duration are compared with what was asked.
+kept for the error. stdin is /dev/null (or our frame pipe), so ffmpeg never waits on a terminal.
+
+ffmpeg must never outlive the daemon. Under systemd the control group is killed on stop; outside it, a
+`kill -9` of the daemon would leave an ffmpeg in its own session running. So on Linux ffmpeg is started through
+util-linux `setpriv --pdeathsig KILL` (an exec wrapper: the parent-death signal is set in the child and survives
+the exec into ffmpeg). That is thread-safe, unlike a `preexec_fn` calling prctl (subprocess documents
+`preexec_fn` as unsafe with threads, and this daemon runs ffmpeg from several). The signal fires when the
+*thread* that started ffmpeg ends, which here is also the thread waiting for it, so it never fires early.
+Without setpriv the process group and the timeout remain, and `kill_running()` ends every live group at stop.
+
+Nothing is trusted on exit status alone: imageio-ffmpeg's writer does not notice when ffmpeg dies (DESIGN.md
+§5), so each output is decoded again and its codec, size, frame count, rate and duration are compared with what
+was asked.
 The bundled ffmpeg has no ffprobe, so `probe` decodes with ffmpeg itself and parses its report.
 """
 
@@ -12,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -27,7 +38,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from daemon.config import EncodeConfig, VariantSpec
-from daemon.errors import ConfigError, FatalError, TransientJobError
+from daemon.errors import ConfigError, FatalError, StorageFull, TransientJobError
 from daemon.media import MediaInfo, parse_probe_report
 from daemon.variants import Expectation, expect_variant, expected_variant_frames, mismatches, output_options
 from daemon.variants import variant_filters as variant_filters
@@ -37,6 +48,20 @@ __all__ = ["Encoder", "MediaInfo", "expected_variant_frames", "parse_probe_repor
 STDERR_TAIL_BYTES = 4096
 _PROBE_STDERR_BYTES = 64 * 1024
 _WRITE_CHUNK_BYTES = 1 << 20
+_DISK_FULL_MESSAGES = ("No space left on device", "Disk quota exceeded", "File too large")
+SETPRIV = shutil.which("setpriv") if os.uname().sysname == "Linux" else None
+"""util-linux `setpriv`, used as `setpriv --pdeathsig KILL -- ffmpeg ...`; None where it is missing."""
+_running: set[subprocess.Popen[bytes]] = set()
+_running_lock = threading.Lock()
+
+
+def kill_running() -> int:
+    """Kill every ffmpeg process group still running (service stop, or an exit path); return how many."""
+    with _running_lock:
+        processes = list(_running)
+    for process in processes:
+        _kill_group(process)
+    return len(processes)
 
 
 @dataclass(frozen=True)
@@ -77,13 +102,22 @@ def _read_tail(handle: IO[bytes], limit: int) -> bytes:
 
 
 def _spawn(argv: list[str], *, stdin: int, stdout: IO[bytes], stderr: IO[bytes]) -> subprocess.Popen[bytes]:
+    """Start `argv` in its own session, under `setpriv --pdeathsig KILL` where available; track it."""
+    command = argv
+    if SETPRIV is not None:
+        if not os.access(argv[0], os.X_OK):  # setpriv would report this as its own exit status 127
+            raise FatalError(f"cannot run ffmpeg at {argv[0]}: not an executable file", detail={"ffmpeg": argv[0]})
+        command = [SETPRIV, "--pdeathsig", "KILL", "--", *argv]
     try:
-        return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, start_new_session=True)
+        process = subprocess.Popen(command, stdin=stdin, stdout=stdout, stderr=stderr, start_new_session=True)
     except (FileNotFoundError, PermissionError) as exc:
         message = f"cannot run ffmpeg at {argv[0]}: {exc.strerror}"
         raise FatalError(message, detail={"ffmpeg": argv[0]}) from exc
     except OSError as exc:
         raise TransientJobError(f"cannot start ffmpeg: {exc.strerror}", detail={"ffmpeg": argv[0]}) from exc
+    with _running_lock:
+        _running.add(process)
+    return process
 
 
 def _run_process(
@@ -115,6 +149,8 @@ def _run_process(
         finally:
             if process.returncode is None:  # interrupted (KeyboardInterrupt...): leave nothing running
                 _kill_group(process)
+            with _running_lock:
+                _running.discard(process)
             if feeder is not None:
                 feeder.join(timeout=5.0)
         out.seek(0)
@@ -153,14 +189,12 @@ class Encoder:
             result = _run_process([self.ffmpeg, *argv], self.config.timeout_seconds, what, stdin_data)
         if result.returncode != 0:
             last_line = result.stderr.strip().splitlines()[-1:] or ["(no output)"]
-            raise TransientJobError(
-                f"ffmpeg failed ({what}) with exit status {result.returncode}: {last_line[0]}",
-                detail={
-                    "argv": [self.ffmpeg, *argv],
-                    "returncode": result.returncode,
-                    "stderr": result.stderr,
-                },
-            )
+            status = f"killed by signal {-result.returncode}" if result.returncode < 0 else "failed"
+            detail = {"argv": [self.ffmpeg, *argv], "returncode": result.returncode, "stderr": result.stderr}
+            message = f"ffmpeg {status} ({what}) with exit status {result.returncode}: {last_line[0]}"
+            if any(text in result.stderr for text in _DISK_FULL_MESSAGES):
+                raise StorageFull(message, detail=detail)
+            raise TransientJobError(message, detail=detail)
         return result
 
     def write_video(self, frames: npt.NDArray[np.uint8], fps: int, destination: Path) -> MediaInfo:

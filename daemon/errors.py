@@ -44,3 +44,15 @@ class FatalError(I2vdError):
 
 class ConfigError(FatalError):
     """The configuration is invalid."""
+
+
+class StorageFull(TransientJobError):
+    """There is no space left to write the job's outputs; it stays pending until space returns."""
+
+    consumes_attempt = False
+    """A full disk says nothing about the job: the worker keeps it pending (and retries after a delay) without
+    counting the attempt, so a long outage never sends good jobs to failed/."""
+
+
+class OutputLost(TransientJobError):
+    """A written output could not be made durable (fsync failed); it was discarded and must be written again."""

@@ -42,6 +42,8 @@ class GeneratedJob:
     generate_timings: Mapping[str, float] = field(default_factory=dict)
     peak_vram_bytes: int = 0
     sanity: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    published: list[Path] = field(default_factory=list)
+    """Set by `Finisher.publish`: what `archive_inputs` records in the completed-input ledger."""
 
 
 class Finisher:
@@ -73,7 +75,11 @@ class Finisher:
         inputs = self._manifest_inputs(generated)
 
         def manifest_for(base: str) -> dict[str, object]:
-            """The publisher picks the final base name (a clash moves the whole set to `-2`), then asks for this."""
+            """The publisher picks the final base name (a clash moves the whole set to `-2`), then asks for this.
+            The outputs already carry their final names: the job's state notes them before the manifest goes."""
+            names = [f"{base}{item.suffix}" for item in staged]
+            digests = [digest for _, digest, _ in records]
+            self._store.mark_publishing(generated.job, directory, base, names, digests, self._archive)
             outputs = [
                 OutputRecord(
                     name=f"{base}{item.suffix}",
@@ -93,11 +99,18 @@ class Finisher:
 
         directory, base = self._publisher.reserve(generated.resolved.output_name)
         files = [(item.path, item.suffix) for item in staged]
-        return self._publisher.publish(base, files, manifest_for, directory)
+        generated.published = self._publisher.publish(base, files, manifest_for, directory)
+        return generated.published
+
+    @property
+    def _archive(self) -> bool:
+        return self._config.publish.processed_inputs == "archive"
 
     def archive_inputs(self, generated: GeneratedJob) -> None:
-        """Only after the outputs are durable: move (or delete) the claimed inputs."""
-        self._store.complete(generated.job, archive=self._config.publish.processed_inputs == "archive")
+        """Only after the outputs are durable: record them in the completed-input ledger, then move (or delete)
+        the claimed inputs. Inputs that cannot be moved (read-only share) are logged and counted by the store,
+        never raised: the outputs are published, so a retry would only publish them twice."""
+        self._store.complete(generated.job, archive=self._archive, outputs=generated.published)
 
     def _manifest_inputs(self, generated: GeneratedJob) -> ManifestInputs:
         job, resolved, model = generated.job, generated.resolved, self._model

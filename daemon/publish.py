@@ -3,14 +3,20 @@
 Outputs are written in a staging directory inside the outbox (`outbox/.i2vd-staging/<job_id>/`): the same
 filesystem, so moving a finished file into place is an atomic rename, and hidden, so tools watching the outbox
 ignore it. Publishing then follows Maildir's delivery rules: fsync each file, give it its final name with a
-hard link (`link_no_clobber`: fails instead of replacing a file that is already there, so nothing is ever
-overwritten), fsync the outbox directory, and only then deliver the manifest the same way. A reader never sees
-a partial file, and a manifest's presence means every output it lists is complete and durable.
+no-clobber rename (`rename_no_replace`: fails instead of replacing a file that is already there, so nothing is
+ever overwritten), fsync the outbox directory, and only then deliver the manifest the same way. A reader never
+sees a partial file, and a manifest's presence means every output it lists is complete and durable.
+
+Failures (reliability-anchors.md §7 D27-D32): a full disk raises `StorageFull` (the job waits, no attempt used);
+an fsync error discards the staged file and raises `OutputLost` (the job writes it again from scratch; fsync is
+never retried on the same file); any error moves what was already delivered back to staging, so the outbox never
+holds a partial set.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -22,8 +28,8 @@ from datetime import datetime
 from pathlib import Path, PurePath
 from typing import Any
 
-from daemon.errors import TransientJobError
-from daemon.fsio import fsync_dir, fsync_file, link_no_clobber
+from daemon.errors import OutputLost, StorageFull, TransientJobError
+from daemon.fsio import fsync_dir, is_storage_full, rename_no_replace, write_durable_temp
 
 STAGING_DIR_NAME = ".i2vd-staging"
 MANIFEST_SUFFIX = ".json"
@@ -84,6 +90,26 @@ class Publisher:
         directory.mkdir(parents=True, exist_ok=True)
         return directory
 
+    def sweep_staging(self) -> int:
+        """Remove every staging directory and temp manifest a previous run left; return how many entries.
+
+        Call once at start, before any job runs (a crash leaves half-written outputs there; they are never
+        published, and a recovered job writes its outputs again from scratch).
+        """
+        try:
+            entries = list(os.scandir(self.staging_root))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+        with contextlib.suppress(OSError):
+            fsync_dir(self.staging_root)
+        return len(entries)
+
     def discard_staging(self, job_id: str) -> None:
         """Remove the job's staging directory and whatever a failed attempt left in it."""
         _check_single_name(job_id, "job id")
@@ -128,8 +154,9 @@ class Publisher:
         If a name was taken meanwhile (another worker, same second, same name), the whole set moves to the
         next base (`-2`, `-3`...); pass `manifest` as a callable taking the final base when it records output
         names.
-        On an OS error (disk full...) the files already moved are moved back into staging, so the outbox holds
-        no partial set, and `TransientJobError` is raised; the staged files stay for a retry or discard.
+        On an OS error the files already moved are moved back into staging, so the outbox holds no partial set,
+        and `TransientJobError` is raised (`StorageFull` for a full disk or quota); the staged files stay for a
+        retry or discard. An fsync error on a staged file discards that file and raises `OutputLost`.
         """
         _check_single_name(base, "base name")
         suffixes = [suffix for _, suffix in files]
@@ -140,32 +167,34 @@ class Publisher:
             if not directory.is_dir():
                 directory.mkdir(parents=True, exist_ok=True)
                 fsync_dir(directory.parent)
-            for staged, _ in files:
-                fsync_file(staged)
+            digests = [_durable_digest(staged) for staged, _ in files]
             while True:
                 base = self._first_free(directory, base)
-                published = self._deliver(directory, base, files, manifest)
+                published = self._deliver(directory, base, files, digests, manifest)
                 if published is not None:
                     break
                 base = next_base_name(base)
         except OSError as exc:
-            raise TransientJobError(
-                f"cannot publish {base}: {exc.strerror or exc}", detail={"base": base, "errno": exc.errno}
-            ) from exc
+            raise _publish_error(base, exc) from exc
         for directory in {staged.parent for staged, _ in files}:
             with contextlib.suppress(OSError):  # not empty, or not ours: leave it
                 directory.rmdir()
         return published
 
     def _deliver(
-        self, directory: Path, base: str, files: Sequence[tuple[Path, str]], manifest: ManifestSource
+        self,
+        directory: Path,
+        base: str,
+        files: Sequence[tuple[Path, str]],
+        digests: Sequence[str],
+        manifest: ManifestSource,
     ) -> list[Path] | None:
-        """Link every file, then the manifest, under `base`; None (and everything moved back) on a clash."""
+        """Rename every file, then the manifest, under `base`; None (and everything moved back) on a clash."""
         moved: list[tuple[Path, Path]] = []
         try:
-            for staged, suffix in files:
+            for (staged, suffix), digest in zip(files, digests, strict=True):
                 target = directory / f"{base}{suffix}"
-                if not link_no_clobber(staged, target):
+                if not rename_no_replace(staged, target, digest):
                     self._move_back(moved)
                     return None
                 moved.append((staged, target))
@@ -183,15 +212,10 @@ class Publisher:
     def _deliver_manifest(self, directory: Path, base: str, content: Mapping[str, Any]) -> Path | None:
         data = json.dumps(content, indent=2, ensure_ascii=False, default=_json_default).encode("utf-8") + b"\n"
         self.staging_root.mkdir(parents=True, exist_ok=True)
-        temp = self.staging_root / f".manifest-{uuid.uuid4().hex}.tmp"
+        temp = write_durable_temp(self.staging_root / f"manifest-{uuid.uuid4().hex}", data)
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
             target = directory / f"{base}{MANIFEST_SUFFIX}"
-            if not link_no_clobber(temp, target):
+            if not rename_no_replace(temp, target, hashlib.sha256(data).hexdigest()):
                 return None
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -209,3 +233,33 @@ class Publisher:
         for directory in directories:
             with contextlib.suppress(OSError):
                 fsync_dir(directory)
+
+
+def _durable_digest(staged: Path) -> str:
+    """fsync a staged output, then hash it (for the NFS rename reconciliation).
+
+    On an fsync error the file is discarded at once: its pages may already have been dropped, so it is written
+    again from scratch by the next attempt, never "fsynced again until it works" (fsyncgate).
+    """
+    fd = os.open(staged, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno == errno.EIO:
+            with contextlib.suppress(FileNotFoundError):
+                staged.unlink()
+            raise OutputLost(
+                f"{staged.name} could not be made durable (fsync: {exc.strerror}); discarded to be written again",
+                detail={"file": staged.name, "errno": exc.errno},
+            ) from exc
+        raise
+    finally:
+        os.close(fd)
+    return sha256_file(staged)
+
+
+def _publish_error(base: str, exc: OSError) -> TransientJobError:
+    detail = {"base": base, "errno": exc.errno}
+    if is_storage_full(exc):
+        return StorageFull(f"cannot publish {base}: {exc.strerror or exc}", detail=detail)
+    return TransientJobError(f"cannot publish {base}: {exc.strerror or exc}", detail=detail)

@@ -4,11 +4,14 @@ Every pair that enters the inbox ends in exactly one place: still in the inbox, 
 `jobs/<id>/`, archived under `done/<id>/` (or deleted after publishing) or quarantined under
 `inbox/failed/NAME[-N]/` with a `reason.json`. Each step between those places is one `rename(2)` on the same
 filesystem, so a crash leaves a job in one place or the other, never half-copied. `job.json` is rewritten
-atomically (temp, fsync, rename, fsync dir).
+atomically (temp, fsync, rename, fsync dir); what it holds is described in `daemon/jobstate.py`.
 
 A claim writes `job.json` (phase `claiming`, with the original names) *before* it moves the inputs, so a crash
 in the middle of a claim is undone by `recover()`: the files already moved go back to the inbox under their
-names.
+names. An attempt is recorded in `job.json` *before* it starts, so `recover()` knows which attempt the daemon
+died in: after `max_attempts` such deaths the job is poison and goes to failed/ with its history instead of
+killing the daemon again. Published jobs are recorded in the completed-input ledger (`daemon/ledger.py`) before
+their inputs move, so a crash (or a read-only inbox) after publication never makes a job run twice.
 """
 
 from __future__ import annotations
@@ -19,105 +22,52 @@ import os
 import secrets
 import shutil
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import structlog
-from pydantic import BaseModel, ConfigDict, ValidationError
 
+from daemon.config import WorkerConfig
 from daemon.errors import FatalError, JobRejected
-from daemon.fsio import atomic_write_bytes, fsync_dir, link_no_clobber
+from daemon.fsio import atomic_write_bytes, fsync_dir, link_no_clobber, rename_or_confirm
 from daemon.jobspec import ResolvedJob
+from daemon.jobstate import (
+    JOB_FILE,
+    SIDECAR_FILE,
+    AttemptRecord,
+    ClaimedJob,
+    JobState,
+    Pair,
+    PublishingMark,
+    close_open_attempt,
+    image_file_name,
+    read_state,
+    skipped_attempt,
+    to_job,
+    write_state,
+)
+from daemon.ledger import DEFAULT_MAX_ENTRIES, LEDGER_FILE, CompletedLedger, LedgerEntry, input_key
+from daemon.publish import sha256_file
+from daemon.quarantine import FailedFolder, move_into
+from daemon.recovery import recover_jobs
+
+__all__ = ["ClaimedJob", "JobState", "JobStore", "Pair"]
 
 log = structlog.get_logger(__name__)
 
-JOB_FILE = "job.json"
-REASON_FILE = "reason.json"
-SIDECAR_FILE = "sidecar.yaml"
+DUPLICATE_FILE = "duplicate_of.json"
 SEQUENCE_FILE = "sequence"
-_SHARED_FIELDS = {"job_id", "stem", "image_name", "sidecar_name", "received_at", "sequence", "attempts"}
-
-
-@dataclass(frozen=True)
-class Pair:
-    """An image and its sidecar in the inbox's top level, sharing `stem`."""
-
-    stem: str
-    image: Path
-    sidecar: Path
-
-
-@dataclass(frozen=True)
-class ClaimedJob:
-    """A job whose inputs now live in the store; `resolved` is set once intake validated it."""
-
-    job_id: str
-    stem: str
-    image_name: str
-    sidecar_name: str
-    directory: Path
-    image_path: Path
-    sidecar_path: Path
-    received_at: datetime
-    sequence: int
-    attempts: int
-    image_sha256: str | None
-    resolved: ResolvedJob | None
-
-
-class JobState(BaseModel):
-    """What `job.json` holds: enough to rebuild a `ClaimedJob`, resolved seed included, after a restart."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    version: Literal[1] = 1
-    phase: Literal["claiming", "claimed"]
-    job_id: str
-    stem: str
-    image_name: str
-    sidecar_name: str
-    image_file: str
-    received_at: datetime
-    sequence: int
-    attempts: int = 0
-    image_sha256: str | None = None
-    resolved: ResolvedJob | None = None
+DEFAULT_MAX_ATTEMPTS: int = WorkerConfig.model_fields["max_attempts"].default
+DuplicatePolicy = Literal["process", "skip"]
+_JOB_FIELDS = {field.name for field in fields(ClaimedJob)}
 
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def _image_file_name(image_name: str) -> str:
-    """`input.<ext>` keeps the extension (lower-cased) so tools can still guess the claimed copy's type."""
-    suffix = Path(image_name).suffix.lower()
-    return f"input{suffix}" if suffix else "input"
-
-
-def _read_state(directory: Path) -> JobState:
-    data = (directory / JOB_FILE).read_bytes()
-    return JobState.model_validate_json(data)
-
-
-def _write_state(directory: Path, state: JobState) -> None:
-    # json.dumps escapes lone surrogates (names that are not UTF-8) instead of failing like model_dump_json.
-    text = json.dumps(state.model_dump(mode="json"), indent=2, ensure_ascii=True)
-    atomic_write_bytes(directory / JOB_FILE, text.encode("ascii") + b"\n")
-
-
-def _to_job(directory: Path, state: JobState) -> ClaimedJob:
-    same = state.model_dump(include=_SHARED_FIELDS)  # plain values only: `resolved` stays a model below
-    return ClaimedJob(
-        **same,
-        directory=directory,
-        image_path=directory / state.image_file,
-        sidecar_path=directory / SIDECAR_FILE,
-        image_sha256=state.image_sha256,
-        resolved=state.resolved,
-    )
 
 
 def _count_dirs(directory: Path) -> int:
@@ -134,20 +84,35 @@ class JobStore:
     `state_dir` must be on the inbox's filesystem, because every move is an atomic same-filesystem rename.
     """
 
-    def __init__(self, inbox: Path, state_dir: Path, now: Callable[[], datetime] = _utc_now) -> None:
+    def __init__(
+        self,
+        inbox: Path,
+        state_dir: Path,
+        now: Callable[[], datetime] = _utc_now,
+        *,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        ledger_max_entries: int = DEFAULT_MAX_ENTRIES,
+    ) -> None:
         self.inbox = inbox
+        self.max_attempts = max_attempts
         self.state_dir = state_dir
         self.jobs_dir = state_dir / "jobs"
         self.done_dir = state_dir / "done"
         self.trash_dir = state_dir / "trash"
         self.failed_dir = inbox / "failed"
-        self._now = now
+        self.now = now
         self._lock = threading.Lock()
         for directory in (inbox, self.jobs_dir, self.done_dir, self.trash_dir, self.failed_dir):
             directory.mkdir(parents=True, exist_ok=True)
         if os.stat(inbox).st_dev != os.stat(state_dir).st_dev:
             raise FatalError(f"state_dir {state_dir} must be on the same filesystem as the inbox {inbox}")
         self._sequence = self._last_sequence()
+        self.failed_folder = FailedFolder(self.failed_dir, now)
+        self.ledger = CompletedLedger(state_dir / LEDGER_FILE, ledger_max_entries)
+        self.recovery_report: Counter[str] = Counter()
+        """What the last `recover()` did besides re-queueing: `poison`, `completed`, `rolled_back`, `corrupt`..."""
+        self.not_removed: set[str] = set()
+        """Published jobs whose inputs could not be moved away (read-only share); never run again (ledger)."""
 
     # ----- sequence -----------------------------------------------------------------------------------------
     def _last_sequence(self) -> int:
@@ -156,9 +121,9 @@ class JobStore:
             last = int((self.state_dir / SEQUENCE_FILE).read_text(encoding="ascii").strip())
         except (OSError, ValueError):
             last = 0
-        for directory in self._job_dirs():
+        for directory in self.job_dirs():
             try:
-                last = max(last, _read_state(directory).sequence)
+                last = max(last, read_state(directory).sequence)
             except (OSError, ValueError):
                 continue
         return last
@@ -169,7 +134,7 @@ class JobStore:
             atomic_write_bytes(self.state_dir / SEQUENCE_FILE, f"{self._sequence}\n".encode("ascii"))
             return self._sequence
 
-    def _job_dirs(self) -> list[Path]:
+    def job_dirs(self) -> list[Path]:
         entries = sorted(os.scandir(self.jobs_dir), key=lambda entry: entry.name)
         return [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False) and e.name[0] != "."]
 
@@ -179,7 +144,7 @@ class JobStore:
 
         Raises FileNotFoundError, with the inbox as it was, if either file vanished before it could be moved.
         """
-        received = self._now()
+        received = self.now()
         job_id = f"{received.astimezone(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(4)}"
         directory = self.jobs_dir / job_id
         directory.mkdir()
@@ -189,26 +154,27 @@ class JobStore:
             stem=pair.stem,
             image_name=pair.image.name,
             sidecar_name=pair.sidecar.name,
-            image_file=_image_file_name(pair.image.name),
+            image_file=image_file_name(pair.image.name),
             received_at=received,
             sequence=self._next_sequence(),
         )
-        _write_state(directory, state)
+        write_state(directory, state)
         fsync_dir(self.jobs_dir)
-        job = _to_job(directory, state)
+        job = to_job(directory, state)
         try:
-            os.rename(pair.sidecar, job.sidecar_path)
-            os.rename(pair.image, job.image_path)
+            for source, destination in ((pair.sidecar, job.sidecar_path), (pair.image, job.image_path)):
+                if rename_or_confirm(source, destination):
+                    log.warning("claim_rename_reconciled", job_id=job_id, source=source.name)
         except OSError:
-            self._roll_back_claim(job)
+            self.roll_back_claim(job)
             raise
         fsync_dir(self.inbox)
         state = state.model_copy(update={"phase": "claimed"})
-        _write_state(directory, state)
+        write_state(directory, state)
         log.debug("pair_claimed", job_id=job_id, stem=pair.stem)
-        return _to_job(directory, state)
+        return to_job(directory, state)
 
-    def _roll_back_claim(self, job: ClaimedJob) -> None:
+    def roll_back_claim(self, job: ClaimedJob) -> None:
         """Put back whatever an interrupted claim already moved, then drop the job directory."""
         moved = [(job.sidecar_path, job.sidecar_name), (job.image_path, job.image_name)]
         leftovers = [path for path, _ in moved if os.path.lexists(path)]
@@ -227,78 +193,122 @@ class JobStore:
         fsync_dir(self.jobs_dir)
 
     # ----- state updates ------------------------------------------------------------------------------------
-    def _update(self, job: ClaimedJob, **changes: Any) -> ClaimedJob:
-        state = _read_state(job.directory)
-        _write_state(job.directory, JobState.model_validate({**state.model_dump(), **changes}))
-        return replace(job, **changes)
+    def update_state(self, job: ClaimedJob, **changes: Any) -> ClaimedJob:
+        state = read_state(job.directory)
+        write_state(job.directory, JobState.model_validate({**state.model_dump(), **changes}))
+        return replace(job, **{key: value for key, value in changes.items() if key in _JOB_FIELDS})
 
     def mark_validated(self, job: ClaimedJob, resolved: ResolvedJob, image_sha256: str) -> ClaimedJob:
         """Persist the resolved job (its seed included, so a retry after a restart makes the same video)."""
-        return self._update(job, resolved=resolved, image_sha256=image_sha256)
+        return self.update_state(job, resolved=resolved, image_sha256=image_sha256)
 
     def record_attempt(self, job: ClaimedJob) -> ClaimedJob:
-        """Count an attempt before work starts, so a job that crashes the daemon is not retried forever."""
-        return self._update(job, attempts=job.attempts + 1)
+        """Count an attempt and note its start in the history *before* work starts, so a job that kills the
+        daemon is known at the next start (and becomes poison after `max_attempts`) instead of looping."""
+        history = close_open_attempt(job.history, self.now(), "unrecorded")
+        started = AttemptRecord(number=job.attempts + 1, started_at=self.now())
+        return self.update_state(job, attempts=job.attempts + 1, history=(*history, started))
+
+    def end_attempt(self, job: ClaimedJob, outcome: str, error: str | None = None) -> ClaimedJob:
+        """Note how the running attempt ended (`succeeded`, `retried`, `failed`...) in the job's history."""
+        return self.update_state(job, history=close_open_attempt(job.history, self.now(), outcome, error))
+
+    def release_attempt(self, job: ClaimedJob, outcome: str, error: str | None = None) -> ClaimedJob:
+        """End the running attempt *without* counting it (disk full: `StorageFull.consumes_attempt` is False;
+        service stopping): the job stays claimed and pending, with the same attempts left as before."""
+        history = close_open_attempt(job.history, self.now(), outcome, error, counted=False)
+        return self.update_state(job, attempts=max(0, job.attempts - 1), history=history)
+
+    def mark_publishing(
+        self, job: ClaimedJob, directory: Path, base: str, names: Sequence[str], digests: Sequence[str], archive: bool
+    ) -> None:
+        """Note, before the manifest is delivered, which names (and bytes) the outputs already have, so
+        `recover()` can finish a publication a crash cut short (manifest there) or take its orphan outputs back
+        (no manifest)."""
+        mark = PublishingMark(
+            directory=str(directory), base=base, names=list(names), sha256=list(digests), archive=archive
+        )
+        self.update_state(job, publishing=mark)
 
     # ----- recovery -----------------------------------------------------------------------------------------
     def recover(self) -> list[ClaimedJob]:
-        """Every claimed job left by a previous run, oldest sequence first; broken state goes to failed/."""
-        self._empty_trash()
-        jobs: list[ClaimedJob] = []
-        for directory in self._job_dirs():
-            try:
-                job = self._recover_one(directory)
-            except Exception:
-                log.exception("job_recovery_failed", directory=str(directory))
-                continue
-            if job is not None:
-                jobs.append(job)
-        return sorted(jobs, key=lambda job: job.sequence)
+        """Every claimed job left by a previous run, oldest sequence first, each exactly once (daemon/recovery.py
+        says what else happens on the way); `recovery_report` counts what was not re-queued and why."""
+        jobs, self.recovery_report = recover_jobs(self)
+        return jobs
 
-    def _recover_one(self, directory: Path) -> ClaimedJob | None:
-        for temp in directory.glob(f".{JOB_FILE}.tmp-*"):
-            temp.unlink()  # a job.json rewrite interrupted by the crash; the old job.json is intact
-        try:
-            state = _read_state(directory)
-        except (OSError, ValueError, ValidationError) as exc:
-            self._quarantine_corrupt(directory, f"job.json is missing or unreadable: {exc}")
-            return None
-        job = _to_job(directory, state)
-        if state.phase == "claiming":
-            log.warning("claim_rolled_back", job_id=job.job_id, stem=job.stem)
-            self._roll_back_claim(job)
-            return None
-        missing = [p.name for p in (job.image_path, job.sidecar_path) if not os.path.lexists(p)]
-        if missing:
-            self.fail(job, None, "state_corrupt", "The claimed job lost some of its input files.", missing)
-            return None
-        return job
+    # ----- completed-input ledger -----------------------------------------------------------------------------
+    def input_key(self, job: ClaimedJob) -> str:
+        """The ledger key of the job's inputs (image and sidecar content)."""
+        image = job.image_sha256 or sha256_file(job.image_path)
+        return input_key(image, sha256_file(job.sidecar_path))
 
-    def _quarantine_corrupt(self, directory: Path, detail: str) -> None:
-        if not any(directory.iterdir()):
-            directory.rmdir()  # a crash between mkdir and the first job.json write: nothing to keep
-            return
-        target = self._rename_to_failed(directory, directory.name)
-        message = "The daemon's record of this job was damaged; its files are kept here."
-        self._write_reason(target, directory.name, "state_corrupt", message, detail, 0)
-        log.error("job_rejected", reason="state_corrupt", failed_dir=str(target), detail=detail)
+    def find_duplicate(self, job: ClaimedJob) -> LedgerEntry | None:
+        """The earlier published job with byte-identical inputs, if the ledger remembers one."""
+        return self.ledger.lookup(self.input_key(job))
 
-    def _empty_trash(self) -> None:
-        for entry in os.scandir(self.trash_dir):
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path)
-            else:
-                os.unlink(entry.path)
+    def settle_duplicate(self, job: ClaimedJob, policy: DuplicatePolicy) -> LedgerEntry | None:
+        """Apply `intake.duplicate_policy` to a validated job. Returns the earlier entry when the job was
+        *skipped* (its inputs archived under `done/<id>/` with `duplicate_of.json`; do not queue it), else None
+        (queue it: `process` publishes it again under a new, never-clashing name)."""
+        earlier = self.find_duplicate(job)
+        if earlier is None:
+            return None
+        pointer = {"job_id": earlier.job_id, "outputs": earlier.outputs, "manifest": earlier.manifest}
+        if policy == "process":
+            log.info("duplicate_input", job_id=job.job_id, stem=job.stem, policy=policy, earlier=pointer)
+            return None
+        text = json.dumps({**pointer, "at": self.now().isoformat()}, indent=2, ensure_ascii=True)
+        atomic_write_bytes(job.directory / DUPLICATE_FILE, text.encode("ascii") + b"\n")
+        self.update_state(job, history=(*job.history, skipped_attempt(self.now(), earlier.job_id)))
+        self.move_inputs_away(job, archive=True)
+        log.info("duplicate_skipped", job_id=job.job_id, stem=job.stem, earlier=pointer)
+        return earlier
+
+    def record_published(self, job: ClaimedJob, outputs: Sequence[Path], manifest: Path | None) -> None:
+        image = job.image_sha256 or sha256_file(job.image_path)
+        sidecar = sha256_file(job.sidecar_path)
+        entry = LedgerEntry(
+            key=input_key(image, sidecar),
+            job_id=job.job_id,
+            stem=job.stem,
+            image_sha256=image,
+            sidecar_sha256=sidecar,
+            outputs=[str(path) for path in outputs],
+            manifest=str(manifest) if manifest is not None else None,
+            at=self.now(),
+        )
+        self.ledger.record(entry)
 
     # ----- terminal moves -----------------------------------------------------------------------------------
-    def complete(self, job: ClaimedJob, archive: bool) -> None:
-        """Archive the job's inputs under `done/<id>/`, or delete them; only after its outputs are durable."""
+    def complete(self, job: ClaimedJob, archive: bool, outputs: Sequence[Path] = ()) -> bool:
+        """Record the published job in the ledger, then archive its inputs under `done/<id>/` or delete them;
+        only after its outputs are durable. Returns False when the inputs could not be moved away (read-only
+        share): the job is still done (the ledger says so; it is never run again) and counted in `not_removed`.
+        """
+        manifest = next((path for path in outputs if path.suffix == ".json"), None)
+        try:
+            self.record_published(job, outputs, manifest)
+            if job.history and job.history[-1].ended_at is None:
+                job = self.update_state(job, history=close_open_attempt(job.history, self.now(), "succeeded"))
+        except OSError:
+            log.exception("ledger_write_failed", job_id=job.job_id)
+        return self.move_inputs_away(job, archive)
+
+    def move_inputs_away(self, job: ClaimedJob, archive: bool) -> bool:
         target = (self.done_dir if archive else self.trash_dir) / job.job_id
-        os.rename(job.directory, target)
-        fsync_dir(self.jobs_dir)
-        fsync_dir(target.parent)
-        if not archive:
-            shutil.rmtree(target)
+        try:
+            os.rename(job.directory, target)
+            fsync_dir(self.jobs_dir)
+            fsync_dir(target.parent)
+            if not archive:
+                shutil.rmtree(target)
+        except OSError as exc:
+            self.not_removed.add(job.job_id)
+            log.warning("inputs_not_removed", job_id=job.job_id, stem=job.stem, error=str(exc), errno=exc.errno)
+            return False
+        self.not_removed.discard(job.job_id)
+        return True
 
     def fail(
         self,
@@ -321,12 +331,13 @@ class JobStore:
         if detail is None and rejection is not None:
             detail = rejection.detail
         input_name = input_name or getattr(rejection, "input_name", None) or job.image_name
-        target = self._rename_to_failed(job.directory, job.stem)
+        target = self.failed_folder.rename_in(job.directory, job.stem)
         fsync_dir(self.jobs_dir)
         for claimed, original in ((job.image_path.name, job.image_name), (SIDECAR_FILE, job.sidecar_name)):
             if os.path.lexists(target / claimed):
                 os.rename(target / claimed, target / original)
-        self._write_reason(target, input_name, reason, message, detail, job.attempts)
+        history = close_open_attempt(job.history, self.now(), reason, message)
+        self.failed_folder.write_reason(target, input_name, reason, message, detail, job.attempts, history)
         (target / JOB_FILE).unlink(missing_ok=True)
         fsync_dir(target)
         return target
@@ -341,60 +352,23 @@ class JobStore:
         else:
             paths = list(pair_or_paths)
             stem = paths[0].name.rsplit(".", 1)[0] or paths[0].name
-        target = self._make_failed_dir(stem)
-        moved = [path for path in paths if self._move_into(path, target)]
+        target = self.failed_folder.make_dir(stem)
+        moved = [path for path in paths if move_into(path, target)]
         if not moved:
             target.rmdir()
             raise FileNotFoundError(errno.ENOENT, "files vanished before quarantine", str(paths[0]))
-        self._write_reason(target, moved[0].name, reason, message, detail, 0)
+        self.failed_folder.write_reason(target, moved[0].name, reason, message, detail, 0)
         fsync_dir(target)
         for parent in {path.parent for path in moved}:
             fsync_dir(parent)
         return target
 
-    @staticmethod
-    def _move_into(path: Path, target: Path) -> bool:
-        try:
-            os.rename(path, target / path.name)
-        except FileNotFoundError:
-            return False
-        return True
-
-    def _make_failed_dir(self, name: str) -> Path:
-        with self._lock:
-            counter = 1
-            while True:
-                candidate = self.failed_dir / (name if counter == 1 else f"{name}-{counter}")
-                try:
-                    candidate.mkdir()
-                except FileExistsError:
-                    counter += 1
-                    continue
-                fsync_dir(self.failed_dir)
-                return candidate
-
-    def _rename_to_failed(self, directory: Path, name: str) -> Path:
-        """Move a whole directory to a fresh `failed/NAME[-N]` in one rename (rename(2) never merges dirs)."""
-        target = self._make_failed_dir(name)
-        try:
-            os.rename(directory, target)  # replaces the empty placeholder atomically
-        except OSError:
-            target.rmdir()
-            raise
-        fsync_dir(self.failed_dir)
-        return target
-
-    def _write_reason(
-        self, target: Path, input_name: str, reason: str, message: str, detail: Any, attempts: int
-    ) -> None:
-        at = self._now().isoformat()
-        record = {"input": input_name, "reason": reason, "detail": detail, "message": message}
-        record |= {"attempts": attempts, "at": at}
-        text = json.dumps(record, indent=2, ensure_ascii=True, default=str)
-        atomic_write_bytes(target / REASON_FILE, text.encode("ascii") + b"\n")
-
     # ----- observation --------------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
-        """How many jobs are claimed, archived as done, and quarantined, as found on disk now."""
+        """How many jobs are claimed, archived as done, and quarantined, as found on disk now; `not_removed`: done
+        jobs whose inputs could not be moved out of `jobs/` (not counted as claimed: they never run again)."""
         dirs = {"claimed": self.jobs_dir, "done": self.done_dir, "failed": self.failed_dir}
-        return {name: _count_dirs(directory) for name, directory in dirs.items()}
+        counts = {name: _count_dirs(directory) for name, directory in dirs.items()}
+        counts["not_removed"] = len(self.not_removed)
+        counts["claimed"] = max(0, counts["claimed"] - counts["not_removed"])
+        return counts

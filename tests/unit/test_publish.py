@@ -9,11 +9,11 @@ import os
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from daemon.errors import TransientJobError
+from daemon import fsio
+from daemon.errors import OutputLost, StorageFull
 from daemon.publish import STAGING_DIR_NAME, Publisher, next_base_name, sha256_file
 
 FIXED = datetime(2026, 11, 25, 8, 30, 0)
@@ -103,14 +103,14 @@ def test_race_on_a_later_name_moves_the_whole_set(
 ) -> None:
     files = stage(publisher, "j", {".mp4": b"main", ".vertical.mp4": b"vert"})
     base = publisher.reserve("cat")[1]
-    real_link = os.link
+    real_rename = fsio._rename_noreplace_syscall
 
-    def racing_link(src: Any, dst: Any, **kwargs: Any) -> None:
-        if Path(dst).name == f"{base}.vertical.mp4" and not Path(dst).exists():
-            Path(dst).write_bytes(b"racer")  # another writer wins this one name
-        real_link(src, dst, **kwargs)
+    def racing_rename(src: Path, dst: Path) -> bool | None:
+        if dst.name == f"{base}.vertical.mp4" and not dst.exists():
+            dst.write_bytes(b"racer")  # another writer wins this one name
+        return real_rename(src, dst)
 
-    monkeypatch.setattr(os, "link", racing_link)
+    monkeypatch.setattr(fsio, "_rename_noreplace_syscall", racing_rename)
     published = publisher.publish(base, files, {})
     assert [path.name for path in published] == [
         f"{base}-2.mp4",
@@ -124,13 +124,14 @@ def test_manifest_is_written_last_and_is_valid_json(
     publisher: Publisher, outbox: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     order: list[str] = []
-    real_link = os.link
+    real_rename = fsio._rename_noreplace_syscall
 
-    def recording_link(src: Any, dst: Any, **kwargs: Any) -> None:
-        real_link(src, dst, **kwargs)
-        order.append(Path(dst).name)
+    def recording_rename(src: Path, dst: Path) -> bool | None:
+        done = real_rename(src, dst)
+        order.append(dst.name)
+        return done
 
-    monkeypatch.setattr(os, "link", recording_link)
+    monkeypatch.setattr(fsio, "_rename_noreplace_syscall", recording_rename)
     files = stage(publisher, "j", {".mp4": b"main", ".first_frame.png": b"png"})
     manifest = {"when": FIXED, "input": Path("/in/cat.png"), "ünïcode": "ok", "n": [1, 2.5]}
     published = publisher.publish("video_x_cat", files, manifest)
@@ -176,41 +177,42 @@ def test_failed_link_leaves_no_partial_file_in_outbox(
     publisher: Publisher, outbox: Path, monkeypatch: pytest.MonkeyPatch, fail_at: int
 ) -> None:
     files = stage(publisher, "j", {".mp4": b"main", ".vertical.mp4": b"vert"})
-    real_link = os.link
+    real_rename = fsio._rename_noreplace_syscall
     calls = 0
 
-    def failing_link(src: Any, dst: Any, **kwargs: Any) -> None:
+    def failing_rename(src: Path, dst: Path) -> bool | None:
         nonlocal calls
         calls += 1
         if calls == fail_at:  # 1, 2: an output; 3: the manifest
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
-        real_link(src, dst, **kwargs)
+        return real_rename(src, dst)
 
-    monkeypatch.setattr(os, "link", failing_link)
-    with pytest.raises(TransientJobError, match="No space left") as raised:
+    monkeypatch.setattr(fsio, "_rename_noreplace_syscall", failing_rename)
+    with pytest.raises(StorageFull, match="No space left") as raised:
         publisher.publish("video_x_cat", files, {"k": "v"})
     assert raised.value.detail["errno"] == errno.ENOSPC
     assert outbox_names(outbox) == []
     # The staged files are back where they were, so a retry (or discard) works.
     assert [path.read_bytes() for path, _ in files] == [b"main", b"vert"]
     assert [path.name for path in (outbox / STAGING_DIR_NAME).iterdir()] == ["j"]
-    monkeypatch.setattr(os, "link", real_link)
+    monkeypatch.setattr(fsio, "_rename_noreplace_syscall", real_rename)
     assert len(publisher.publish("video_x_cat", files, {"k": "v"})) == 3
 
 
 def test_failed_fsync_leaves_no_partial_file_in_outbox(
     publisher: Publisher, outbox: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """An fsync EIO on a staged output discards it (written again from scratch by the retry), publishes nothing."""
     files = stage(publisher, "j", {".mp4": b"main"})
 
     def failing_fsync(fd: int) -> None:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
-    with pytest.raises(TransientJobError):
+    with pytest.raises(OutputLost):
         publisher.publish("video_x_cat", files, {})
     assert outbox_names(outbox) == []
-    assert files[0][0].read_bytes() == b"main"
+    assert not files[0][0].exists()
 
 
 def test_publish_rejects_duplicate_or_manifest_suffixes(publisher: Publisher) -> None:

@@ -58,7 +58,7 @@ def reopen(inbox: Path) -> JobStore:
 
 def read_reason(directory: Path) -> dict[str, object]:
     record = json.loads((directory / "reason.json").read_text())
-    assert set(record) == REASON_KEYS
+    assert REASON_KEYS <= set(record) <= REASON_KEYS | {"history"}  # history: only for jobs that ran
     assert datetime.fromisoformat(str(record["at"])).tzinfo is not None
     return dict(record)
 
@@ -78,7 +78,7 @@ def test_claim_moves_both_files_and_writes_job_json(store: JobStore, inbox: Path
     assert state["image_name"] == "cat.png" and state["sidecar_name"] == "cat.yaml"
     assert (job.stem, job.attempts, job.resolved, job.image_sha256) == ("cat", 0, None, None)
     assert job.received_at.tzinfo is not None
-    assert store.counts() == {"claimed": 1, "done": 0, "failed": 0}
+    assert store.counts() == {"claimed": 1, "done": 0, "failed": 0, "not_removed": 0}
 
 
 def test_claim_moves_a_symlink_as_a_link_without_touching_its_target(
@@ -200,7 +200,7 @@ def test_complete_archives_or_deletes(store: JobStore, inbox: Path, archive: boo
     if archive:
         assert (archived / "input.png").read_bytes() == b"image bytes of cat"
         assert (archived / "job.json").exists()
-    assert store.counts() == {"claimed": 0, "done": int(archive), "failed": 0}
+    assert store.counts() == {"claimed": 0, "done": int(archive), "failed": 0, "not_removed": 0}
     assert list((inbox / ".i2vd" / "trash").iterdir()) == []
 
 
@@ -219,9 +219,19 @@ def test_fail_moves_inputs_back_under_original_names_with_reason(store: JobStore
         "message": "prompt: Field required",
         "attempts": 1,
         "at": record["at"],
+        "history": [
+            {
+                "number": 1,
+                "started_at": "2025-11-25T08:30:03Z",
+                "ended_at": "2025-11-25T08:30:04Z",
+                "outcome": "sidecar_invalid",
+                "error": "prompt: Field required",
+                "counted": True,
+            }
+        ],
     }
     assert not job.directory.exists()
-    assert store.counts() == {"claimed": 0, "done": 0, "failed": 1}
+    assert store.counts() == {"claimed": 0, "done": 0, "failed": 1, "not_removed": 0}
 
 
 def test_fail_takes_defaults_from_the_rejection_and_numbers_repeats(store: JobStore, inbox: Path) -> None:

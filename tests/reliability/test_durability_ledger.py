@@ -1,0 +1,228 @@
+"""The completed-input ledger (reliability-anchors.md §7 C24, C25) and the reconciliation of a publication a crash
+cut short: a job is published once, a re-dropped identical pair is recognised, and inputs that cannot be moved
+away never make a job run again."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from daemon.config import DaemonConfig, EncodeConfig, GenerationConfig
+from daemon.jobspec import parse_sidecar, resolve_job
+from daemon.ledger import CompletedLedger, LedgerEntry, input_key
+from daemon.publish import Publisher, sha256_file
+from daemon.store import ClaimedJob, JobStore, Pair
+
+SIDECAR = b"prompt: a cat\nseed: 7\n"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.value = datetime(2026, 11, 25, 8, 0, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        self.value += timedelta(seconds=1)
+        return self.value
+
+
+@pytest.fixture
+def inbox(tmp_path: Path) -> Path:
+    path = tmp_path / "inbox"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Path:
+    path = tmp_path / "outbox"
+    path.mkdir()
+    return path
+
+
+def open_store(inbox: Path) -> JobStore:
+    return JobStore(inbox, inbox / ".i2vd", now=Clock())
+
+
+def drop(inbox: Path, stem: str = "cat", image: bytes = b"the same png", sidecar: bytes = SIDECAR) -> Pair:
+    (inbox / f"{stem}.png").write_bytes(image)
+    (inbox / f"{stem}.yaml").write_bytes(sidecar)
+    return Pair(stem, inbox / f"{stem}.png", inbox / f"{stem}.yaml")
+
+
+def validated(store: JobStore, pair: Pair) -> ClaimedJob:
+    job = store.claim(pair)
+    spec = parse_sidecar(pair_sidecar(job))
+    resolved = resolve_job(spec, GenerationConfig(), EncodeConfig(), stem=job.stem, image_size=(64, 48))
+    return store.mark_validated(job, resolved, sha256_file(job.image_path))
+
+
+def pair_sidecar(job: ClaimedJob) -> bytes:
+    return job.sidecar_path.read_bytes()
+
+
+def publish(store: JobStore, job: ClaimedJob, outbox: Path) -> list[Path]:
+    """What the finisher does: stage, note the publication, publish with a manifest, then complete."""
+    publisher = Publisher(outbox, now=lambda: datetime(2026, 11, 25, 9, 0, 0))
+    staged = publisher.staging_dir(job.job_id) / "main.mp4"
+    staged.write_bytes(b"video of " + job.job_id.encode())
+    directory, base = publisher.reserve(job.stem)
+    digest = sha256_file(staged)
+
+    def manifest(final: str) -> dict[str, Any]:
+        store.mark_publishing(job, directory, final, [f"{final}.mp4"], [digest], True)
+        return {"job_id": job.job_id}
+
+    return publisher.publish(base, [(staged, ".mp4")], manifest, directory)
+
+
+def test_identical_pair_dropped_again_is_recognised_and_skipped_with_a_pointer(inbox: Path, outbox: Path) -> None:
+    """Checklist C24 (policy `skip`): the same image and sidecar bytes dropped again, even under another name,
+    after a restart -> a new job id, recognised by the ledger; its inputs are archived under `done/<id>/` with
+    `duplicate_of.json` pointing at the earlier outputs; nothing is queued or published again."""
+    store = open_store(inbox)
+    first = validated(store, drop(inbox))
+    outputs = publish(store, first, outbox)
+    assert store.complete(first, archive=True, outputs=outputs)
+    store = open_store(inbox)  # restart: the ledger is on disk
+    again = validated(store, drop(inbox, "cat-copy"))
+    assert again.job_id != first.job_id
+    earlier = store.settle_duplicate(again, "skip")
+    assert earlier is not None and earlier.job_id == first.job_id
+    assert earlier.outputs == [str(path) for path in outputs]
+    pointer = json.loads((inbox / ".i2vd" / "done" / again.job_id / "duplicate_of.json").read_text())
+    assert pointer["job_id"] == first.job_id and pointer["manifest"] == str(outputs[-1])
+    assert store.counts()["claimed"] == 0
+    assert sorted(p.name for p in outbox.iterdir() if not p.name.startswith(".")) == sorted(p.name for p in outputs)
+
+
+def test_identical_pair_with_policy_process_runs_again_under_a_new_name(inbox: Path, outbox: Path) -> None:
+    """Checklist C24 (policy `process`, the default): recognised (logged) but queued again; its outputs get a
+    new name (`-2`), the earlier outputs are never overwritten."""
+    store = open_store(inbox)
+    first = validated(store, drop(inbox))
+    first_outputs = publish(store, first, outbox)
+    store.complete(first, archive=True, outputs=first_outputs)
+    second = validated(store, drop(inbox))
+    assert store.find_duplicate(second) is not None
+    assert store.settle_duplicate(second, "process") is None
+    assert store.counts()["claimed"] == 1
+    second_outputs = publish(store, second, outbox)
+    assert [p.name for p in second_outputs] == ["video_20261125_090000_cat-2.mp4", "video_20261125_090000_cat-2.json"]
+    assert first_outputs[0].read_bytes() == b"video of " + first.job_id.encode()
+
+
+def test_same_name_different_content_is_not_a_duplicate(inbox: Path, outbox: Path) -> None:
+    """Checklist C24: the key is the content of both files; the same name with another image or prompt is new."""
+    store = open_store(inbox)
+    first = validated(store, drop(inbox))
+    store.complete(first, archive=True, outputs=publish(store, first, outbox))
+    other_image = validated(store, drop(inbox, image=b"another png"))
+    assert store.settle_duplicate(other_image, "skip") is None
+    other_prompt = validated(store, drop(inbox, "x", sidecar=b"prompt: a dog\nseed: 7\n"))
+    assert store.settle_duplicate(other_prompt, "skip") is None
+
+
+def test_inputs_that_cannot_be_moved_after_success_never_run_again(
+    inbox: Path, outbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checklist C25: after publication the inputs cannot be moved (read-only share: EROFS on the rename,
+    injected since remounting needs root). `complete` does not raise (a retry would publish twice), warns and
+    counts it (`not_removed`, not `claimed`); after a restart the job is not re-queued (the ledger knows it)
+    and its inputs are archived once the share is writable; docker-handbrake#391's loop cannot happen."""
+    store = open_store(inbox)
+    job = validated(store, drop(inbox))
+    outputs = publish(store, job, outbox)
+    real_rename = os.rename
+
+    def read_only(src: Any, dst: Any) -> None:
+        if Path(src) == job.directory:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(src))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", read_only)
+    assert store.complete(job, archive=True, outputs=outputs) is False
+    assert store.counts() == {"claimed": 0, "done": 0, "failed": 0, "not_removed": 1}
+    restarted = open_store(inbox)
+    assert restarted.recover() == []  # still read-only: known as done, not run again
+    assert restarted.recovery_report["completed"] == 1 and restarted.counts()["not_removed"] == 1
+    monkeypatch.undo()
+    restarted = open_store(inbox)
+    assert restarted.recover() == []
+    assert restarted.counts() == {"claimed": 0, "done": 1, "failed": 0, "not_removed": 0}
+    assert len(list(outbox.glob("*.mp4"))) == 1
+
+
+def test_crash_after_the_manifest_finishes_the_job_instead_of_publishing_twice(inbox: Path, outbox: Path) -> None:
+    """Checklist C20/D27: the daemon dies after the manifest was delivered but before the ledger entry and the
+    input move. The restart sees the publication mark and our manifest: the job is completed, not re-run, so
+    there is one output set, not two."""
+    store = open_store(inbox)
+    job = validated(store, drop(inbox))
+    publish(store, job, outbox)  # ... and the process dies here
+    restarted = open_store(inbox)
+    assert restarted.recover() == []
+    assert restarted.recovery_report["completed"] == 1
+    assert restarted.counts() == {"claimed": 0, "done": 1, "failed": 0, "not_removed": 0}
+    assert restarted.find_duplicate(validated(restarted, drop(inbox))) is not None
+
+
+def test_crash_before_the_manifest_takes_the_orphan_outputs_back(inbox: Path, outbox: Path) -> None:
+    """Checklist D27: the daemon dies after the outputs got their names but before the manifest. Without a
+    manifest the set is not complete from a reader's view: the restart removes our orphan outputs (same bytes
+    only; someone else's file is never touched) and re-queues the job, which publishes one full set."""
+    store = open_store(inbox)
+    job = validated(store, drop(inbox))
+    orphan = outbox / "video_x_cat.mp4"
+    orphan.write_bytes(b"ours")
+    foreign = outbox / "video_x_cat.gif"
+    foreign.write_bytes(b"not ours")
+    store.mark_publishing(
+        job, outbox, "video_x_cat", [orphan.name, foreign.name], [sha256_file(orphan), "0" * 64], True
+    )
+    (recovered,) = open_store(inbox).recover()
+    assert recovered.job_id == job.job_id
+    assert not orphan.exists() and foreign.read_bytes() == b"not ours"
+
+
+def test_ledger_is_bounded_compacted_and_survives_a_torn_line(inbox: Path) -> None:
+    """Checklist C24 (ledger hygiene): memory holds only the newest `max_entries` keys; the file is compacted at
+    2x; a torn last line (crash mid-append) is skipped on load, not fatal."""
+    path = inbox / "ledger.jsonl"
+    ledger = CompletedLedger(path, max_entries=5)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    for index in range(23):
+        key = input_key(f"{index:064x}", "0" * 64)
+        entry = LedgerEntry(
+            key=key,
+            job_id=f"job{index}",
+            stem="s",
+            image_sha256="i",
+            sidecar_sha256="s",
+            outputs=[],
+            manifest=None,
+            at=now,
+        )
+        ledger.record(entry)
+        assert len(path.read_bytes().splitlines()) <= 10
+    assert len(ledger) == 5
+    with path.open("ab") as handle:
+        handle.write(b'{"key": "torn')
+    reloaded = CompletedLedger(path, max_entries=5)
+    assert reloaded.lookup(input_key(f"{22:064x}", "0" * 64)) is not None
+    assert reloaded.lookup(input_key(f"{0:064x}", "0" * 64)) is None
+    assert reloaded.has_job("job18") and not reloaded.has_job("job17")
+
+
+def test_duplicate_policy_config_key() -> None:
+    """Checklist C24: `intake.duplicate_policy` defaults to `process` and accepts only `process` or `skip`."""
+    assert DaemonConfig().intake.duplicate_policy == "process"
+    assert DaemonConfig(intake={"duplicate_policy": "skip"}).intake.duplicate_policy == "skip"  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        DaemonConfig(intake={"duplicate_policy": "ignore"})  # type: ignore[arg-type]
