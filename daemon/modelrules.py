@@ -120,7 +120,7 @@ RULES: Mapping[BackendName, ModelRules] = {
             guidance_scale=3.0,
             motion_bucket_id=127,
             noise_aug_strength=0.02,
-        ),  # fmt: skip
+        ),
         presets=_presets(
             {"width": 768, "height": 432, "num_frames": 14, "steps": 15},
             {"width": 1024, "height": 576, "num_frames": 25, "steps": 25},
