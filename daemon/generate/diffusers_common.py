@@ -82,10 +82,17 @@ def read_model_index(directory: Path, backend: BackendName, class_names: Sequenc
     return index
 
 
-def load_pipeline(pipeline_class: Any, directory: Path, dtype: torch.dtype, device: torch.device) -> Any:
-    """`from_pretrained` on the local directory, offline; any failure is fatal and says where."""
+def load_pipeline(
+    pipeline_class: Any, directory: Path, dtype: torch.dtype | dict[str, torch.dtype], device: torch.device
+) -> Any:
+    """`from_pretrained` on the local directory, offline; any failure is fatal and says where. `dtype` may map
+    component names (and "default") to dtypes."""
+    from diffusers.utils import deprecation_utils
+
+    # diffusers renamed `torch_dtype` to `dtype` (and warns about the old name) in the releases with `_resolve_dtype`.
+    key = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
     try:
-        pipe = pipeline_class.from_pretrained(directory, torch_dtype=dtype, local_files_only=True)
+        pipe = pipeline_class.from_pretrained(directory, local_files_only=True, **{key: dtype})
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise FatalError(f"cannot load {pipeline_class.__name__} from {directory}: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)

@@ -53,8 +53,7 @@ def load_generator(config: ModelConfig) -> WanI2VGenerator:
     directory = source_directory(config)
     device, dtype = resolve_runtime(config, prefer_bfloat16=True)
     read_model_index(directory, "wan-i2v", PIPELINE_CLASSES)
-    pipe = load_pipeline(WanImageToVideoPipeline, directory, dtype, device)
-    pipe.vae.to(torch.float32)
+    pipe = load_pipeline(WanImageToVideoPipeline, directory, {"default": dtype, "vae": torch.float32}, device)
     if config.vae_tiling:
         pipe.vae.enable_tiling()
     return WanI2VGenerator(pipe, model_info(config, device, dtype, started), device=device)
