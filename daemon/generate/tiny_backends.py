@@ -19,7 +19,27 @@ import torch
 from daemon.config import BackendName
 
 TEXT_DIM = 32
-WORDS = "a an the cat dog sea sky moves slowly walks runs light wind waves over in on and with".split()
+WORDS = [
+    "a",
+    "an",
+    "the",
+    "cat",
+    "dog",
+    "sea",
+    "sky",
+    "moves",
+    "slowly",
+    "walks",
+    "runs",
+    "light",
+    "wind",
+    "waves",
+    "over",
+    "in",
+    "on",
+    "and",
+    "with",
+]
 
 
 def word_tokenizer() -> Any:

@@ -129,7 +129,7 @@ def test_config_settings_a_backend_does_not_use_fail_at_load(tmp_path: Path) -> 
     with pytest.raises(ConfigError, match=r"generation\.defaults\.motion_bucket_id: not used by I2VGen-XL"):
         load_config(path)
     path.write_text("model:\n  backend: svd\ngeneration:\n  backend: ltx-video\n")
-    with pytest.raises(ConfigError, match="differs from model.backend"):
+    with pytest.raises(ConfigError, match=r"differs from model\.backend"):
         load_config(path)
 
 
