@@ -136,6 +136,10 @@ class DiffusersGenerator:
     backend: ClassVar[BackendName]
 
     def __init__(self, pipe: Any, info: ModelInfo, *, device: torch.device) -> None:
+        # Inference mode for every module (dropout off): `from_pretrained` does it, a pipeline built in code does not.
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.eval()
         self._pipe = pipe
         self._info = info
         self._device = device
