@@ -10,6 +10,7 @@ are replaced by a tiny word-level tokenizer built here. Used by the tests and by
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,33 +43,48 @@ WORDS = [
 ]
 
 
+def _library(name: str) -> Any:
+    """diffusers/transformers classes, typed loosely (their constructors are untyped for mypy --strict)."""
+    return importlib.import_module(name)
+
+
 def word_tokenizer() -> Any:
     """A word-level tokenizer with T5's special tokens (`<pad>` 0, `</s>` 1, `<unk>` 2), wrapped for transformers."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast = _library("transformers").PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {word: index + 3 for index, word in enumerate(WORDS)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    wrapper: Any = PreTrainedTokenizerFast
+    return wrapper(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
 def _t5_config(umt5: bool = False) -> Any:
-    from transformers import T5Config, UMT5Config
+    T5Config = _library("transformers").T5Config
+    UMT5Config = _library("transformers").UMT5Config
 
-    values = {"vocab_size": 64, "d_model": TEXT_DIM, "d_kv": 8, "d_ff": 37, "num_layers": 1, "num_heads": 4}
+    values: dict[str, Any] = {
+        "vocab_size": 64,
+        "d_model": TEXT_DIM,
+        "d_kv": 8,
+        "d_ff": 37,
+        "num_layers": 1,
+        "num_heads": 4,
+    }
     return UMT5Config(**values) if umt5 else T5Config(**values)
 
 
 def _svd() -> Any:
-    from diffusers import (
-        AutoencoderKLTemporalDecoder,
-        EulerDiscreteScheduler,
-        StableVideoDiffusionPipeline,
-        UNetSpatioTemporalConditionModel,
-    )
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    AutoencoderKLTemporalDecoder = _library("diffusers").AutoencoderKLTemporalDecoder
+    EulerDiscreteScheduler = _library("diffusers").EulerDiscreteScheduler
+    StableVideoDiffusionPipeline = _library("diffusers").StableVideoDiffusionPipeline
+    UNetSpatioTemporalConditionModel = _library("diffusers").UNetSpatioTemporalConditionModel
+    CLIPImageProcessor = _library("transformers").CLIPImageProcessor
+    CLIPVisionConfig = _library("transformers").CLIPVisionConfig
+    CLIPVisionModelWithProjection = _library("transformers").CLIPVisionModelWithProjection
 
     unet = UNetSpatioTemporalConditionModel(
         block_out_channels=(32, 64),
@@ -125,13 +141,11 @@ def _svd() -> Any:
 
 
 def _ltx() -> Any:
-    from diffusers import (
-        AutoencoderKLLTXVideo,
-        FlowMatchEulerDiscreteScheduler,
-        LTXImageToVideoPipeline,
-        LTXVideoTransformer3DModel,
-    )
-    from transformers import T5EncoderModel
+    AutoencoderKLLTXVideo = _library("diffusers").AutoencoderKLLTXVideo
+    FlowMatchEulerDiscreteScheduler = _library("diffusers").FlowMatchEulerDiscreteScheduler
+    LTXImageToVideoPipeline = _library("diffusers").LTXImageToVideoPipeline
+    LTXVideoTransformer3DModel = _library("diffusers").LTXVideoTransformer3DModel
+    T5EncoderModel = _library("transformers").T5EncoderModel
 
     transformer = LTXVideoTransformer3DModel(
         in_channels=8,
@@ -174,9 +188,14 @@ def _ltx() -> Any:
 
 
 def _wan() -> Any:
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
-    from diffusers import WanTransformer3DModel as Transformer
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5EncoderModel
+    AutoencoderKLWan = _library("diffusers").AutoencoderKLWan
+    FlowMatchEulerDiscreteScheduler = _library("diffusers").FlowMatchEulerDiscreteScheduler
+    WanImageToVideoPipeline = _library("diffusers").WanImageToVideoPipeline
+    Transformer = _library("diffusers").WanTransformer3DModel
+    CLIPImageProcessor = _library("transformers").CLIPImageProcessor
+    CLIPVisionConfig = _library("transformers").CLIPVisionConfig
+    CLIPVisionModel = _library("transformers").CLIPVisionModel
+    UMT5EncoderModel = _library("transformers").UMT5EncoderModel
 
     vae = AutoencoderKLWan(
         base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
