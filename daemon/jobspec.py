@@ -227,7 +227,7 @@ def resolve_job(
     seed: int | None = None,
 ) -> ResolvedJob:
     """Apply precedence sidecar > preset > config defaults > seed defaults, and check the result against limits."""
-    layers = modelrules.settings_layers(generation, spec.preset)
+    layers = modelrules.settings_layers(generation, spec.preset, image_size)
     layers.append(spec.settings())
     merged = _merge(layers)
     if "width" in merged:

@@ -181,17 +181,31 @@ def rules_for(backend: BackendName) -> ModelRules:
     return RULES[backend]
 
 
-def settings_layers(generation: GenerationConfig, preset: PresetName | None) -> list[GenerationSettings]:
+def settings_layers(
+    generation: GenerationConfig, preset: PresetName | None, image_size: tuple[int, int] | None = None
+) -> list[GenerationSettings]:
     """Lowest precedence first: backend defaults, config defaults (if set), the preset (config's if set, else the
-    backend's). The seed's defaults and presets are I2VGen-XL's; other backends start from their own."""
+    backend's). The seed's defaults and presets are I2VGen-XL's; other backends start from their own.
+
+    The backends' own sizes are landscape (as published); for a portrait image they are turned to portrait, so the
+    video keeps the image's orientation. Sizes from the config or the sidecar are used as written."""
     rules = rules_for(generation.backend)
-    layers = [rules.defaults]
+    portrait = image_size is not None and image_size[1] > image_size[0]
+    layers = [_oriented(rules.defaults, portrait)]
     if "defaults" in generation.model_fields_set:
         layers.append(generation.defaults)
     if preset is not None:
-        presets = generation.presets if "presets" in generation.model_fields_set else rules.presets
-        layers.append(presets.get(preset, GenerationSettings()))
+        if "presets" in generation.model_fields_set:
+            layers.append(generation.presets.get(preset, GenerationSettings()))
+        else:
+            layers.append(_oriented(rules.presets.get(preset, GenerationSettings()), portrait))
     return layers
+
+
+def _oriented(settings: GenerationSettings, portrait: bool) -> GenerationSettings:
+    if not portrait or settings.width is None or settings.height is None or settings.width <= settings.height:
+        return settings
+    return settings.model_copy(update={"width": settings.height, "height": settings.width})
 
 
 def fit_size(backend: BackendName, width: int, height: int) -> tuple[int, int]:

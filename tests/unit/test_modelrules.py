@@ -108,6 +108,16 @@ def test_every_preset_and_default_obeys_its_own_rules(backend: BackendName) -> N
         assert job.width % rules.size_multiple == 0 and job.height % rules.size_multiple == 0
 
 
+def test_a_portrait_image_turns_the_backend_sizes_but_not_a_typed_one() -> None:
+    portrait = resolve("svd", "prompt: x", image_size=(600, 800))
+    assert (portrait.width, portrait.height) == (576, 1024)
+    preview = resolve("wan-i2v", "prompt: x\npreset: preview", image_size=(720, 1280))
+    assert (preview.width, preview.height) == (480, 832)
+    typed = resolve("ltx-video", "prompt: x\nwidth: 704\nheight: 480", image_size=(600, 800))
+    assert (typed.width, typed.height) == (704, 480)
+    assert resolve("svd", "prompt: x", image_size=(800, 600)).width == 1024
+
+
 def test_frame_rule_arithmetic() -> None:
     rule = FrameRule(9, 257, step=8, offset=1)
     assert [n for n in range(0, 30) if rule.allows(n)] == [9, 17, 25]
