@@ -9,6 +9,7 @@ memory do not depend on the weights' values. Writes JSON to `--out`.
 
     python bench/gpu_backends.py --out bench/results/gpu_backends-DATE.json [--backends svd ltx-video]
         [--steps N] [--frames N] [--repeats 1]           # GPU; wan-i2v (14B) only when asked for
+    python bench/gpu_backends.py --out ... --backends wan-i2v --steps 10   # 14B: fewer steps fit a 10-minute slot
     python bench/gpu_backends.py --smoke --out /tmp/smoke.json   # tiny pipelines, CPU, seconds
 """
 
@@ -21,7 +22,8 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,8 @@ PUBLISHED_NAMES = {
     "ltx-video": "Lightricks/LTX-Video 0.9 (2B)",
     "wan-i2v": "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
 }
+Place = Callable[[], AbstractContextManager[None]]
+"""Where (device, dtype) the big models are built."""
 CLIP_VIT_H = {
     "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 16,
     "patch_size": 14, "image_size": 224, "projection_dim": 1024, "hidden_act": "gelu",
@@ -61,7 +65,7 @@ T5_XXL = {
 }  # fmt: skip
 
 
-def _published_svd() -> Any:
+def _published_svd(place: Place) -> Any:
     from diffusers import (
         AutoencoderKLTemporalDecoder,
         EulerDiscreteScheduler,
@@ -70,30 +74,23 @@ def _published_svd() -> Any:
     )
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    return StableVideoDiffusionPipeline(
-        unet=UNetSpatioTemporalConditionModel(),  # the constructor's defaults are SVD-xt's UNet (svd-xt/unet)
-        vae=AutoencoderKLTemporalDecoder(
+    with place():
+        unet = UNetSpatioTemporalConditionModel()  # the constructor's defaults are SVD-xt's UNet (svd-xt/unet)
+        vae = AutoencoderKLTemporalDecoder(
             block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4, layers_per_block=2
-        ),
-        image_encoder=CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VIT_H)),
-        scheduler=EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            interpolation_type="linear",
-            prediction_type="v_prediction",
-            sigma_max=700.0,
-            sigma_min=0.002,
-            steps_offset=1,
-            timestep_spacing="leading",
-            timestep_type="continuous",
-            use_karras_sigmas=True,
-        ),
-        feature_extractor=CLIPImageProcessor(),
+        )
+        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VIT_H))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", interpolation_type="linear",
+        prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002, steps_offset=1, timestep_spacing="leading",
+        timestep_type="continuous", use_karras_sigmas=True,
+    )  # fmt: skip
+    return StableVideoDiffusionPipeline(
+        unet=unet, vae=vae, image_encoder=image_encoder, scheduler=scheduler, feature_extractor=CLIPImageProcessor()
     )
 
 
-def _published_ltx() -> Any:
+def _published_ltx(place: Place) -> Any:
     from diffusers import (
         AutoencoderKLLTXVideo,
         FlowMatchEulerDiscreteScheduler,
@@ -102,44 +99,61 @@ def _published_ltx() -> Any:
     )
     from transformers import T5Config, T5EncoderModel
 
+    with place():
+        transformer = LTXVideoTransformer3DModel()  # defaults: the 2B transformer
+        vae = AutoencoderKLLTXVideo()  # defaults: the 0.9.0 VAE (32x spatial, 8x temporal)
+        text_encoder = T5EncoderModel(T5Config(**T5_XXL))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=1024, base_shift=0.95, max_image_seq_len=4096, max_shift=2.05, shift_terminal=0.1,
+        use_dynamic_shifting=True,
+    )  # fmt: skip
     return LTXImageToVideoPipeline(
-        transformer=LTXVideoTransformer3DModel(),  # defaults: the 2B transformer
-        vae=AutoencoderKLLTXVideo(),  # defaults: the 0.9.0 VAE (32x spatial, 8x temporal)
-        text_encoder=T5EncoderModel(T5Config(**T5_XXL)),
-        tokenizer=word_tokenizer(),
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            base_image_seq_len=1024,
-            base_shift=0.95,
-            max_image_seq_len=4096,
-            max_shift=2.05,
-            shift_terminal=0.1,
-            use_dynamic_shifting=True,
-        ),
+        transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=word_tokenizer(), scheduler=scheduler
     )
 
 
-def _published_wan() -> Any:
+def _published_wan(place: Place) -> Any:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
-        text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", image_dim=1280, added_kv_proj_dim=5120, rope_max_seq_len=1024,
-    )  # fmt: skip
+    with place():
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
+            text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", image_dim=1280, added_kv_proj_dim=5120, rope_max_seq_len=1024,
+        )  # fmt: skip
+        vae = AutoencoderKLWan()  # defaults: the Wan 2.1 VAE
+        text_encoder = UMT5EncoderModel(UMT5Config(**(T5_XXL | {"vocab_size": 256384})))
+        image_encoder = CLIPVisionModel(CLIPVisionConfig(**CLIP_VIT_H))
     return WanImageToVideoPipeline(
         transformer=transformer,
-        vae=AutoencoderKLWan(),  # defaults: the Wan 2.1 VAE
-        text_encoder=UMT5EncoderModel(UMT5Config(**(T5_XXL | {"vocab_size": 256384}))),
+        vae=vae,
+        text_encoder=text_encoder,
         tokenizer=word_tokenizer(),
-        image_encoder=CLIPVisionModel(CLIPVisionConfig(**CLIP_VIT_H)),
+        image_encoder=image_encoder,
         image_processor=CLIPImageProcessor(),
         scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
     )
 
 
-PUBLISHED: dict[BackendName, Callable[[], Any]] = {"svd": _published_svd, "ltx-video": _published_ltx}
-PUBLISHED["wan-i2v"] = _published_wan
+PUBLISHED: dict[BackendName, Callable[[Place], Any]] = {
+    "svd": _published_svd,
+    "ltx-video": _published_ltx,
+    "wan-i2v": _published_wan,
+}
+
+
+@contextmanager
+def on_device(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Models are built directly on the device in the target dtype: Wan's 14B transformer plus UMT5-XXL in float32
+    would not fit an 80 GB GPU, and initialising them on the CPU takes minutes. Schedulers stay outside."""
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(default_dtype)
 
 
 def keep_float32_modules(pipe: Any) -> None:
@@ -157,11 +171,7 @@ def build(backend: BackendName, smoke: bool, device: torch.device, dtype: torch.
     """Random weights, built directly on the device (a 14B model would take minutes to initialise on the CPU)."""
     started = time.perf_counter()
     torch.manual_seed(0)
-    if smoke:
-        pipe = build_tiny_pipeline(backend)
-    else:
-        with torch.device(device):
-            pipe = PUBLISHED[backend]()
+    pipe = build_tiny_pipeline(backend) if smoke else PUBLISHED[backend](lambda: on_device(device, dtype))
     pipe.to(device, dtype)
     keep_float32_modules(pipe)
     if backend == "wan-i2v":
