@@ -101,3 +101,10 @@ def test_a_missing_component_is_named(tmp_path: Path, generator: SVDGenerator) -
     shutil.rmtree(directory / "vae")
     with pytest.raises(FatalError, match="incomplete: missing vae"):
         load_generator(ModelConfig(backend="svd", source=str(directory), device="cpu"))
+
+
+def test_the_embedded_tiny_model_is_refused_for_other_backends() -> None:
+    from daemon.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'embedded-tiny' is an I2VGen-XL model; backend 'svd' needs a local"):
+        load_generator(ModelConfig(backend="svd", device="cpu"))
