@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from daemon.config import ModelConfig
-from daemon.errors import FatalError
+from daemon.errors import ConfigError, FatalError
 from daemon.generate import load_generator
 from daemon.generate.base import GenerationRequest
 from daemon.generate.diffusers_common import read_model_index
@@ -104,7 +104,5 @@ def test_a_missing_component_is_named(tmp_path: Path, generator: SVDGenerator) -
 
 
 def test_the_embedded_tiny_model_is_refused_for_other_backends() -> None:
-    from daemon.errors import ConfigError
-
     with pytest.raises(ConfigError, match="'embedded-tiny' is an I2VGen-XL model; backend 'svd' needs a local"):
         load_generator(ModelConfig(backend="svd", device="cpu"))

@@ -4,6 +4,7 @@ them: frame forms, size multiples, limits, defaults, and keys a model does not u
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,18 @@ def test_validate_applies_the_configured_backend(tmp_path: Path, capsys: pytest.
     assert main(["validate", "--config", str(config), str(bad)]) == EXIT_DATAERR
     report = json.loads(capsys.readouterr().out)
     assert report["detail"][0].startswith("negative_prompt: not used by Stable Video Diffusion")
+
+
+def test_submit_refuses_what_the_configured_model_cannot_do(
+    tmp_path: Path, make_image: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("model:\n  backend: wan-i2v\n  source: /models/wan\n")
+    inbox, sidecar = tmp_path / "inbox", tmp_path / "s.yaml"
+    sidecar.write_text("prompt: waves\nnum_frames: 80\n")
+    argv = ["submit", str(make_image()), "--config", str(config), "--sidecar", str(sidecar), "--inbox", str(inbox)]
+    assert main(argv) == EXIT_DATAERR
+    assert "of the form 4k+1" in capsys.readouterr().err
+    assert not inbox.exists() or not any(inbox.iterdir())
+    sidecar.write_text("prompt: waves\nnum_frames: 81\n")
+    assert main(argv) == EXIT_OK
