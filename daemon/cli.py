@@ -81,11 +81,12 @@ def command_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _sidecar_bytes(args: argparse.Namespace) -> bytes:
-    from daemon.jobspec import parse_sidecar
+def _sidecar_bytes(args: argparse.Namespace, config: DaemonConfig) -> bytes:
+    from daemon.jobspec import parse_sidecar, resolve_job
 
     data = Path(args.sidecar).read_bytes() if args.sidecar else yaml.safe_dump({"prompt": args.prompt}).encode()
-    parse_sidecar(data)  # refuse to drop what the daemon would reject
+    # Refuse to drop what the daemon would reject, including what the configured model cannot do (modelrules.py).
+    resolve_job(parse_sidecar(data), config.generation, config.encode, stem="submit")
     return data
 
 
@@ -113,7 +114,7 @@ def command_submit(args: argparse.Namespace) -> int:
         print(f"{image}: extension must be one of {sorted(IMAGE_EXTENSIONS)}", file=sys.stderr)
         return EXIT_DATAERR
     try:
-        sidecar = _sidecar_bytes(args)
+        sidecar = _sidecar_bytes(args, config)
     except JobRejected as exc:
         print(f"invalid sidecar: {exc.message}", file=sys.stderr)
         return EXIT_DATAERR

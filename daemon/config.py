@@ -20,6 +20,10 @@ from daemon.errors import ConfigError
 PresetName = Literal["preview", "standard", "high"]
 TierName = Literal["512p", "768p", "1024p"]
 TIER_SHORT_SIDE: dict[str, int] = {"512p": 512, "768p": 768, "1024p": 1024}
+BackendName = Literal["i2vgen-xl", "svd", "ltx-video", "wan-i2v"]
+"""The image-to-video model families the daemon can serve (daemon/modelrules.py holds each one's rules)."""
+MAX_FRAMES = 257
+"""The widest frame count any backend accepts (LTX-Video); each backend's own range is in daemon/modelrules.py."""
 VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
@@ -37,11 +41,15 @@ class GenerationSettings(_Frozen):
     resolution: TierName | None = None
     width: Annotated[int, Field(ge=64, le=2048, multiple_of=8)] | None = None
     height: Annotated[int, Field(ge=64, le=2048, multiple_of=8)] | None = None
-    num_frames: Annotated[int, Field(ge=8, le=32)] | None = None
+    num_frames: Annotated[int, Field(ge=8, le=MAX_FRAMES)] | None = None
     fps: Annotated[int, Field(ge=1, le=60)] | None = None
     target_fps: Annotated[int, Field(ge=1, le=60)] | None = None
     steps: Annotated[int, Field(ge=1, le=200)] | None = None
     guidance_scale: Annotated[float, Field(ge=1.0, le=30.0)] | None = None
+    # Model-specific settings: only the backends that use them accept them (daemon/modelrules.py).
+    motion_bucket_id: Annotated[int, Field(ge=0, le=255)] | None = None
+    noise_aug_strength: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    decode_chunk_size: Annotated[int, Field(ge=1, le=64)] | None = None
 
     @model_validator(mode="after")
     def _width_and_height_together(self) -> GenerationSettings:
@@ -67,6 +75,10 @@ class GenerationConfig(_Frozen):
     presets: dict[PresetName, GenerationSettings] = Field(default_factory=lambda: dict(SEED_PRESETS))
     max_pixels: Annotated[int, Field(ge=64 * 64)] = 1824 * 1024  # 1024p at 16:9
     negative_prompt: str = ""
+    backend: BackendName = Field(
+        default="i2vgen-xl",
+        description="the model whose rules jobs are checked against; follows model.backend (set it there)",
+    )
 
 
 class ModelConfig(_Frozen):
@@ -81,6 +93,12 @@ class ModelConfig(_Frozen):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     cache_dir: Path = Path(".cache/i2vd")
     decode_chunk_size: Annotated[int, Field(ge=1, le=64)] = 8
+    backend: BackendName = Field(
+        default="i2vgen-xl", description="model family of `source`: i2vgen-xl, svd, ltx-video, wan-i2v (README: Models)"
+    )
+    vae_tiling: bool = Field(
+        default=False, description="ltx-video, wan-i2v: decode in spatial tiles from the start (less VRAM, slower)"
+    )
 
     @field_validator("device")
     @classmethod
@@ -340,9 +358,40 @@ class DaemonConfig(BaseSettings):
         # The YAML file arrives as init kwargs; the environment must win over it.
         return (env_settings, init_settings)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _generation_follows_model_backend(cls, data: Any) -> Any:
+        """Jobs are resolved with `generation` only, so it carries the model's backend (set once, in `model`)."""
+        return _share_backend(data)
+
+    @model_validator(mode="after")
+    def _settings_fit_the_backend(self) -> DaemonConfig:
+        # Imported here: modelrules builds on this module's types.
+        from daemon.modelrules import check_generation_config
+
+        check_generation_config(self.generation)
+        return self
+
     @property
     def state_path(self) -> Path:
         return self.state_dir if self.state_dir is not None else self.inbox / ".i2vd"
+
+
+def _share_backend(data: Any) -> Any:
+    if not isinstance(data, dict):
+        return data
+    model, generation = data.get("model"), data.get("generation")
+    backend = model.get("backend") if isinstance(model, dict) else getattr(model, "backend", None)
+    if backend is None:
+        return data
+    if isinstance(generation, GenerationConfig):
+        if "backend" in generation.model_fields_set and generation.backend != backend:
+            raise ValueError(f"generation.backend {generation.backend!r} differs from model.backend {backend!r}")
+        return {**data, "generation": generation.model_copy(update={"backend": backend})}
+    generation = dict(generation) if isinstance(generation, dict) else {}
+    if generation.setdefault("backend", backend) != backend:
+        raise ValueError(f"generation.backend {generation['backend']!r} differs from model.backend {backend!r}")
+    return {**data, "generation": generation}
 
 
 def format_validation_error(error: ValidationError, source: str) -> str:

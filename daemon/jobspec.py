@@ -16,8 +16,9 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from daemon import modelrules
 from daemon.config import (
-    SEED_DEFAULTS,
+    MAX_FRAMES,
     TIER_SHORT_SIDE,
     EncodeConfig,
     GenerationConfig,
@@ -79,11 +80,15 @@ class JobSpec(BaseModel):
     resolution: TierName | None = None
     width: Annotated[int, Field(ge=64, le=2048, multiple_of=SIZE_MULTIPLE)] | None = None
     height: Annotated[int, Field(ge=64, le=2048, multiple_of=SIZE_MULTIPLE)] | None = None
-    num_frames: Annotated[int, Field(ge=8, le=32)] | None = None
+    # The configured backend's own frame rule is checked in resolve_job (daemon/modelrules.py).
+    num_frames: Annotated[int, Field(ge=8, le=MAX_FRAMES)] | None = None
     fps: Annotated[int, Field(ge=1, le=60)] | None = None
     target_fps: Annotated[int, Field(ge=1, le=60)] | None = None
     steps: Annotated[int, Field(ge=1, le=200)] | None = None
     guidance_scale: Annotated[float, Field(ge=1.0, le=30.0)] | None = None
+    motion_bucket_id: Annotated[int, Field(ge=0, le=255)] | None = None
+    noise_aug_strength: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    decode_chunk_size: Annotated[int, Field(ge=1, le=64)] | None = None
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     # YAML gives lists; strict mode would refuse a list for a tuple, so this field alone is lax (items stay str).
     variants: Annotated[tuple[Annotated[str, Field(max_length=32)], ...], Field(strict=False, max_length=16)] | None = (
@@ -135,6 +140,9 @@ class JobSpec(BaseModel):
             target_fps=self.target_fps,
             steps=self.steps,
             guidance_scale=self.guidance_scale,
+            motion_bucket_id=self.motion_bucket_id,
+            noise_aug_strength=self.noise_aug_strength,
+            decode_chunk_size=self.decode_chunk_size,
         )
 
 
@@ -159,6 +167,8 @@ class ResolvedJob(BaseModel):
     priority: int
     output_name: str
     estimated_vram_bytes: int
+    model_options: dict[str, int | float] = Field(default_factory=dict)
+    """Settings only the configured backend uses (e.g. svd's motion_bucket_id); `GenerationRequest.options`."""
 
     @property
     def duration_seconds(self) -> float:
@@ -268,15 +278,13 @@ def resolve_job(
     seed: int | None = None,
 ) -> ResolvedJob:
     """Apply precedence sidecar > preset > config defaults > seed defaults, and check the result against limits."""
-    layers = [SEED_DEFAULTS, generation.defaults]
-    if spec.preset is not None:
-        layers.append(generation.presets.get(spec.preset, GenerationSettings()))
+    layers = modelrules.settings_layers(generation, spec.preset, image_size)
     layers.append(spec.settings())
     merged = _merge(layers)
     if "width" in merged:
         width, height = merged["width"], merged["height"]
     else:
-        width, height = tier_size(merged["resolution"], image_size)
+        width, height = modelrules.fit_size(generation.backend, *tier_size(merged["resolution"], image_size))
     if width * height > generation.max_pixels:
         raise JobRejected(
             f"{width}x{height} is {width * height} pixels; this daemon allows at most {generation.max_pixels}",
@@ -286,6 +294,9 @@ def resolve_job(
     unknown = [name for name in variants if name not in encode.variants]
     if unknown:
         raise JobRejected(f"variants: unknown {unknown}; allowed: {sorted(encode.variants)}", reason="sidecar_invalid")
+    model_options = modelrules.check_job(
+        generation.backend, spec.model_fields_set, merged | {"width": width, "height": height}
+    )
     return ResolvedJob(
         prompt=spec.prompt,
         negative_prompt=spec.negative_prompt if spec.negative_prompt is not None else generation.negative_prompt,
@@ -303,4 +314,5 @@ def resolve_job(
         priority=spec.priority,
         output_name=spec.output_name or output_name_for_stem(stem),
         estimated_vram_bytes=estimate_vram_bytes(width, height, merged["num_frames"]),
+        model_options=model_options,
     )

@@ -6,14 +6,14 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from daemon.config import ModelConfig
-    from daemon.generate.i2vgenxl import I2VGenXLGenerator
+    from daemon.generate.base import Generator
 
 
-def load_generator(config: ModelConfig) -> I2VGenXLGenerator:
-    """Load the I2VGen-XL generator described by `config` (imports torch/diffusers/transformers on first use)."""
-    from daemon.generate.i2vgenxl import load_generator as load_i2vgenxl
+def load_generator(config: ModelConfig) -> Generator:
+    """Load the generator of `config.backend` (daemon/generate/registry.py); imports torch/diffusers on first use."""
+    from daemon.generate.registry import load_backend
 
-    return load_i2vgenxl(config)
+    return load_backend(config)
 
 
 __all__ = ["load_generator"]

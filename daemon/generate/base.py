@@ -36,6 +36,9 @@ class GenerationRequest:
     steps: int
     guidance_scale: float
     seed: int
+    options: Mapping[str, int | float] = field(default_factory=dict)
+    """Settings only some backends use (`ResolvedJob.model_options`, e.g. svd's `motion_bucket_id`); a backend
+    reads the keys daemon/modelrules.py lets it accept and falls back to its configured defaults for the rest."""
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ def test_validate_uses_the_image_aspect(
 
 def test_validate_invalid_exits_65_with_reasons(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sidecar = tmp_path / "bad.yaml"
-    sidecar.write_text("prompt: x\nnum_frames: 99\nstrength: 1\n")
+    sidecar.write_text("prompt: x\nnum_frames: 999\nstrength: 1\n")
     assert main(["validate", str(sidecar)]) == EXIT_DATAERR
     captured = capsys.readouterr()
     report = json.loads(captured.out)

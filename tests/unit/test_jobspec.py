@@ -108,7 +108,7 @@ def test_too_many_pixels_is_rejected() -> None:
     [
         ("steps: 3", "sidecar_invalid", "prompt: Field required"),
         ("prompt: '   '", "sidecar_invalid", "blank"),
-        ("prompt: x\nnum_frames: 64", "sidecar_invalid", "num_frames"),
+        ("prompt: x\nnum_frames: 300", "sidecar_invalid", "num_frames"),
         ("prompt: x\nnum_frames: 4", "sidecar_invalid", "num_frames"),
         ("prompt: x\nnum_frames: '16'", "sidecar_invalid", "num_frames"),
         ("prompt: x\nnum_frames: true", "sidecar_invalid", "num_frames"),
