@@ -29,6 +29,7 @@ from daemon.intake import image_pixel_limit
 from daemon.jobspec import parse_sidecar, resolve_job
 from daemon.logs import configure_logging
 from daemon.safeopen import InputRejected, read_input
+from daemon.systemd import SystemdNotifier
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -468,3 +469,18 @@ def test_nothing_is_ever_written_outside_the_inbox_state_folders(tmp_path: Path)
     }
     with Image.open(outside / "secret.png") as image:
         assert image.size == (64, 48)
+
+
+@pytest.mark.parametrize("stem", ["new\nline", "cafe\u0301", "-rf", "tab\there", "bell\x07"])
+def test_e42_status_line_stays_single_line_utf8(tmp_path: Path, stem: str) -> None:
+    """Checklist E42: the worker's STATUS text carries the stem (`generating NAME ...`); what reaches the notify
+    socket is one line of valid UTF-8 whatever the name holds."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(os.fspath(tmp_path / "n.sock"))
+    server.settimeout(5)
+    try:
+        assert SystemdNotifier(os.fspath(tmp_path / "n.sock")).status(f"generating {stem} (attempt 1)")
+        message = server.recv(4096).decode("utf-8")
+    finally:
+        server.close()
+    assert message.startswith("STATUS=generating ") and "\n" not in message and message.isprintable()
