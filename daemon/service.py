@@ -241,6 +241,9 @@ class Service:
             except Exception:
                 log.exception("intake_poll_failed")
                 result = IntakeResult(waiting=1, settling=1)
+            if not result.inbox_available:
+                self.metrics.watcher_up.set(0)
+                self.notifier.status(self._with_queue("inbox unavailable (missing, replaced or unmounted)"))
             for job in result.accepted:
                 self.metrics.received.inc()
                 self._enqueue(job)
@@ -299,15 +302,12 @@ class Service:
         return f"{status}; {len(self.queue)} queued{paused}"
 
     def _supervise(self) -> None:
-        if self._watcher is not None and not self._watcher.is_alive():
-            log.error("watcher_died_restarting")
-            self.metrics.watcher_up.set(0)
-            self._watcher.stop(timeout=1.0)
-            try:
-                self._start_watcher()
-            except Exception:
-                # E.g. the inbox was removed; the rescan still runs and the next supervision round tries again.
-                log.exception("watcher_restart_failed")
+        if self._watcher is not None:
+            # Re-creates a dead observer with backoff, and never watches an unmounted share's mount point; the
+            # periodic rescan finds everything meanwhile (checklist A6, A8, A9).
+            up = self._watcher.supervise()
+            self.metrics.watcher_up.set(1 if up else 0)
+            self.metrics.set_watcher_mode(self._watcher.mode_in_use)
         if self._metrics_server is not None and not self._metrics_server.is_alive():
             log.error("metrics_server_died")
             self._fail("metrics server thread died")
