@@ -88,7 +88,7 @@ def test_a1_backlog_at_start_is_processed_once(tmp_path: Path, monkeypatch: pyte
     for _ in range(3):
         again = harness.poll(harness.stable)
         assert (again.accepted, again.rejected, again.waiting) == ([], [], 0)
-    assert harness.store.counts() == {"claimed": 50, "done": 0, "failed": 0}
+    assert harness.store.counts() == {"claimed": 50, "done": 0, "failed": 0, "not_removed": 0}
 
 
 # ----- A2, A3 -----------------------------------------------------------------------------------------------------
