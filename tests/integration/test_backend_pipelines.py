@@ -108,6 +108,9 @@ def test_out_of_memory_in_decode_walks_the_ladder(
         return real_decode(latents, *args, **kwargs)
 
     monkeypatch.setattr(vae, "decode", decode)
+    denoiser = getattr(generator.pipeline, "transformer", None) or generator.pipeline.unet
+    real_forward, forwards = denoiser.forward, []
+    monkeypatch.setattr(denoiser, "forward", lambda *a, **k: forwards.append(1) or real_forward(*a, **k))
     # svd: a job asking for 4-frame decode chunks; the ladder halves them.
     result = generator.generate(make_request(options={"decode_chunk_size": 4}))
     expected = ("decode_chunk=2",) if generator.backend == "svd" else ("vae_tiling",)
@@ -116,6 +119,7 @@ def test_out_of_memory_in_decode_walks_the_ladder(
     assert not getattr(vae, "use_tiling", False), "a rung is undone after its video"
     if generator.backend == "svd":
         assert result.used == {"decode_chunk_size": 2} and chunks[0] == 4 and set(chunks[1:]) == {2, 1}
+        assert len(forwards) == 2, "svd decodes the latents itself: only the decode is retried, not the 2 steps"
 
 
 def test_out_of_memory_while_denoising_is_transient_on_the_cpu(
