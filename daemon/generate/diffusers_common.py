@@ -130,6 +130,16 @@ class StepTracker:
         return "decode" if self.steps_done >= self.total else "denoise"
 
 
+@dataclass
+class _Run:
+    """One video's progress across out-of-memory retries: latents survive a failed decode."""
+
+    tracker: StepTracker
+    latents: Any = None
+    decode_seconds: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+
 class DiffusersGenerator:
     """A warm stock diffusers image-to-video pipeline behind the `Generator` protocol."""
 
@@ -161,6 +171,14 @@ class DiffusersGenerator:
         """The rungs to try, in order, when a video runs out of device memory."""
         raise NotImplementedError
 
+    decodes_latents: ClassVar[bool] = False
+    """True when the backend decodes the pipeline's latents itself (`decode`): then an out-of-memory error in the
+    decode retries only the decode, not the whole denoising."""
+
+    def decode(self, latents: Any, request: GenerationRequest, overrides: Mapping[str, Any]) -> Any:
+        """The pipeline's own decode of `output_type="latent"` output: (frames, height, width, 3) floats in [0, 1]."""
+        raise NotImplementedError
+
     def generate(
         self,
         request: GenerationRequest,
@@ -171,55 +189,74 @@ class DiffusersGenerator:
         exhausted raise `TransientJobError`. `JobInterrupted` when `should_interrupt` says so between steps."""
         if should_interrupt is not None and should_interrupt():
             raise JobInterrupted("interrupted before the first denoising step")
+        self._prepare_device()
         ladder = iter(self.memory_ladder(request))
         taken: list[MemoryStep] = []
         overrides: dict[str, Any] = {}
+        run = _Run(StepTracker(request.steps, on_step, should_interrupt))
         try:
             while True:
-                tracker = StepTracker(request.steps, on_step, should_interrupt)
                 try:
-                    return self._render(request, overrides, tracker, tuple(step.name for step in taken))
+                    video = self._render(request, overrides, run)
+                    return self._result(video, run, overrides, tuple(step.name for step in taken))
                 except torch.cuda.OutOfMemoryError as exc:
                     self._release_cached_memory()
-                    step = next((s for s in ladder if s.phase == "any" or tracker.phase == "decode"), None)
+                    phase = "decode" if run.latents is not None else run.tracker.phase
+                    step = next((s for s in ladder if s.phase == "any" or phase == "decode"), None)
                     if step is None:
                         size = f"{request.width}x{request.height}x{request.num_frames}"
                         raise TransientJobError(
                             f"out of GPU memory generating {size} on {self._device}: {exc}"
                         ) from exc
-                    log.warning("generate_degraded", step=step.name, phase=tracker.phase, backend=self.backend)
+                    log.warning("generate_degraded", step=step.name, phase=phase, backend=self.backend)
                     overrides |= step.apply()
                     taken.append(step)
+                    if run.latents is None:
+                        run.tracker = StepTracker(request.steps, on_step, should_interrupt)
         finally:
             for step in reversed(taken):
                 step.undo()
 
-    def _render(
-        self, request: GenerationRequest, overrides: Mapping[str, Any], tracker: StepTracker, taken: tuple[str, ...]
-    ) -> GenerationResult:
+    def _prepare_device(self) -> None:
         if self._device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self._device)
         else:
             # Subnormal floats make CPU steps many times slower (see i2vgenxl.load_generator); the flag is per thread.
             torch.set_flush_denormal(True)
-        # A CPU generator: the same seed makes the same initial noise on every device.
-        generator = torch.Generator("cpu").manual_seed(request.seed)
-        kwargs = {**self.call_kwargs(request), **overrides}
+
+    def _render(self, request: GenerationRequest, overrides: Mapping[str, Any], run: _Run) -> Any:
+        """Denoise (unless an earlier attempt did) and decode; float frames in [0, 1]."""
+        if run.latents is None:
+            # A CPU generator: the same seed makes the same initial noise on every device.
+            generator = torch.Generator("cpu").manual_seed(request.seed)
+            kwargs = {**self.call_kwargs(request), **overrides}
+            output_type = "latent" if self.decodes_latents else "np"
+            with torch.inference_mode():
+                output = self._pipe(
+                    **kwargs, generator=generator, output_type=output_type, callback_on_step_end=run.tracker
+                )
+            synchronize(self._device)
+            if not self.decodes_latents:
+                run.decode_seconds = time.perf_counter() - run.tracker.last
+                return output.frames[0]
+            run.latents = output.frames
+        started = time.perf_counter()
         with torch.inference_mode():
-            output = self._pipe(
-                **kwargs, generator=generator, output_type="np", return_dict=True, callback_on_step_end=tracker
-            )
+            video = self.decode(run.latents, request, overrides)
         synchronize(self._device)
-        finished = time.perf_counter()
-        video = np.asarray(output.frames[0], dtype=np.float32)
+        run.decode_seconds = time.perf_counter() - started
+        return video
+
+    def _result(self, frames: Any, run: _Run, overrides: Mapping[str, Any], taken: tuple[str, ...]) -> GenerationResult:
+        video = np.asarray(frames, dtype=np.float32)
         nonfinite = int(video.size - np.count_nonzero(np.isfinite(video)))
         if nonfinite:
             video = np.nan_to_num(video, nan=0.0, posinf=1.0, neginf=0.0)
         timings = {
             # The first step's time includes encoding the prompt and image: the stock pipeline does it inside.
-            "denoise": tracker.last - tracker.started,
-            "decode": finished - tracker.last,
-            "pipeline": finished - tracker.started,
+            "denoise": run.tracker.last - run.tracker.started,
+            "decode": run.decode_seconds,
+            "pipeline": time.perf_counter() - run.started,
         }
         return GenerationResult(
             frames=to_uint8(np.clip(video, 0.0, 1.0)),

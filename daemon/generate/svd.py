@@ -10,7 +10,7 @@ chunk, then offloads to the CPU.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from daemon.config import BackendName, ModelConfig
@@ -54,6 +54,14 @@ class SVDGenerator(DiffusersGenerator):
             "noise_aug_strength": float(options.get("noise_aug_strength", defaults.noise_aug_strength or 0.02)),
             "decode_chunk_size": self._chunk(request),
         }
+
+    decodes_latents: ClassVar[bool] = True
+
+    def decode(self, latents: Any, request: GenerationRequest, overrides: Mapping[str, Any]) -> Any:
+        """What the stock pipeline does after denoising (its VAE is back in its own dtype by then)."""
+        chunk = int(overrides.get("decode_chunk_size", self._chunk(request)))
+        frames = self._pipe.decode_latents(latents, request.num_frames, chunk)
+        return self._pipe.video_processor.postprocess_video(video=frames, output_type="np")[0]
 
     def _chunk(self, request: GenerationRequest) -> int:
         return min(int(request.options.get("decode_chunk_size", self._decode_chunk_size)), request.num_frames)

@@ -2,12 +2,14 @@
 
 Wan has no frame-rate conditioning (daemon/modelrules.py refuses `target_fps`). Its VAE runs in float32, as the
 published examples do (the 3D causal VAE is the part that suffers in bfloat16; it is small). Memory ladder: VAE
-tiling, then CPU offload.
+tiling, then CPU offload; the generator decodes the latents itself, so a decode that runs out of memory is retried
+without denoising again (minutes for the 14B model).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -41,6 +43,21 @@ class WanI2VGenerator(DiffusersGenerator):
             "num_inference_steps": request.steps,
             "guidance_scale": request.guidance_scale,
         }
+
+    decodes_latents: ClassVar[bool] = True
+
+    def decode(self, latents: Any, request: GenerationRequest, overrides: Mapping[str, Any]) -> Any:
+        """The stock pipeline's decode (`WanImageToVideoPipeline.__call__` after the loop): undo the latent
+        normalisation, decode, post-process. Kept equal to it by test_frames_equal_the_stock_pipeline_call."""
+        from diffusers.utils.torch_utils import get_module_execution_device
+
+        vae = self._pipe.vae
+        latents = latents.to(device=get_module_execution_device(vae), dtype=vae.dtype)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        video = vae.decode(latents / inverse_std + mean, return_dict=False)[0]
+        return self._pipe.video_processor.postprocess_video(video, output_type="np")[0]
 
     def memory_ladder(self, request: GenerationRequest) -> list[MemoryStep]:
         return self.vae_tiling_step() + self.cpu_offload_step()

@@ -81,6 +81,17 @@ def test_generates_the_requested_shape_deterministically(generator: DiffusersGen
     assert generator.info.model_id.endswith("model") and generator.info.device == "cpu"
 
 
+def test_frames_equal_the_stock_pipeline_call(generator: DiffusersGenerator) -> None:
+    """The generator adds only the step callback, the memory ladder and (svd, wan-i2v) its own copy of the
+    pipeline's decode; the video must be the stock call's, bit for bit."""
+    request = make_request()
+    seed = torch.Generator("cpu").manual_seed(request.seed)
+    with torch.inference_mode():
+        stock = generator.pipeline(**generator.call_kwargs(request), generator=seed, output_type="np").frames[0]
+    expected = np.clip(np.asarray(stock, dtype=np.float32), 0.0, 1.0)
+    assert np.array_equal(generator.generate(request).frames, (expected * 255).round().astype(np.uint8))
+
+
 def test_interrupt_between_steps_stops_the_pipeline(generator: DiffusersGenerator) -> None:
     seen: list[int] = []
     with pytest.raises(JobInterrupted, match="after denoising step 1 of 3"):
@@ -107,6 +118,12 @@ def test_out_of_memory_in_decode_walks_the_ladder(
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_decode(latents, *args, **kwargs)
 
+    denoiser = getattr(generator.pipeline, "transformer", None) or generator.pipeline.unet
+    real_forward, forwards = denoiser.forward, []
+    monkeypatch.setattr(denoiser, "forward", lambda *a, **k: forwards.append(1) or real_forward(*a, **k))
+    generator.generate(make_request())
+    forwards_per_video = len(forwards)  # steps x (1 or 2 with unbatched CFG)
+    forwards.clear()
     monkeypatch.setattr(vae, "decode", decode)
     # svd: a job asking for 4-frame decode chunks; the ladder halves them.
     result = generator.generate(make_request(options={"decode_chunk_size": 4}))
@@ -116,6 +133,8 @@ def test_out_of_memory_in_decode_walks_the_ladder(
     assert not getattr(vae, "use_tiling", False), "a rung is undone after its video"
     if generator.backend == "svd":
         assert result.used == {"decode_chunk_size": 2} and chunks[0] == 4 and set(chunks[1:]) == {2, 1}
+    # svd and wan-i2v decode the latents themselves: only the decode is retried; ltx-video repeats the video.
+    assert len(forwards) == forwards_per_video * (1 if generator.decodes_latents else 2)
 
 
 def test_out_of_memory_while_denoising_is_transient_on_the_cpu(
