@@ -65,6 +65,7 @@ def generation_request(resolved: ResolvedJob, image: Image.Image | None) -> Gene
         steps=resolved.steps,
         guidance_scale=resolved.guidance_scale,
         seed=resolved.seed,
+        options=dict(resolved.model_options),
     )
 
 
