@@ -54,6 +54,15 @@ def test_svd_jobs_carry_their_model_options_and_sidecar_values_win() -> None:
     assert resolve("i2vgen-xl", "prompt: x").model_options == {}
 
 
+def test_the_worker_hands_model_options_to_the_generator() -> None:
+    """What the sidecar set for svd reaches the generator's request (and so the video), not only the manifest."""
+    from daemon.attempt import generation_request
+
+    job = resolve("svd", "prompt: x\nmotion_bucket_id: 40\nnoise_aug_strength: 0.1\n")
+    request = generation_request(job, None)
+    assert dict(request.options) == {"motion_bucket_id": 40, "noise_aug_strength": 0.1}
+
+
 @pytest.mark.parametrize(
     ("backend", "text", "fragments"),
     [
@@ -65,15 +74,6 @@ def test_svd_jobs_carry_their_model_options_and_sidecar_values_win() -> None:
         ("svd", "width: 1280\nheight: 1024", ["allows at most 921600"]),
     ],
 )
-def test_the_worker_hands_model_options_to_the_generator() -> None:
-    """What the sidecar set for svd reaches the generator's request (and so the video), not only the manifest."""
-    from daemon.attempt import generation_request
-
-    job = resolve("svd", "prompt: x\nmotion_bucket_id: 40\nnoise_aug_strength: 0.1\n")
-    request = generation_request(job, None)
-    assert dict(request.options) == {"motion_bucket_id": 40, "noise_aug_strength": 0.1}
-
-
 def test_shapes_a_model_cannot_make_are_rejected_with_the_rule(
     backend: BackendName, text: str, fragments: list[str]
 ) -> None:
