@@ -49,8 +49,22 @@ STDERR_TAIL_BYTES = 4096
 _PROBE_STDERR_BYTES = 64 * 1024
 _WRITE_CHUNK_BYTES = 1 << 20
 _DISK_FULL_MESSAGES = ("No space left on device", "Disk quota exceeded", "File too large")
-SETPRIV = shutil.which("setpriv") if os.uname().sysname == "Linux" else None
-"""util-linux `setpriv`, used as `setpriv --pdeathsig KILL -- ffmpeg ...`; None where it is missing."""
+
+
+def _find_setpriv() -> str | None:
+    """util-linux `setpriv` if it knows `--pdeathsig` (2.33+, 2018); None elsewhere (then ffmpeg runs directly)."""
+    path = shutil.which("setpriv") if os.uname().sysname == "Linux" else None
+    if path is None:
+        return None
+    try:
+        usage = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return path if "--pdeathsig" in usage else None
+
+
+SETPRIV = _find_setpriv()
+"""Used as `setpriv --pdeathsig KILL -- ffmpeg ...`; None where it is missing or too old."""
 _running: set[subprocess.Popen[bytes]] = set()
 _running_lock = threading.Lock()
 
