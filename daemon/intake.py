@@ -88,6 +88,8 @@ class IntakeResult:
 
     accepted: list[ClaimedJob] = field(default_factory=list)
     rejected: list[tuple[str, JobRejected, Path]] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    """Stems skipped as identical to an already published pair (`intake.duplicate_policy: skip`)."""
     waiting: int = 0
     settling: int = 0
     inbox_available: bool = True
@@ -266,7 +268,13 @@ class Intake:
             )
             rejection = JobRejected(message, reason="validation_error", detail=repr(exc))
         else:
-            result.accepted.append(self._store.mark_validated(job, resolved, image_sha256))
+            validated = self._store.mark_validated(job, resolved, image_sha256)
+            # Completed-input ledger (checklist C24/C25): an identical pair already published is skipped or
+            # processed again under a new name, per `intake.duplicate_policy`.
+            if self._store.settle_duplicate(validated, self._config.intake.duplicate_policy) is not None:
+                result.duplicates.append(validated.stem)
+            else:
+                result.accepted.append(validated)
             return
         failed_dir = self._store.fail(job, rejection)
         log.warning(

@@ -3,8 +3,10 @@
 Conventions (Prometheus naming docs): prefix `i2vd_`, base units (seconds, bytes), `_total` counters, no unbounded
 labels (never a file name or a job id), every label value initialised to 0 so `rate()` works from the first scrape.
 Counters satisfy `received = succeeded + failed + in_progress + pending`, where `failed` is every terminal failure:
-outcomes `failed`, `rejected` and `cancelled`. `retried`, `interrupted` and `degraded` are not terminal (a retried or
-interrupted job is pending again; a degraded job also counts as `succeeded` or `failed`), so they stay out of it.
+outcomes `failed`, `rejected`, `cancelled` and `poison` (a job that killed the daemon `max_attempts` times, found at
+recovery); `duplicate` (a re-dropped identical pair skipped by the ledger) is terminal too. `retried`, `interrupted`
+and `degraded` are not terminal (a retried or interrupted job is pending again; a degraded job also counts as
+`succeeded` or `failed`), so they stay out of it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,19 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-OUTCOMES = ("succeeded", "failed", "rejected", "cancelled", "retried", "interrupted", "degraded")
+OUTCOMES = (
+    "succeeded",
+    "failed",
+    "rejected",
+    "cancelled",
+    "poison",
+    "duplicate",
+    "retried",
+    "interrupted",
+    "degraded",
+)
+TERMINAL_OUTCOMES = ("succeeded", "failed", "rejected", "cancelled", "poison", "duplicate")
+"""Outcomes that end a job: `received = sum(jobs_total{outcome in TERMINAL_OUTCOMES}) + in_progress + pending`."""
 COMPONENTS = ("watcher", "intake", "worker", "model")
 STAGES = ("validate", "queue_wait", "load_image", "generate", "encode", "variants", "publish")
 # 0.1 s .. 1 h: a tiny CPU job takes well under a second, a 1024p GPU job can take many minutes.
@@ -149,6 +163,15 @@ class DaemonMetrics:
         for check in SANITY_CHECKS:
             for result in SANITY_RESULTS:
                 self.sanity_checks.labels(check=check, result=result)
+        self.storage_full = Gauge(
+            "i2vd_storage_full", "1 while outputs cannot be written for lack of space (jobs wait)", registry=registry
+        )
+        self.inputs_not_removed = Gauge(
+            "i2vd_inputs_not_removed",
+            "Published jobs whose inputs could not be moved out of the inbox (read-only share); the ledger keeps "
+            "them from running again",
+            registry=registry,
+        )
         self.degraded_jobs = Counter("i2vd_degraded_jobs", "Jobs run with degraded settings", registry=registry)
         self.model_load_seconds = Gauge("i2vd_model_load_seconds", "Time to load the model", registry=registry)
         self.model_loaded = Gauge("i2vd_model_loaded", "1 while the model is loaded", registry=registry)

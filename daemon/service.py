@@ -35,12 +35,15 @@ import structlog
 from daemon import __version__
 from daemon.config import DaemonConfig
 from daemon.controller import Controller
+from daemon.encode import kill_running
 from daemon.errors import FatalError, JobRejected
 from daemon.executor import WorkerSlot, close_generator, plan_generators, plan_local_slots
 from daemon.generate.base import Generator
 from daemon.intake import Intake, IntakeResult, validate_claimed
 from daemon.jobqueue import JobQueue
 from daemon.metrics import DaemonMetrics, MetricsServer, WorkerState
+from daemon.mounts import check_mounts
+from daemon.publish import Publisher
 from daemon.store import ClaimedJob, JobStore
 from daemon.systemd import SystemdNotifier, watchdog_interval_seconds
 from daemon.watch import InboxWatcher
@@ -72,7 +75,7 @@ class Service:
         self.notifier = notifier or SystemdNotifier()
         self.metrics = DaemonMetrics()
         self.queue: JobQueue[ClaimedJob] = JobQueue()
-        self.store = JobStore(config.inbox, config.state_path)
+        self.store = JobStore(config.inbox, config.state_path, max_attempts=config.worker.max_attempts)
         self.stop_requested = stop_requested or threading.Event()
         self.force = force or threading.Event()
         self.interrupt = threading.Event()
@@ -97,6 +100,7 @@ class Service:
 
     # ----- start -----------------------------------------------------------------------------------------
     def start(self) -> None:
+        check_mounts(self.config.require_mounts)  # before anything is created in a mount point (checklist D33)
         for directory in (self.config.inbox, self.config.outbox, self.config.state_path):
             directory.mkdir(parents=True, exist_ok=True)
         self._start_metrics_server()
@@ -125,7 +129,16 @@ class Service:
         log.info("metrics_serving", host=settings.host, port=self._metrics_server.port)
 
     def _recover_claimed_jobs(self) -> None:
-        for claimed in self.store.recover():
+        swept = Publisher(self.config.outbox).sweep_staging()
+        if swept:
+            log.info("staging_swept", entries=swept)
+        recovered = self.store.recover()
+        for outcome in ("poison",):
+            count = self.store.recovery_report.get(outcome, 0)
+            if count:
+                self.metrics.received.inc(count)
+                self.metrics.jobs.labels(outcome=outcome).inc(count)
+        for claimed in recovered:
             self.metrics.received.inc()
             job = claimed if claimed.resolved is not None else self._revalidate(claimed)
             if job is not None:
@@ -250,6 +263,9 @@ class Service:
             for _stem, _error, _failed_dir in result.rejected:
                 self.metrics.received.inc()
                 self.metrics.jobs.labels(outcome="rejected").inc()
+            for _stem in result.duplicates:
+                self.metrics.received.inc()
+                self.metrics.jobs.labels(outcome="duplicate").inc()
             self._last_intake = result
             self._intake_beat = time.monotonic()
             self.metrics.oldest_pending_age.set(self.queue.oldest_age())
@@ -308,6 +324,7 @@ class Service:
             up = self._watcher.supervise()
             self.metrics.watcher_up.set(1 if up else 0)
             self.metrics.set_watcher_mode(self._watcher.mode_in_use)
+        self.metrics.inputs_not_removed.set(len(self.store.not_removed))
         if self._metrics_server is not None and not self._metrics_server.is_alive():
             log.error("metrics_server_died")
             self._fail("metrics server thread died")
@@ -350,6 +367,14 @@ class Service:
         if self._intake_thread is not None:
             self._intake_thread.join(timeout=timeout)
         self.queue.close()
+        self._stop_workers(timeout)
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+        self._write_status("stopped")
+        log.info("service_stopped", exit_code=self.exit_code)
+
+    def _stop_workers(self, timeout: float) -> None:
+        """Grace, interrupt, join; then close the generation processes and any ffmpeg still running."""
         deadline = time.monotonic() + timeout
         self._grace_for_running_jobs()
         self.interrupt.set()
@@ -360,15 +385,14 @@ class Service:
             log.warning("stop_forced")
         for generator in self._generators:
             close_generator(generator, force=self.force.is_set())
+        killed = kill_running()  # ffmpeg of finishing still running past the stop timeout: never outlives us
+        if killed:
+            log.warning("ffmpeg_killed_at_stop", processes=killed)
         for thread in self._worker_threads:
             thread.join(timeout=SUPERVISE_SECONDS if self.force.is_set() else 5.0)
             if thread.is_alive():
                 log.error("worker_did_not_stop", worker=thread.name, timeout=timeout)
                 self.exit_code = self.exit_code or 1
-        if self._metrics_server is not None:
-            self._metrics_server.stop()
-        self._write_status("stopped")
-        log.info("service_stopped", exit_code=self.exit_code)
 
     def _grace_for_running_jobs(self) -> None:
         """`worker.stop_grace_seconds`: let running jobs finish before interrupting them (a second signal ends it)."""

@@ -184,10 +184,21 @@ class Worker:
         outcomes: list[Attempt | str] = []
         live: list[Attempt] = []
         for job in jobs:
+            try:
+                recorded = self._store.record_attempt(job)
+            except OSError as exc:
+                # The state folder cannot be written (full, read-only): run nothing we could not account for.
+                log.error("state_write_failed", job_id=job.job_id, error=exc.strerror or str(exc))
+                self._metrics.pending.inc()
+                self._requeue_later(job)
+                outcomes.append("retried")
+                continue
             self._metrics.in_progress.inc()
-            attempt = Attempt(self._store.record_attempt(job), time.perf_counter(), StageTimer(self._metrics))
+            attempt = Attempt(recorded, time.perf_counter(), StageTimer(self._metrics))
             outcomes.append(attempt)
             live.append(attempt)
+        if not live:
+            return outcomes
         first = live[0].job
         self.current_job, self.current_name, self.progress = first.job_id, first.stem, None
         self.current_batch = frozenset(attempt.job.job_id for attempt in live)
@@ -289,8 +300,9 @@ class Worker:
         if not self._interrupt.is_set():
             # Interrupted only because another job of its batch was cancelled: straight back into the queue.
             log.info("job_released", reason="batch companion cancelled")
-            self._requeue_now(job)
+            self._requeue_now(self._store.release_attempt(job, "interrupted"))
             return "retried"
+        self._store.release_attempt(job, "interrupted")  # a stop is not the job's fault: never counts to poison
         log.info("job_released", reason="service stopping")  # resumed at the next start
         return "interrupted"
 
@@ -309,9 +321,17 @@ class Worker:
     def _handle_failure(self, job: ClaimedJob, exc: Exception) -> str:
         kind = "transient" if isinstance(exc, TransientJobError) else "unexpected"
         log.error("job_failed", kind=kind, attempts=job.attempts, error=str(exc), exc_info=exc)
-        if job.attempts < self._config.worker.max_attempts:
+        if not getattr(exc, "consumes_attempt", True):
+            # A full disk says nothing about the job: it waits (pending, attempt not counted) until space returns.
+            released = self._store.release_attempt(job, "storage_full", str(exc))
+            self._metrics.storage_full.set(1)
             self._metrics.pending.inc()
-            self._requeue_later(job)
+            self._requeue_later(released)
+            return "retried"
+        if job.attempts < self._config.worker.max_attempts:
+            ended = self._store.end_attempt(job, "retried", str(exc))
+            self._metrics.pending.inc()
+            self._requeue_later(ended)
             return "retried"
         message = f"gave up after {job.attempts} attempt(s): {exc}"
         detail = getattr(exc, "detail", None)
@@ -418,6 +438,7 @@ class Worker:
         metrics.video_seconds_generated.inc(resolved.duration_seconds)
         metrics.job_peak_gpu_memory.set(generated.peak_vram_bytes)
         metrics.last_success.set(time.time())
+        metrics.storage_full.set(0)
         log.info(
             "job_published",
             input=job.image_name,

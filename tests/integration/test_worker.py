@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from daemon import fsio
 from daemon.config import DaemonConfig, load_config
 from daemon.errors import TransientJobError
 from daemon.generate import load_generator
@@ -155,11 +156,14 @@ def test_disk_full_during_publish_leaves_no_partial_output_and_is_retried(
             raise OSError(errno.ENOSPC, "No space left on device")
         real_link(src, dst, *args, **kwargs)
 
+    monkeypatch.setattr(fsio, "_renameat2", None)  # publish through link + unlink, where the error is injected
     monkeypatch.setattr(os, "link", full_disk)
     job = harness.claim(make_image, "full", "prompt: disk fills\nvariants: [first_frame]\n")
     outcomes = harness.run_until_settled(job)
     assert outcomes == ["retried", "succeeded"]
     [manifest] = published(harness.config.outbox)
+    assert manifest["attempts"] == 1, "a full disk does not use up an attempt (StorageFull.consumes_attempt)"
+    assert harness.metrics.registry.get_sample_value("i2vd_storage_full") == 0
     names = {o["name"] for o in manifest["outputs"]} | {f"{manifest['outputs'][0]['name'][:-4]}.json"}
     visible = {p.name for p in harness.config.outbox.iterdir() if not p.name.startswith(".")}
     assert visible == names, "only the complete second attempt is in the outbox"
@@ -201,4 +205,6 @@ def test_interrupt_releases_the_job_without_failing_it(harness: Harness, make_im
     assert (harness.config.state_path / "jobs" / job.job_id).is_dir()
     assert not list((harness.config.inbox / "failed").glob("*/reason.json"))
     [recovered] = JobStore(harness.config.inbox, harness.config.state_path).recover()
-    assert recovered.job_id == job.job_id and recovered.attempts == 1
+    # A stop is not the job's fault: the attempt is in the history but not counted (it can never make poison).
+    assert recovered.job_id == job.job_id and recovered.attempts == 0
+    assert [(entry.outcome, entry.counted) for entry in recovered.history] == [("interrupted", False)]
