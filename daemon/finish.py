@@ -42,6 +42,8 @@ class GeneratedJob:
     generate_timings: Mapping[str, float] = field(default_factory=dict)
     peak_vram_bytes: int = 0
     sanity: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    degradations: tuple[str, ...] = ()
+    """Out-of-memory degrade steps the generator took (GenerationResult.degradations), for the manifest."""
     published: list[Path] = field(default_factory=list)
     """Set by `Finisher.publish`: what `archive_inputs` records in the completed-input ledger."""
 
@@ -130,4 +132,5 @@ class Finisher:
             attempts=job.attempts,
             finished_at=datetime.now().astimezone(),
             sanity=generated.sanity,
+            degradations=generated.degradations,
         )

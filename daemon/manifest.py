@@ -55,6 +55,8 @@ class ManifestInputs:
     finished_at: datetime
     sanity: Mapping[str, Any] = field(default_factory=dict)
     """`{check: {result, value, threshold, message}}` from daemon/sanity.py."""
+    degradations: Sequence[str] = ()
+    """Out-of-memory degrade steps taken, in order (`used` already holds the values they changed)."""
 
 
 def build_manifest(inputs: ManifestInputs, outputs: Sequence[OutputRecord]) -> dict[str, Any]:
@@ -76,6 +78,7 @@ def build_manifest(inputs: ManifestInputs, outputs: Sequence[OutputRecord]) -> d
         "timings_seconds": {stage: round(seconds, 4) for stage, seconds in inputs.timings.items()},
         "peak_vram_bytes": inputs.peak_vram_bytes,
         "attempts": inputs.attempts,
+        "degradations": list(inputs.degradations),
         "finished_at": inputs.finished_at.isoformat(),
         "sanity": {check: dict(result) for check, result in inputs.sanity.items()},
         "outputs": [output.__dict__ for output in outputs],

@@ -360,8 +360,12 @@ class Worker:
         assert resolved is not None
         attempt.peak_vram = result.peak_vram_bytes
         if result.degradations:
+            # Out-of-memory degrade ladder: what the video really is (e.g. fewer frames) wins over what was asked,
+            # for the sanity checks, the encode and the manifest's `used`; the steps go into `degradations`.
             self._metrics.degraded_jobs.inc()
             log.warning("job_degraded", steps=list(result.degradations), used=dict(result.used))
+            known = {key: value for key, value in result.used.items() if key in type(resolved).model_fields}
+            resolved = resolved.model_copy(update=known)
         report = self._check_sanity(resolved, result)
         staging = self._publisher.staging_dir(job.job_id)
         with timer.stage("encode"):
@@ -375,6 +379,7 @@ class Worker:
             generate_timings=dict(result.timings),
             peak_vram_bytes=result.peak_vram_bytes,
             sanity=report.as_manifest(),
+            degradations=tuple(result.degradations),
         )
 
     def _check_sanity(self, resolved: ResolvedJob, result: GenerationResult) -> SanityReport:

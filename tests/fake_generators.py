@@ -7,6 +7,7 @@ Every factory is a module-level function: a spawned generation process imports t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -69,6 +70,13 @@ class InstantGenerator:
             time.sleep(self.step_seconds)
             if on_step is not None:
                 on_step(step, request.steps, self.step_seconds)
+        if self.behaviour == "degrade":
+            # What the OOM ladder does at its "fewer frames" rung: half the frames, and says so.
+            fewer = dataclasses.replace(request, num_frames=max(1, request.num_frames // 2))
+            steps = ("decode_chunk=1", "vae_tiling", f"num_frames={fewer.num_frames}")
+            return GenerationResult(
+                frames=synthetic_frames(fewer), degradations=steps, used={"num_frames": fewer.num_frames}
+            )
         return GenerationResult(frames=synthetic_frames(request), timings={"denoise": 0.0})
 
 

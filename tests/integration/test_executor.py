@@ -245,3 +245,25 @@ def test_compatible_queued_jobs_are_generated_as_one_batch(tmp_path: Path, make_
     assert generator.calls == 4
     seeds = {m["input"]["image"]: m["used"]["seed"] for m in published(config)}
     assert seeds == {"b0.png": 1, "b1.png": 2, "b2.png": 3, "b3.png": 4}
+
+
+def test_a_degraded_video_is_published_with_what_it_really_is(tmp_path: Path, make_image: Callable[..., Path]) -> None:
+    """The OOM degrade ladder's result (fewer frames) passes the frame-count sanity check, is encoded as it is, and
+    the manifest records the steps taken and the frames used; `degraded_jobs_total` counts it."""
+    from daemon.intake import Intake
+
+    config = config_for(tmp_path)
+    config.inbox.mkdir(parents=True)
+    config.outbox.mkdir(parents=True)
+    store = JobStore(config.inbox, config.state_path)
+    drop(config.inbox, make_image, "big")
+    [job] = Intake(config, store).poll().accepted
+    metrics = DaemonMetrics()
+    generator = fake_generators.make_misbehaving("degrade")
+    worker = Worker(config, generator, store, JobQueue(), metrics, interrupt=threading.Event())
+    assert worker.process(job) == "succeeded"
+    [manifest] = published(config)
+    assert manifest["degradations"] == ["decode_chunk=1", "vae_tiling", "num_frames=4"]
+    assert manifest["used"]["num_frames"] == 4 and manifest["asked"].get("num_frames") is None
+    assert manifest["outputs"][0]["frames"] == 4
+    assert metrics.registry.get_sample_value("i2vd_degraded_jobs_total") == 1
