@@ -120,6 +120,9 @@ class IntakeConfig(_Frozen):
     incomplete_grace_seconds: Annotated[float, Field(ge=0.0, le=86400.0)] = 30.0
     """A stable pair that looks unfinished (truncated image, sidecar sha256 not matching yet, half a YAML file) waits
     this much longer, files unchanged, before it is rejected; any change restarts the wait."""
+    max_queued: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    """Claim no more pairs while this many jobs wait in the queue: under a flood the rest waits in the inbox (safe
+    on disk) instead of in memory, and is claimed as the queue drains."""
     orphan_timeout_seconds: Annotated[float, Field(gt=0.0)] | None = 3600.0
     """An image or sidecar unchanged this long without its partner goes to failed/ (`orphan_timeout`); null: never."""
     duplicate_policy: Literal["process", "skip"] = "process"

@@ -108,8 +108,12 @@ class Intake:
         self._inbox_device = os.stat(config.inbox).st_dev
         self._inbox_problem: str | None = None
 
-    def poll(self) -> IntakeResult:
-        """Scan once: claim and validate every pair that is complete; quarantine ambiguous pairs and old orphans."""
+    def poll(self, room: int | None = None) -> IntakeResult:
+        """Scan once: claim and validate every pair that is complete; quarantine ambiguous pairs and old orphans.
+
+        `room`: claim at most this many pairs (the queue's free room), so a flood of thousands of pairs waits in
+        the inbox, where it is safe, instead of in memory; the rest counts as settling (the caller polls again
+        soon, and `--once` does not mistake it for a drained inbox)."""
         try:
             self._check_inbox()
             pairs, unpaired = find_pairs(self._config.inbox)
@@ -122,6 +126,9 @@ class Intake:
         result = IntakeResult()  # filled in place by the helpers; `waiting` is set at the end
         settling = 0
         for pair in pairs:
+            if room is not None and len(result.accepted) >= room:
+                settling += 1  # deferred: claimed by a later poll once the queue has room
+                continue
             try:
                 settling += self._handle_pair(pair, result)
             except Exception:

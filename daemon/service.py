@@ -250,7 +250,7 @@ class Service:
         intake = Intake(self.config, self.store)
         while not self._stop_intake.is_set():
             try:
-                result = intake.poll()
+                result = intake.poll(room=max(0, self.config.intake.max_queued - len(self.queue)))
             except Exception:
                 log.exception("intake_poll_failed")
                 result = IntakeResult(waiting=1, settling=1)

@@ -533,3 +533,17 @@ def test_a_file_name_that_is_not_utf8_is_quarantined(harness: Harness) -> None:
     assert [error.reason for _, error, _ in result.rejected] == ["bad_filename"]
     assert (harness.failed(stem) / f"{stem}.png").exists()
     assert json.loads((harness.failed(stem) / "reason.json").read_text())["reason"] == "bad_filename"
+
+
+def test_poll_claims_no_more_than_the_queue_has_room_for(inbox: Path) -> None:
+    """A flood waits in the inbox, not in memory: `poll(room=n)` claims n pairs and reports the rest as settling
+    (looked at again soon; `--once` does not take the inbox for drained); a later poll takes the rest."""
+    harness = Harness(inbox, stable_seconds=0.0)
+    for index in range(5):
+        harness.drop_pair(f"p{index}")
+    first = harness.intake.poll(room=2)
+    assert len(first.accepted) == 2 and first.settling == 3
+    assert len(list(inbox.glob("p*.png"))) == 3, "the others are still in the inbox, unclaimed"
+    second = harness.intake.poll(room=10)
+    assert len(second.accepted) == 3 and second.settling == 0
+    assert {job.stem for job in first.accepted + second.accepted} == {f"p{index}" for index in range(5)}
