@@ -98,6 +98,9 @@ class ProcessGenerator:
         self._memory: Mapping[str, int] = {}
         self._load_failures = 0
         self._waiting_for_ready = False
+        self._closed = False
+        """Set by close()/kill(): no replacement child is started any more (one started during shutdown would
+        outlive the stop, and multiprocessing's exit handler would wait for it forever: it ignores SIGTERM)."""
         self.restarts = 0
         """Children started after the first (crashes, timeouts): exported per worker."""
         self.last_ready_at: float | None = None
@@ -150,6 +153,7 @@ class ProcessGenerator:
 
     def close(self, timeout: float = KILL_GRACE_SECONDS) -> None:
         """Ask the child to exit; kill it if it does not within `timeout`. Safe to call twice."""
+        self._closed = True
         connection, process = self._connection, self._process
         if process is None:
             return
@@ -160,7 +164,11 @@ class ProcessGenerator:
         self.kill()
 
     def kill(self) -> None:
-        """Kill the child now (second stop signal, timeouts). Works while a call is in flight in another thread."""
+        """Kill the child now and for good (second stop signal). Works while a call is in flight in another thread."""
+        self._closed = True
+        self._kill_child()
+
+    def _kill_child(self) -> None:
         process = self._process
         if process is not None and process.is_alive():
             process.kill()
@@ -207,9 +215,11 @@ class ProcessGenerator:
     def _load_failed(self, why: str) -> None:
         self._load_failures += 1
         log.error("generator_load_failed", worker=self._settings.name, why=why, failures=self._load_failures)
-        self.kill()
+        self._kill_child()
         if self._load_failures >= MAX_LOAD_FAILURES:
             raise FatalError(f"worker {self._settings.name}: {why} ({self._load_failures} times in a row)")
+        if self._closed:
+            raise WorkerCrashed(f"the generation process is closed ({why}); the daemon is stopping")
         self._spawn()
 
     def _ensure_ready(self) -> None:
@@ -221,7 +231,9 @@ class ProcessGenerator:
 
     def _restart(self, why: str) -> None:
         """Replace a dead or killed child. The new one loads while the worker settles the failed job."""
-        self.kill()
+        self._kill_child()
+        if self._closed:
+            raise WorkerCrashed(f"the generation process is closed ({why}); the daemon is stopping")
         self.restarts += 1
         log.warning("generator_process_restarting", worker=self._settings.name, why=why, restarts=self.restarts)
         self._spawn()

@@ -154,3 +154,30 @@ def test_tiny_model_in_a_child_process(tmp_path: Path) -> None:
     local = load_generator(model).generate(job)
     difference = np.abs(remote.frames.astype(np.int16) - local.frames.astype(np.int16))
     assert difference.max() <= 1, difference.max()
+
+
+def test_a_closed_generator_starts_no_replacement(tmp_path: Path) -> None:
+    """During a stop, the child killed under a running call is not replaced: a replacement would outlive the
+    daemon's stop (and multiprocessing's exit handler would wait for it, since children ignore SIGTERM)."""
+    loader = functools.partial(fake_generators.make_instant, 0.05)
+    generator = ProcessGenerator(loader, SETTINGS, job_timeout_seconds=30)
+    first = generator.pid
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            generator.generate(request(steps=400))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(1.0)
+    generator.kill()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], WorkerCrashed)
+    assert generator.pid == first and generator.restarts == 0
+    assert first is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(first, 0)

@@ -8,6 +8,7 @@ Ray is shared by the module (starting it takes seconds); each test removes the a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -53,7 +54,8 @@ def fresh_actors(local_ray: str) -> Iterator[None]:
     """Every named actor a test made is killed afterwards, so the two GPUs are free for the next test."""
     yield
     for entry in ray.util.list_named_actors(all_namespaces=True):
-        ray.kill(ray.get_actor(entry["name"], namespace=entry["namespace"]))
+        with contextlib.suppress(ValueError):  # it died between the listing and the lookup: nothing to kill
+            ray.kill(ray.get_actor(entry["name"], namespace=entry["namespace"]))
 
 
 @pytest.fixture
