@@ -81,6 +81,12 @@ class ModelConfig(_Frozen):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     cache_dir: Path = Path(".cache/i2vd")
     decode_chunk_size: Annotated[int, Field(ge=1, le=64)] = 8
+    mode: Literal["exact", "fast"] = Field(
+        default="exact", description="'exact': the stock maths; 'fast': DeepCache feature reuse (BENCHMARKS.md, GPU)"
+    )
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = Field(
+        default="off", description="torch.compile mode for the UNet step on CUDA (cache kept in cache_dir/compile)"
+    )
 
     @field_validator("device")
     @classmethod

@@ -8,8 +8,9 @@ imports torch, diffusers and transformers; the rest of the daemon reaches it laz
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,20 +22,26 @@ import torch
 
 from daemon.config import ModelConfig
 from daemon.errors import ConfigError, FatalError, TransientJobError
+from daemon.generate import batch_render, compile_cache, gpu_speed, ladder, vram
 from daemon.generate import i2vgenxl_loop as loop
+from daemon.generate import predict as pred
 from daemon.generate.base import (
     GenerationRequest,
     GenerationResult,
     InterruptCheck,
     ModelInfo,
     StepCallback,
+    batch_key,
 )
+from daemon.generate.compile_cache import GuardedCompile
 from daemon.generate.tiny import materialize_tiny_model, tiny_revision
 
 EMBEDDED_TINY = "embedded-tiny"
 DEFAULT_CLIP_SKIP: int | None = 1
 """Prompt embeddings from the penultimate text-encoder layer (+ final layer norm): the stock pipeline's default
 (`clip_skip=1`) and what I2VGen-XL was trained with (VGen's OpenCLIP embedder uses layer "penultimate")."""
+VRAM_BUDGET_FRACTION = 0.92
+"""Share of the GPU's memory the preflight and the batch sizing plan with (the rest: CUDA context, other users)."""
 
 REQUIRED_FILES: Mapping[str, tuple[tuple[str, ...], ...]] = {
     "unet": (("config.json",),),
@@ -57,6 +64,8 @@ class RenderedVideo:
     """(num_frames, height, width, 3) float32 in [0, 1]."""
     timings: Mapping[str, float]
     peak_vram_bytes: int
+    degradations: tuple[str, ...] = ()
+    used: Mapping[str, object] = dataclasses.field(default_factory=dict)
 
 
 def library_versions() -> dict[str, str]:
@@ -181,28 +190,47 @@ def load_generator(config: ModelConfig, *, clip_skip: int | None = DEFAULT_CLIP_
         load_seconds=time.perf_counter() - started,
         library_versions=library_versions(),
     )
+    compile_mode = config.compile if device.type == "cuda" else "off"
+    if compile_mode != "off":
+        compile_cache.point_caches_at(config.cache_dir)
     return I2VGenXLGenerator(
-        parts, info, device=device, decode_chunk_size=config.decode_chunk_size, clip_skip=clip_skip
+        parts,
+        info,
+        device=device,
+        decode_chunk_size=config.decode_chunk_size,
+        clip_skip=clip_skip,
+        mode=config.mode,
+        compile_mode=compile_mode,
     )
 
 
 class _StageClock:
-    """Seconds per stage; on CUDA it synchronises at each stage's end (once per stage, not per step)."""
+    """Seconds per stage; on CUDA it synchronises at each stage's end (once per stage, not per step). Remembers
+    the stage that is running (an OOM's stage decides the degrade rung) and moves models for CPU offload."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, offload: Callable[[str], None] | None = None) -> None:
         self.device = device
         self.timings: dict[str, float] = {}
+        self.current = ""
+        self._offload = offload
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
+        self.current = stage
+        if self._offload is not None:
+            self._offload(stage)
         started = time.perf_counter()
         yield
         loop.synchronize(self.device)
-        self.timings[stage] = time.perf_counter() - started
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - started
 
 
 class I2VGenXLGenerator:
-    """A loaded, warm I2VGen-XL; one job at a time (the worker is single-threaded per model)."""
+    """A loaded, warm I2VGen-XL; one job (or one batch of jobs) at a time (the worker is single-threaded per model).
+
+    `mode` 'exact' runs the stock maths; 'fast' the DeepCache predictor (see `predict`). On CUDA the attention
+    heads are padded for flash attention and the UNet step may be compiled (`compile_mode`, see `compile_cache`).
+    """
 
     def __init__(
         self,
@@ -212,12 +240,20 @@ class I2VGenXLGenerator:
         device: torch.device,
         decode_chunk_size: int,
         clip_skip: int | None = DEFAULT_CLIP_SKIP,
+        mode: str = "exact",
+        compile_mode: str = "off",
+        fast_options: pred.FastOptions | None = None,
     ) -> None:
         self._parts = parts
         self._info = info
         self._device = device
         self._decode_chunk_size = decode_chunk_size
         self._clip_skip = clip_skip
+        self.mode = mode
+        self.fast_options = fast_options or pred.FastOptions()
+        if device.type == "cuda":
+            gpu_speed.install_padded_attention(parts.unet)
+        self.step_fn = GuardedCompile(pred.StepModule(parts.unet), compile_mode)
 
     @property
     def info(self) -> ModelInfo:
@@ -234,16 +270,25 @@ class I2VGenXLGenerator:
         on_step: StepCallback | None = None,
         should_interrupt: InterruptCheck | None = None,
     ) -> GenerationResult:
-        """Generate one video as uint8 RGB frames. Raises `TransientJobError` on out-of-memory, `JobInterrupted`
-        when `should_interrupt` says so between steps."""
-        video = self.render(request, on_step, should_interrupt)
-        # Counted before the uint8 conversion, which cannot represent NaN (sanity.py reports it).
-        nonfinite = int(video.frames.size - np.count_nonzero(np.isfinite(video.frames)))
-        finite = video.frames if nonfinite == 0 else np.nan_to_num(video.frames, nan=0.0, posinf=1.0, neginf=0.0)
-        frames = loop.to_uint8(finite)
-        return GenerationResult(
-            frames=frames, timings=video.timings, peak_vram_bytes=video.peak_vram_bytes, nonfinite_values=nonfinite
-        )
+        """Generate one video as uint8 RGB frames. Raises `TransientJobError` on out-of-memory once the degrade
+        ladder is exhausted, `JobInterrupted` when `should_interrupt` says so between steps."""
+        return self.generate_batch([request], on_step, should_interrupt)[0]
+
+    def generate_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_step: StepCallback | None = None,
+        should_interrupt: InterruptCheck | None = None,
+    ) -> list[GenerationResult]:
+        """Several requests with equal `batch_key` in one batch; results in request order (`BatchGenerator`)."""
+        return [_to_result(video) for video in self.render_batch(requests, on_step, should_interrupt)]
+
+    def max_batch_size(self, request: GenerationRequest) -> int:
+        """From the measured VRAM model and this GPU's memory (1 on the CPU, where batching gains nothing)."""
+        if self._device.type != "cuda":
+            return 1
+        budget = int(self.memory_stats()["total"] * VRAM_BUDGET_FRACTION)
+        return vram.max_batch(request.width, request.height, request.num_frames, budget)
 
     def render(
         self,
@@ -252,57 +297,122 @@ class I2VGenXLGenerator:
         should_interrupt: InterruptCheck | None = None,
     ) -> RenderedVideo:
         """Like `generate`, but float frames in [0, 1]: comparable with the stock pipeline's `output_type="np"`."""
+        return self.render_batch([request], on_step, should_interrupt)[0]
+
+    def render_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_step: StepCallback | None = None,
+        should_interrupt: InterruptCheck | None = None,
+        mode: str | None = None,
+    ) -> list[RenderedVideo]:
+        if len({batch_key(request) for request in requests}) != 1:
+            raise ValueError("a batch needs requests with equal width, height, num_frames and steps")
         if self._device.type == "cpu":
             # The flush-to-zero flag lives in each thread's MXCSR register; the worker thread that calls us is not
             # the thread that loaded the model (see load_generator).
             torch.set_flush_denormal(True)
+        first = requests[0]
+        plan = ladder.Plan(first.width, first.height, first.num_frames, self._decode_chunk_size)
+        if self._device.type == "cuda":
+            check = vram.preflight(first.width, first.height, first.num_frames, self._budget(), plan.decode_chunk)
+            if check.verdict == "degrade":
+                plan = ladder.apply_rungs(plan, check.start_rungs)
+        fast = self.fast_options if (mode or self.mode) == "fast" else None
         try:
             with torch.inference_mode():
-                return self._render(request, on_step, should_interrupt)
-        except torch.cuda.OutOfMemoryError as exc:
-            if self._device.type == "cuda":
-                torch.cuda.empty_cache()
-            size = f"{request.width}x{request.height}x{request.num_frames}"
-            raise TransientJobError(f"out of GPU memory generating {size} on {self._device}: {exc}") from exc
+                return self._render_with_ladder(requests, plan, fast, on_step, should_interrupt)
+        finally:
+            self._release()
 
-    def _render(
-        self, request: GenerationRequest, on_step: StepCallback | None, should_interrupt: InterruptCheck | None
-    ) -> RenderedVideo:
-        # A fresh scheduler per job: `set_timesteps` mutates it.
-        scheduler = type(self._parts.scheduler).from_config(self._parts.scheduler.config)
-        parts = dataclasses.replace(self._parts, scheduler=scheduler)
-        guidance = request.guidance_scale > 1
-        image = request.image.convert("RGB")
-        clock = _StageClock(self._device)
-        self._reset_peak_memory()
-        with clock("encode_prompt"):
-            prompt_embeds = loop.encode_prompt(
-                parts, request.prompt, request.negative_prompt, guidance, self._clip_skip
-            )
-        with clock("encode_image"):
-            cond = loop.Conditioning(
-                prompt_embeds=prompt_embeds,
-                image_embeddings=loop.encode_image(parts, image, request.width, guidance),
-                image_latents=loop.encode_image_latents(
-                    parts, image, (request.width, request.height), request.num_frames, guidance, request.seed
-                ),
-                fps=loop.fps_tensor(request.target_fps, guidance, self._device),
-            )
-        with clock("denoise"):
-            # Timesteps stay on the CPU (the stock pipeline puts them on the device): DDIM indexes its CPU
-            # `alphas_cumprod` with them, which with a CUDA timestep is a host sync on every step.
-            scheduler.set_timesteps(request.steps)
-            latents = loop.initial_latents(parts, self._latent_shape(request), prompt_embeds.dtype, request.seed)
-            latents = loop.denoise(parts, latents, cond, request.guidance_scale, on_step, should_interrupt)
-        with clock("decode"):
-            frames = loop.decode(parts.vae, latents, self._decode_chunk_size)
-        return RenderedVideo(frames=frames, timings=clock.timings, peak_vram_bytes=self._peak_memory())
+    def _render_with_ladder(
+        self,
+        requests: Sequence[GenerationRequest],
+        plan: ladder.Plan,
+        fast: pred.FastOptions | None,
+        on_step: StepCallback | None,
+        should_interrupt: InterruptCheck | None,
+    ) -> list[RenderedVideo]:
+        latents: torch.Tensor | None = None
+        # On the CPU a single exact job keeps the stock UNet call (the reference path the equality tests pin).
+        prepared_path = self._device.type == "cuda" or len(requests) > 1 or fast is not None
+        step_fn = self.step_fn if prepared_path else None
+        while True:
+            clock = _StageClock(self._device, self._offloader(plan))
+            self._reset_peak_memory()
+            try:
+                if latents is None:
+                    latents = batch_render.denoise(
+                        self._parts,
+                        requests,
+                        plan,
+                        step_fn,
+                        fast,
+                        self._clip_skip,
+                        clock,
+                        on_step,
+                        should_interrupt,
+                    )
+                with clock("decode"):
+                    videos = batch_render.decode(self._parts.vae, latents, plan)
+            except torch.cuda.OutOfMemoryError as exc:
+                stage = clock.current
+                self._release()
+                following = ladder.next_plan(plan, stage)
+                if following is None:
+                    size = f"{plan.width}x{plan.height}x{plan.num_frames}"
+                    raise TransientJobError(f"out of GPU memory generating {size} on {self._device}: {exc}") from exc
+                if stage != "decode":
+                    latents = None
+                plan = following
+                continue
+            finally:
+                self._restore_placement()
+            peak = self._peak_memory()
+            first = requests[0]
+            used = plan.used(first.width, first.height, first.num_frames)
+            return [
+                RenderedVideo(frames=v, timings=clock.timings, peak_vram_bytes=peak, degradations=plan.taken, used=used)
+                for v in videos
+            ]
 
-    def _latent_shape(self, request: GenerationRequest) -> tuple[int, ...]:
-        """(1, C, F, H/s, W/s) where s = 2 ** (VAE levels - 1), as the stock `prepare_latents`."""
-        scale = 2 ** (len(self._parts.vae.config.block_out_channels) - 1)
-        channels = int(self._parts.unet.config.in_channels)
-        return (1, channels, request.num_frames, request.height // scale, request.width // scale)
+    def _offloader(self, plan: ladder.Plan) -> Callable[[str], None] | None:
+        """With `cpu_offload`, only the stage's own models stay on the GPU (the rest waits in host memory)."""
+        if not plan.cpu_offload:
+            return None
+        parts = self._parts
+        on_gpu = {
+            "encode_prompt": (parts.text_encoder,),
+            "encode_image": (parts.image_encoder, parts.vae),
+            "denoise": (parts.unet,),
+            "decode": (parts.vae,),
+        }
+        every = (parts.unet, parts.vae, parts.text_encoder, parts.image_encoder)
+
+        def place(stage: str) -> None:
+            wanted = on_gpu.get(stage, every)
+            for model in every:
+                if all(model is not other for other in wanted):
+                    model.to("cpu")
+            for model in wanted:
+                model.to(self._device)
+            self._release()
+
+        return place
+
+    def _restore_placement(self) -> None:
+        for model in (self._parts.unet, self._parts.vae, self._parts.text_encoder, self._parts.image_encoder):
+            if model.device != self._device:
+                model.to(self._device)
+
+    def _budget(self) -> int:
+        return int(self.memory_stats()["total"] * VRAM_BUDGET_FRACTION)
+
+    def _release(self) -> None:
+        """Return cached blocks after a job or a failed attempt, so memory does not creep across jobs."""
+        if self._device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
 
     def _reset_peak_memory(self) -> None:
         if self._device.type == "cuda":
@@ -322,3 +432,17 @@ class I2VGenXLGenerator:
             "total": int(total),
             "free": int(free),
         }
+
+
+def _to_result(video: RenderedVideo) -> GenerationResult:
+    # Counted before the uint8 conversion, which cannot represent NaN (sanity.py reports it).
+    nonfinite = int(video.frames.size - np.count_nonzero(np.isfinite(video.frames)))
+    finite = video.frames if nonfinite == 0 else np.nan_to_num(video.frames, nan=0.0, posinf=1.0, neginf=0.0)
+    return GenerationResult(
+        frames=loop.to_uint8(finite),
+        timings=video.timings,
+        peak_vram_bytes=video.peak_vram_bytes,
+        nonfinite_values=nonfinite,
+        degradations=video.degradations,
+        used=video.used,
+    )
