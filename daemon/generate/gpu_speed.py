@@ -197,3 +197,15 @@ def step(
     last = unet.up_blocks[-1]
     out = _up(last, deep, skips[-len(last.resnets) :], emb, prep.context_emb, frames, None)
     return _tail(unet, out, frames), deep
+
+
+def to_channels_last(model: Any) -> int:
+    """Convolution weights in channels-last layout (cuDNN's native one: no NCHW<->NHWC transposes around each
+    convolution); 5-D (temporal) convolutions get the 3-D variant. Returns how many weights changed."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
+            layout = torch.channels_last if module.weight.ndim == 4 else torch.channels_last_3d
+            module.weight.data = module.weight.data.to(memory_format=layout)
+            changed += 1
+    return changed

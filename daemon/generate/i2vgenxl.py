@@ -243,6 +243,7 @@ class I2VGenXLGenerator:
         mode: str = "exact",
         compile_mode: str = "off",
         fast_options: pred.FastOptions | None = None,
+        channels_last: bool = False,
     ) -> None:
         self._parts = parts
         self._info = info
@@ -253,6 +254,8 @@ class I2VGenXLGenerator:
         self.fast_options = fast_options or pred.FastOptions()
         if device.type == "cuda":
             gpu_speed.install_padded_attention(parts.unet)
+            if channels_last:
+                gpu_speed.to_channels_last(parts.unet)
         self.step_fn = GuardedCompile(pred.StepModule(parts.unet), compile_mode)
 
     @property
@@ -318,6 +321,11 @@ class I2VGenXLGenerator:
             check = vram.preflight(first.width, first.height, first.num_frames, self._budget(), plan.decode_chunk)
             if check.verdict == "degrade":
                 plan = ladder.apply_rungs(plan, check.start_rungs)
+        if self._device.type == "cuda" and "decode_chunk" not in " ".join(plan.taken):
+            chunk = vram.decode_chunk_within_denoise_peak(
+                plan.width, plan.height, plan.num_frames, len(requests), plan.decode_chunk
+            )
+            plan = dataclasses.replace(plan, decode_chunk=chunk)
         fast = self.fast_options if (mode or self.mode) == "fast" else None
         try:
             with torch.inference_mode():

@@ -80,6 +80,14 @@ def decode_chunk_for(width: int, height: int, free_bytes: int, wanted: int) -> i
     return max(1, min(wanted, int(free_bytes // max(per_frame, 1.0))))
 
 
+def decode_chunk_within_denoise_peak(width: int, height: int, num_frames: int, batch: int, wanted: int) -> int:
+    """The largest chunk <= `wanted` whose decode activations stay under the denoise stage's activations, so that
+    decoding never raises the job's peak (the stock pipeline decodes one frame at a time for the same reason)."""
+    model = load_model()
+    activations = model.denoise_bytes_per_position * latent_positions(width, height, num_frames, batch)
+    return max(1, min(wanted, int(activations // (model.decode_bytes_per_pixel * width * height))))
+
+
 def max_batch(width: int, height: int, num_frames: int, budget_bytes: int, limit: int = 4) -> int:
     """How many videos of this shape fit `budget_bytes` in one batch (at least 1: a single job is never refused
     here; the preflight decides about it)."""
