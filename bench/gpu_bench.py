@@ -196,7 +196,9 @@ class Bench:
 
     def generator(self) -> I2VGenXLGenerator:
         if self.ours is None:
-            self.ours = make_generator(self.parts, torch.float16, compile_mode=self.args.compile)
+            self.ours = make_generator(
+                self.parts, torch.float16, compile_mode=self.args.compile, channels_last=self.args.channels_last
+            )
             self.ours.render(request("512p", 16, 2))  # compiles (if asked) and warms up
         return self.ours
 
@@ -210,6 +212,8 @@ def phase_ref(b: Bench, tier: str = "512p", frames: int = 16) -> None:
     with stock_attention(b.parts.unet):
         seconds, video, peak = timed(lambda: generator.render(req), 1)
     b.ref[(tier, frames)] = video.frames
+    if b.args.save_ref is not None:
+        np.save(b.args.save_ref, video.frames)
     torch.backends.cudnn.allow_tf32 = True
     b.rec.add(b.parts, "reference_fp32", req, 1, seconds, peak_vram_bytes=peak)
 
@@ -239,7 +243,11 @@ def run_exact_case(b: Bench, tier: str, frames: int, repeats: int, stock: np.nda
         generator.render(request(tier, frames, 2))
     seconds, video, peak = timed(lambda: generator.render(req), repeats)
     b.exact[(tier, frames)] = video.frames
-    extra = {"vs_stock_psnr_db": _psnr_or_none(video.frames, stock), "compile": b.args.compile}
+    extra = {
+        "vs_stock_psnr_db": _psnr_or_none(video.frames, stock),
+        "compile": b.args.compile,
+        "channels_last": b.args.channels_last,
+    }
     b.rec.add(
         b.parts,
         "exact",
@@ -294,7 +302,8 @@ def phase_batch(b: Bench) -> None:
 def phase_tiers(b: Bench) -> None:
     """Stock vs ours at the other tiers and 32 frames (`--tier-steps` steps; ours eager unless --compile)."""
     b.args.steps = b.args.tier_steps
-    for tier, frames in (("768p", 16), ("512p", 32), ("1024p", 16)):
+    for item in b.args.tier_list.split(","):
+        tier, frames = item.split(":")[0], int(item.split(":")[1])
         stock = run_stock_case(b, tier, frames, 1)
         run_exact_case(b, tier, frames, 1, stock)
 
@@ -474,6 +483,10 @@ def main() -> None:
     parser.add_argument("--fast-variants", default="3,0,50;5,0,50;3,0.3,50;3,0,25")
     parser.add_argument("--creep-jobs", type=int, default=100)
     parser.add_argument("--tier-steps", type=int, default=50)
+    parser.add_argument("--tier-list", default="768p:16,512p:32,1024p:16")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--save-ref", type=Path, help="write the fp32 reference frames (512p x 16) here")
+    parser.add_argument("--load-ref", type=Path, help="read them from here instead of running `ref`")
     parser.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "i2vd")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu_bench.jsonl")
     args = parser.parse_args()
@@ -482,6 +495,8 @@ def main() -> None:
 
     compile_cache.point_caches_at(args.cache_dir)
     b = Bench(args)
+    if args.load_ref is not None:
+        b.ref[("512p", 16)] = np.load(args.load_ref)
     phases = args.phases.split(",")
     stock: list[np.ndarray] = []
     order: list[tuple[str, Callable[[Bench], Any]]] = [

@@ -106,7 +106,7 @@ def denoise(
     scheduler = type(parts.scheduler).from_config(parts.scheduler.config)  # `set_timesteps` mutates it
     parts = dataclasses.replace(parts, scheduler=scheduler)
     guidance = any(request.guidance_scale > 1 for request in requests)
-    steps = requests[0].steps
+    steps = requests[0].steps if fast is None else fast.steps_for(requests[0].steps)
     cond = conditioning(parts, requests, plan, guidance, clip_skip, stage)
     with stage("denoise"):
         # Timesteps stay on the CPU (the stock pipeline puts them on the device): DDIM indexes its CPU

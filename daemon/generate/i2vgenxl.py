@@ -379,6 +379,8 @@ class I2VGenXLGenerator:
             peak = self._peak_memory()
             first = requests[0]
             used = plan.used(first.width, first.height, first.num_frames)
+            if fast is not None and fast.steps_for(first.steps) != first.steps:
+                used["steps"] = fast.steps_for(first.steps)
             return [
                 RenderedVideo(frames=v, timings=clock.timings, peak_vram_bytes=peak, degradations=plan.taken, used=used)
                 for v in videos

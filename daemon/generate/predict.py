@@ -33,6 +33,11 @@ class FastOptions:
 
     cache_interval: int = 3
     uncond_skip_fraction: float = 0.0
+    max_steps: int | None = None
+    """Fewer effective steps: the DDIM schedule is cut to at most this many steps (recorded in `used`)."""
+
+    def steps_for(self, requested: int) -> int:
+        return requested if self.max_steps is None else min(requested, self.max_steps)
 
 
 class StepModule(torch.nn.Module):
