@@ -36,6 +36,8 @@ class GenerationRequest:
     steps: int
     guidance_scale: float
     seed: int
+    mode: str | None = None
+    """'exact' or 'fast' (opt-in per job or preset, e.g. `preview`); None: the model config's `mode`."""
 
 
 @dataclass(frozen=True)

@@ -283,8 +283,14 @@ class I2VGenXLGenerator:
         on_step: StepCallback | None = None,
         should_interrupt: InterruptCheck | None = None,
     ) -> list[GenerationResult]:
-        """Several requests with equal `batch_key` in one batch; results in request order (`BatchGenerator`)."""
-        return [_to_result(video) for video in self.render_batch(requests, on_step, should_interrupt)]
+        """Several requests with equal `batch_key` in one batch; results in request order (`BatchGenerator`).
+        Requests asking for different modes run as one sub-batch per mode."""
+        results: dict[int, GenerationResult] = {}
+        for mode in dict.fromkeys(request.mode or self.mode for request in requests):
+            indices = [i for i, request in enumerate(requests) if (request.mode or self.mode) == mode]
+            videos = self.render_batch([requests[i] for i in indices], on_step, should_interrupt, mode=mode)
+            results.update(zip(indices, (_to_result(video) for video in videos), strict=True))
+        return [results[index] for index in range(len(requests))]
 
     def max_batch_size(self, request: GenerationRequest) -> int:
         """From the measured VRAM model and this GPU's memory (1 on the CPU, where batching gains nothing)."""
@@ -326,7 +332,7 @@ class I2VGenXLGenerator:
                 plan.width, plan.height, plan.num_frames, len(requests), plan.decode_chunk
             )
             plan = dataclasses.replace(plan, decode_chunk=chunk)
-        fast = self.fast_options if (mode or self.mode) == "fast" else None
+        fast = self.fast_options if (mode or first.mode or self.mode) == "fast" else None
         try:
             with torch.inference_mode():
                 return self._render_with_ladder(requests, plan, fast, on_step, should_interrupt)

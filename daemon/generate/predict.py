@@ -33,7 +33,7 @@ class FastOptions:
 
     cache_interval: int = 3
     uncond_skip_fraction: float = 0.0
-    max_steps: int | None = None
+    max_steps: int | None = 12
     """Fewer effective steps: the DDIM schedule is cut to at most this many steps (recorded in `used`)."""
 
     def steps_for(self, requested: int) -> int:

@@ -66,6 +66,12 @@ def estimate_peak_bytes(width: int, height: int, num_frames: int, batch: int = 1
     return max(denoise_peak(width, height, num_frames, batch), decode_peak(width, height, chunk))
 
 
+def job_peak_bytes(width: int, height: int, num_frames: int, batch: int = 1, decode_chunk: int = 8) -> int:
+    """Predicted peak of a job as the generator runs it: the decode chunk is kept under the denoise peak."""
+    chunk = decode_chunk_within_denoise_peak(width, height, num_frames, batch, decode_chunk)
+    return estimate_peak_bytes(width, height, num_frames, batch, chunk)
+
+
 def estimate_seconds(width: int, height: int, num_frames: int, steps: int, batch: int = 1) -> float:
     """Predicted wall seconds of one batch in exact mode on the GPU the model was fitted on."""
     model = load_model()

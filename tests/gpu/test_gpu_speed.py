@@ -142,8 +142,11 @@ def test_oom_in_denoise_gives_up_frames(generator: I2VGenXLGenerator, monkeypatc
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The CUDA Graph is empty:UserWarning")
 def test_compiled_step_matches_eager(cache: Path) -> None:
-    """torch.compile with CUDA graphs (the benchmarked mode) computes the same video as eager, within fp16."""
+    """torch.compile with CUDA graphs (the benchmarked mode) computes the same video as eager, within fp16.
+    torch's own warnings while compiling (a deprecated TorchScript helper; an empty CUDA-graph partition of the
+    tiny model) are not failures; with warnings as errors they would make the guard fall back to eager."""
     compiled = load_generator(ModelConfig(device="cuda", dtype="float16", cache_dir=cache, compile="reduce-overhead"))
     request = make_request(30)
     eager = load_generator(ModelConfig(device="cuda", dtype="float16", cache_dir=cache)).render(request).frames

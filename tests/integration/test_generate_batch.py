@@ -209,4 +209,20 @@ def test_compile_is_off_on_the_cpu(tmp_path: Path) -> None:
     config = ModelConfig(device="cpu", compile="reduce-overhead", cache_dir=tmp_path)
     generator = load_generator(config)
     assert not generator.step_fn.active
-    assert dataclasses.replace(make_request(1)).steps == 3
+
+
+@pytest.mark.slow
+def test_fast_mode_per_request_inside_a_batch(generator: I2VGenXLGenerator) -> None:
+    """A request can opt into the fast mode; a mixed batch runs one sub-batch per mode and keeps the order, and
+    the fast mode's step cap is reported in `used`."""
+    exact, fast = make_request(9), dataclasses.replace(make_request(10), mode="fast")
+    saved = generator.fast_options
+    try:
+        generator.fast_options = pred.FastOptions(cache_interval=2, max_steps=2)
+        results = generator.generate_batch([fast, exact])
+        alone = generator.generate(fast)
+    finally:
+        generator.fast_options = saved
+    assert results[0].used == {"steps": 2} and results[1].used == {}
+    np.testing.assert_array_equal(results[0].frames, alone.frames)
+    assert int(np.abs(results[1].frames.astype(int) - generator.generate(exact).frames.astype(int)).max()) <= 1
