@@ -1,4 +1,4 @@
-"""I2VGen-XL behind the `Generator` protocol: loading (real weights or the embedded tiny model) and running one job.
+"""I2VGen-XL behind the `Generator` protocol: loading (real weights or the embedded tiny model) and running jobs.
 
 Together with `i2vgenxl_loop` (the sampling maths) and `tiny` (the embedded model) this is the only code that
 imports torch, diffusers and transformers; the rest of the daemon reaches it lazily through
@@ -14,15 +14,15 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
+from PIL import Image
 
 from daemon.config import ModelConfig
-from daemon.errors import ConfigError, FatalError, TransientJobError
-from daemon.generate import batch_render, compile_cache, gpu_speed, ladder, vram
+from daemon.errors import TransientJobError
+from daemon.generate import batch_render, compile_cache, gpu_speed, ladder, offload, vram
 from daemon.generate import i2vgenxl_loop as loop
 from daemon.generate import predict as pred
 from daemon.generate.base import (
@@ -34,7 +34,14 @@ from daemon.generate.base import (
     batch_key,
 )
 from daemon.generate.compile_cache import GuardedCompile
-from daemon.generate.tiny import materialize_tiny_model, tiny_revision
+from daemon.generate.loading import (
+    embedded_tiny_dir,
+    library_versions,
+    load_components,
+    quiet_progress_bars,
+    resolve_device_dtype,
+)
+from daemon.generate.tiny import tiny_revision
 
 EMBEDDED_TINY = "embedded-tiny"
 DEFAULT_CLIP_SKIP: int | None = 1
@@ -42,18 +49,6 @@ DEFAULT_CLIP_SKIP: int | None = 1
 (`clip_skip=1`) and what I2VGen-XL was trained with (VGen's OpenCLIP embedder uses layer "penultimate")."""
 VRAM_BUDGET_FRACTION = 0.92
 """Share of the GPU's memory the preflight and the batch sizing plan with (the rest: CUDA context, other users)."""
-
-REQUIRED_FILES: Mapping[str, tuple[tuple[str, ...], ...]] = {
-    "unet": (("config.json",),),
-    "vae": (("config.json",),),
-    "scheduler": (("scheduler_config.json",),),
-    "text_encoder": (("config.json",),),
-    "tokenizer": (("vocab.json", "merges.txt"), ("tokenizer.json",)),
-    "image_encoder": (("config.json",),),
-    "feature_extractor": (("preprocessor_config.json",),),
-}
-"""Per component, alternative sets of files of which one must be complete (transformers 5 saves a CLIP tokenizer
-as tokenizer.json; the published repo ships vocab.json + merges.txt)."""
 
 
 @dataclass(frozen=True)
@@ -68,116 +63,19 @@ class RenderedVideo:
     used: Mapping[str, object] = dataclasses.field(default_factory=dict)
 
 
-def library_versions() -> dict[str, str]:
-    """Versions recorded in ModelInfo, since outputs depend on them."""
-    import diffusers
-    import transformers
-
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
-
-
-def resolve_device_dtype(config: ModelConfig) -> tuple[torch.device, torch.dtype]:
-    """`auto` means CUDA + float16 when CUDA is available, else CPU + float32; explicit values are honoured
-    unless they cannot work (CUDA absent, float16 on the CPU), which is a configuration error."""
-    cuda = torch.cuda.is_available()
-    name = config.device if config.device != "auto" else ("cuda" if cuda else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not cuda:
-        raise ConfigError(f"model.device: {name!r} was requested but CUDA is not available; use 'auto' or 'cpu'")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"model.device: {name!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
-    dtype_name = config.dtype if config.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
-    if dtype_name == "float16" and device.type == "cpu":
-        raise ConfigError("model.dtype: float16 is not supported on the CPU; use 'auto', 'float32' or 'bfloat16'")
-    dtype: torch.dtype = getattr(torch, dtype_name)
-    return device, dtype
-
-
-def check_model_dir(directory: Path) -> None:
-    """Fail early, naming what is missing and where, instead of a library traceback halfway through loading."""
-    expected = "a diffusers I2VGen-XL directory (model_index.json, " + ", ".join(REQUIRED_FILES) + ")"
-    if not directory.is_dir():
-        raise FatalError(f"model directory {directory} does not exist (model.source); expected {expected}")
-    missing = [] if (directory / "model_index.json").is_file() else ["model_index.json"]
-    for name, alternatives in REQUIRED_FILES.items():
-        if not any(all((directory / name / file).is_file() for file in files) for files in alternatives):
-            missing.append(" or ".join("+".join(f"{name}/{file}" for file in files) for files in alternatives))
-    if missing:
-        raise FatalError(
-            f"model directory {directory} is incomplete: missing {', '.join(missing)}; expected {expected}"
-        )
-
-
-def _load(cls: Any, directory: Path, name: str, **kwargs: Any) -> Any:
-    """`cls.from_pretrained(directory/name)` offline; any failure is fatal and says which component and where."""
-    path = directory / name
-    try:
-        return cls.from_pretrained(path, local_files_only=True, **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
-        raise FatalError(f"cannot load {name} ({cls.__name__}) from {path}: {exc}") from exc
-
-
-def _transformers_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """transformers >= 4.56 calls the argument `dtype` (and warns about `torch_dtype`); older ones `torch_dtype`."""
-    import transformers
-
-    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
-
-
-def load_components(directory: Path, device: torch.device, dtype: torch.dtype) -> loop.Components:
-    """Load every component with `from_pretrained` (the same path for real weights and the tiny model)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, I2VGenXLUNet
-    from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
-
-    check_model_dir(directory)
-    models = {
-        "unet": _load(I2VGenXLUNet, directory, "unet", torch_dtype=dtype),
-        "vae": _load(AutoencoderKL, directory, "vae", torch_dtype=dtype),
-        "text_encoder": _load(CLIPTextModel, directory, "text_encoder", **_transformers_dtype(dtype)),
-        "image_encoder": _load(CLIPVisionModelWithProjection, directory, "image_encoder", **_transformers_dtype(dtype)),
-    }
-    for model in models.values():
-        model.to(device).eval()
-    return loop.Components(
-        **models,
-        scheduler=_load(DDIMScheduler, directory, "scheduler"),
-        tokenizer=_load(CLIPTokenizer, directory, "tokenizer"),
-        feature_extractor=_load(CLIPImageProcessor, directory, "feature_extractor"),
-    )
-
-
-def _quiet_progress_bars() -> None:
-    """The daemon logs structured lines; the libraries' tqdm bars (loading/saving shards) would be noise."""
-    import diffusers
-    import transformers
-
-    libraries: tuple[Any, ...] = (diffusers, transformers)
-    for library in libraries:
-        library.utils.logging.disable_progress_bar()
-
-
-def _embedded_tiny_dir(cache_dir: Path) -> Path:
-    """Materialise the tiny model; a cache directory that cannot be written is fatal (config or disk problem)."""
-    try:
-        return materialize_tiny_model(cache_dir)
-    except OSError as exc:
-        raise FatalError(f"cannot build the embedded tiny model under {cache_dir} (model.cache_dir): {exc}") from exc
-
-
 def load_generator(config: ModelConfig, *, clip_skip: int | None = DEFAULT_CLIP_SKIP) -> I2VGenXLGenerator:
     """Load the model named by `config.source` (a local diffusers directory, or `embedded-tiny`, which is first
     materialised into `config.cache_dir`) onto the resolved device and dtype. `load_seconds` covers all of it."""
     started = time.perf_counter()
     device, dtype = resolve_device_dtype(config)
-    _quiet_progress_bars()
+    quiet_progress_bars()
     if device.type == "cpu":
         # Late denoising steps produce subnormal floats; x86 handles them in microcode, which made a CPU step
         # 40x slower after the first ~15 steps (0.28 s -> 11 s at 128x128x16). Flushing them to zero is what
         # inference runtimes do and changes nothing at the 1e-4 level. (Set again per call in `render`: per thread.)
         torch.set_flush_denormal(True)
     if config.source == EMBEDDED_TINY:
-        directory = _embedded_tiny_dir(config.cache_dir)
+        directory = embedded_tiny_dir(config.cache_dir)
         revision: str | None = tiny_revision(directory)
     else:
         directory, revision = Path(config.source), config.revision
@@ -193,7 +91,7 @@ def load_generator(config: ModelConfig, *, clip_skip: int | None = DEFAULT_CLIP_
     compile_mode = config.compile if device.type == "cuda" else "off"
     if compile_mode != "off":
         compile_cache.point_caches_at(config.cache_dir)
-    return I2VGenXLGenerator(
+    generator = I2VGenXLGenerator(
         parts,
         info,
         device=device,
@@ -202,6 +100,8 @@ def load_generator(config: ModelConfig, *, clip_skip: int | None = DEFAULT_CLIP_
         mode=config.mode,
         compile_mode=compile_mode,
     )
+    generator.warm_up(config.cache_dir)
+    return generator
 
 
 class _StageClock:
@@ -394,32 +294,24 @@ class I2VGenXLGenerator:
 
     def _offloader(self, plan: ladder.Plan) -> Callable[[str], None] | None:
         """With `cpu_offload`, only the stage's own models stay on the GPU (the rest waits in host memory)."""
-        if not plan.cpu_offload:
-            return None
-        parts = self._parts
-        on_gpu = {
-            "encode_prompt": (parts.text_encoder,),
-            "encode_image": (parts.image_encoder, parts.vae),
-            "denoise": (parts.unet,),
-            "decode": (parts.vae,),
-        }
-        every = (parts.unet, parts.vae, parts.text_encoder, parts.image_encoder)
-
-        def place(stage: str) -> None:
-            wanted = on_gpu.get(stage, every)
-            for model in every:
-                if all(model is not other for other in wanted):
-                    model.to("cpu")
-            for model in wanted:
-                model.to(self._device)
-            self._release()
-
-        return place
+        return offload.stage_placer(self._parts, self._device, self._release) if plan.cpu_offload else None
 
     def _restore_placement(self) -> None:
-        for model in (self._parts.unet, self._parts.vae, self._parts.text_encoder, self._parts.image_encoder):
-            if model.device != self._device:
-                model.to(self._device)
+        offload.restore(self._parts, self._device)
+
+    def warm_up(self, cache_dir: Path, width: int = 512, height: int = 512, num_frames: int = 16) -> dict[str, object]:
+        """Compile before READY: load the saved compile artefacts, run a 2-step video of the usual shape, save the
+        artefacts the first time (`compile_cache`). A no-op without compile."""
+        if not self.step_fn.active:
+            return {}
+        key = compile_cache.artifact_key(self._parts.unet.config, self.step_fn.mode, f"{width}x{height}x{num_frames}")
+        artefact = compile_cache.cache_root(cache_dir) / f"mega-{key}.bin"
+        loaded = compile_cache.load_artifacts(artefact)
+        started = time.perf_counter()
+        image = Image.new("RGB", (width, height), (128, 128, 128))
+        self.render(GenerationRequest(image, "warm-up", "", width, height, num_frames, 16, 2, 9.0, 0))
+        saved = compile_cache.save_artifacts(artefact) if not loaded and self.step_fn.active else 0
+        return {"loaded": loaded, "saved_bytes": saved, "seconds": time.perf_counter() - started}
 
     def _budget(self) -> int:
         return int(self.memory_stats()["total"] * VRAM_BUDGET_FRACTION)
@@ -462,3 +354,6 @@ def _to_result(video: RenderedVideo) -> GenerationResult:
         degradations=video.degradations,
         used=video.used,
     )
+
+
+__all__ = ["I2VGenXLGenerator", "RenderedVideo", "library_versions", "load_generator", "resolve_device_dtype"]
