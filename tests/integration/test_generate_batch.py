@@ -209,6 +209,7 @@ def test_compile_is_off_on_the_cpu(tmp_path: Path) -> None:
     config = ModelConfig(device="cpu", compile="reduce-overhead", cache_dir=tmp_path)
     generator = load_generator(config)
     assert not generator.step_fn.active
+    assert generator.warm_up(tmp_path) == {}
 
 
 @pytest.mark.slow
