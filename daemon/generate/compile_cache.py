@@ -60,17 +60,22 @@ def load_artifacts(path: Path) -> bool:
 
 
 def save_artifacts(path: Path) -> int:
-    """Write the mega-cache atomically (temp file + rename); returns its size (0: nothing to save)."""
-    saved = torch.compiler.save_cache_artifacts()
-    if saved is None:
+    """Write the mega-cache atomically (temp file + rename); returns its size (0: nothing saved). A cache that
+    cannot be written costs the next start a compile, never this start."""
+    try:
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is None:
+            return 0
+        data = saved[0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.replace(temp, path)
+        return len(data)
+    except Exception as exc:
+        log.warning("compile cache %s not saved: %s", path, exc)
         return 0
-    data = saved[0]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(handle, "wb") as out:
-        out.write(data)
-    os.replace(temp, path)
-    return len(data)
 
 
 class GuardedCompile:

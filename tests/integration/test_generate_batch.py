@@ -227,3 +227,14 @@ def test_fast_mode_per_request_inside_a_batch(generator: I2VGenXLGenerator) -> N
     assert results[0].used == {"steps": 2} and results[1].used == {}
     np.testing.assert_array_equal(results[0].frames, alone.frames)
     assert int(np.abs(results[1].frames.astype(int) - generator.generate(exact).frames.astype(int)).max()) <= 1
+
+
+def test_compile_cache_files_that_cannot_be_used_are_ignored(tmp_path: Path) -> None:
+    """A missing or corrupt mega-cache means compiling from scratch, and one that cannot be written is skipped."""
+    from daemon.generate import compile_cache
+
+    assert compile_cache.load_artifacts(tmp_path / "missing.bin") is False
+    (tmp_path / "corrupt.bin").write_bytes(b"not a torch cache")
+    assert compile_cache.load_artifacts(tmp_path / "corrupt.bin") is False
+    (tmp_path / "file").write_text("x")
+    assert compile_cache.save_artifacts(tmp_path / "file" / "mega.bin") == 0
