@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from daemon.config import ModelConfig
-from daemon.generate import batch_render, gpu_speed
+from daemon.generate import batch_render, compile_cache, gpu_speed
 from daemon.generate.base import GenerationRequest
 from daemon.generate.i2vgenxl import I2VGenXLGenerator, load_generator
 
@@ -148,7 +148,8 @@ def test_compiled_step_matches_eager(cache: Path) -> None:
     torch's own warnings while compiling (a deprecated TorchScript helper; an empty CUDA-graph partition of the
     tiny model) are not failures; with warnings as errors they would make the guard fall back to eager."""
     compiled = load_generator(ModelConfig(device="cuda", dtype="float16", cache_dir=cache, compile="reduce-overhead"))
-    request = make_request(30)
+    assert compile_cache.cache_root(cache).is_dir()  # compiled before READY by `warm_up`, artefacts kept there
+    request = make_request(30, width=512, height=512, num_frames=16)  # the warmed-up shape: no second compile
     eager = load_generator(ModelConfig(device="cuda", dtype="float16", cache_dir=cache)).render(request).frames
     first = compiled.render(request).frames
     assert compiled.step_fn.failure is None and compiled.step_fn.active
