@@ -76,9 +76,17 @@ def command_validate(args: argparse.Namespace) -> int:
     plan: dict[str, Any] = {"valid": True, **resolved.model_dump(mode="json")}
     plan["seed_source"] = "sidecar" if spec.seed is not None else "random (chosen at claim time)"
     plan["estimated_vram_gib"] = round(resolved.estimated_vram_bytes / 2**30, 2)
+    plan["estimated_gpu_seconds"] = round(_estimated_seconds(resolved), 1)
     plan["duration_seconds"] = resolved.duration_seconds
     print(json.dumps(plan, indent=2))
     return EXIT_OK
+
+
+def _estimated_seconds(resolved: Any) -> float:
+    """Exact-mode seconds on the GPU the VRAM/time model was measured on (BENCHMARKS.md, GPU section)."""
+    from daemon.generate.vram import estimate_seconds
+
+    return estimate_seconds(resolved.width, resolved.height, resolved.num_frames, resolved.steps)
 
 
 def _sidecar_bytes(args: argparse.Namespace, config: DaemonConfig) -> bytes:

@@ -99,6 +99,12 @@ class ModelConfig(_Frozen):
     vae_tiling: bool = Field(
         default=False, description="ltx-video, wan-i2v: decode in spatial tiles from the start (less VRAM, slower)"
     )
+    mode: Literal["exact", "fast"] = Field(
+        default="exact", description="'exact': the stock maths; 'fast': DeepCache feature reuse (BENCHMARKS.md, GPU)"
+    )
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = Field(
+        default="off", description="torch.compile mode for the UNet step on CUDA (cache kept in cache_dir/compile)"
+    )
 
     @field_validator("device")
     @classmethod

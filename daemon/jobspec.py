@@ -7,7 +7,6 @@ values of the wrong type (`strict`: `true` is not a number, `"16"` is not an int
 
 from __future__ import annotations
 
-import math
 import re
 import secrets
 import unicodedata
@@ -40,10 +39,6 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # I2VGen-XL's VAE downsamples by 8, so pixel sizes must be multiples of 8.
 SIZE_MULTIPLE = 8
 MAX_ASPECT = 16 / 9
-# Peak VRAM model for the real I2VGen-XL in fp16 (batched CFG), fitted on the stock pipeline's measured 7.3 GiB at
-# 512x512x16 frames on one H100 with ~4.64 GiB of weights: the rest scales with latent positions (H/8*W/8*frames).
-_WEIGHTS_BYTES_FP16 = int(4.64 * 2**30)
-_BYTES_PER_LATENT_POSITION = int((7.3 - 4.64) * 2**30 / (64 * 64 * 16))
 
 
 def sanitize_output_name(raw: str) -> str:
@@ -263,9 +258,10 @@ def tier_size(tier: TierName, image_size: tuple[int, int] | None) -> tuple[int, 
 
 
 def estimate_vram_bytes(width: int, height: int, num_frames: int) -> int:
-    """Rough peak VRAM of the real I2VGen-XL in fp16 with batched CFG (see the fit above)."""
-    latent_positions = math.ceil(width / 8) * math.ceil(height / 8) * num_frames
-    return _WEIGHTS_BYTES_FP16 + latent_positions * _BYTES_PER_LATENT_POSITION
+    """Peak VRAM of the real I2VGen-XL in fp16 with batched CFG: the measured model in `daemon.generate.vram`."""
+    from daemon.generate.vram import job_peak_bytes
+
+    return job_peak_bytes(width, height, num_frames)
 
 
 def resolve_job(

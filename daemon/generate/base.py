@@ -39,6 +39,8 @@ class GenerationRequest:
     options: Mapping[str, int | float] = field(default_factory=dict)
     """Settings only some backends use (`ResolvedJob.model_options`, e.g. svd's `motion_bucket_id`); a backend
     reads the keys daemon/modelrules.py lets it accept and falls back to its configured defaults for the rest."""
+    mode: str | None = None
+    """'exact' or 'fast' (opt-in per job or preset, e.g. `preview`); None: the model config's `mode`."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""I2VGen-XL behind the `Generator` protocol: loading (real weights or the embedded tiny model) and running one job.
+"""I2VGen-XL behind the `Generator` protocol: loading (real weights or the embedded tiny model) and running jobs.
 
 Together with `i2vgenxl_loop` (the sampling maths) and `tiny` (the embedded model) this is the only code that
 imports torch, diffusers and transformers; the rest of the daemon reaches it lazily through
@@ -8,45 +8,47 @@ imports torch, diffusers and transformers; the rest of the daemon reaches it laz
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
+from PIL import Image
 
 from daemon.config import ModelConfig
-from daemon.errors import ConfigError, FatalError, TransientJobError
+from daemon.errors import TransientJobError
+from daemon.generate import batch_render, compile_cache, gpu_speed, ladder, offload, vram
 from daemon.generate import i2vgenxl_loop as loop
+from daemon.generate import predict as pred
 from daemon.generate.base import (
     GenerationRequest,
     GenerationResult,
     InterruptCheck,
     ModelInfo,
     StepCallback,
+    batch_key,
 )
-from daemon.generate.tiny import materialize_tiny_model, tiny_revision
+from daemon.generate.compile_cache import GuardedCompile
+from daemon.generate.loading import (
+    embedded_tiny_dir,
+    library_versions,
+    load_components,
+    quiet_progress_bars,
+    resolve_device_dtype,
+)
+from daemon.generate.tiny import tiny_revision
 
 EMBEDDED_TINY = "embedded-tiny"
 DEFAULT_CLIP_SKIP: int | None = 1
 """Prompt embeddings from the penultimate text-encoder layer (+ final layer norm): the stock pipeline's default
 (`clip_skip=1`) and what I2VGen-XL was trained with (VGen's OpenCLIP embedder uses layer "penultimate")."""
-
-REQUIRED_FILES: Mapping[str, tuple[tuple[str, ...], ...]] = {
-    "unet": (("config.json",),),
-    "vae": (("config.json",),),
-    "scheduler": (("scheduler_config.json",),),
-    "text_encoder": (("config.json",),),
-    "tokenizer": (("vocab.json", "merges.txt"), ("tokenizer.json",)),
-    "image_encoder": (("config.json",),),
-    "feature_extractor": (("preprocessor_config.json",),),
-}
-"""Per component, alternative sets of files of which one must be complete (transformers 5 saves a CLIP tokenizer
-as tokenizer.json; the published repo ships vocab.json + merges.txt)."""
+VRAM_BUDGET_FRACTION = 0.92
+"""Share of the GPU's memory the preflight and the batch sizing plan with (the rest: CUDA context, other users)."""
 
 
 @dataclass(frozen=True)
@@ -57,103 +59,8 @@ class RenderedVideo:
     """(num_frames, height, width, 3) float32 in [0, 1]."""
     timings: Mapping[str, float]
     peak_vram_bytes: int
-
-
-def library_versions() -> dict[str, str]:
-    """Versions recorded in ModelInfo, since outputs depend on them."""
-    import diffusers
-    import transformers
-
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
-
-
-def resolve_device_dtype(config: ModelConfig) -> tuple[torch.device, torch.dtype]:
-    """`auto` means CUDA + float16 when CUDA is available, else CPU + float32; explicit values are honoured
-    unless they cannot work (CUDA absent, float16 on the CPU), which is a configuration error."""
-    cuda = torch.cuda.is_available()
-    name = config.device if config.device != "auto" else ("cuda" if cuda else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not cuda:
-        raise ConfigError(f"model.device: {name!r} was requested but CUDA is not available; use 'auto' or 'cpu'")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"model.device: {name!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
-    dtype_name = config.dtype if config.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
-    if dtype_name == "float16" and device.type == "cpu":
-        raise ConfigError("model.dtype: float16 is not supported on the CPU; use 'auto', 'float32' or 'bfloat16'")
-    dtype: torch.dtype = getattr(torch, dtype_name)
-    return device, dtype
-
-
-def check_model_dir(directory: Path) -> None:
-    """Fail early, naming what is missing and where, instead of a library traceback halfway through loading."""
-    expected = "a diffusers I2VGen-XL directory (model_index.json, " + ", ".join(REQUIRED_FILES) + ")"
-    if not directory.is_dir():
-        raise FatalError(f"model directory {directory} does not exist (model.source); expected {expected}")
-    missing = [] if (directory / "model_index.json").is_file() else ["model_index.json"]
-    for name, alternatives in REQUIRED_FILES.items():
-        if not any(all((directory / name / file).is_file() for file in files) for files in alternatives):
-            missing.append(" or ".join("+".join(f"{name}/{file}" for file in files) for files in alternatives))
-    if missing:
-        raise FatalError(
-            f"model directory {directory} is incomplete: missing {', '.join(missing)}; expected {expected}"
-        )
-
-
-def _load(cls: Any, directory: Path, name: str, **kwargs: Any) -> Any:
-    """`cls.from_pretrained(directory/name)` offline; any failure is fatal and says which component and where."""
-    path = directory / name
-    try:
-        return cls.from_pretrained(path, local_files_only=True, **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
-        raise FatalError(f"cannot load {name} ({cls.__name__}) from {path}: {exc}") from exc
-
-
-def _transformers_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """transformers >= 4.56 calls the argument `dtype` (and warns about `torch_dtype`); older ones `torch_dtype`."""
-    import transformers
-
-    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
-
-
-def load_components(directory: Path, device: torch.device, dtype: torch.dtype) -> loop.Components:
-    """Load every component with `from_pretrained` (the same path for real weights and the tiny model)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, I2VGenXLUNet
-    from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
-
-    check_model_dir(directory)
-    models = {
-        "unet": _load(I2VGenXLUNet, directory, "unet", torch_dtype=dtype),
-        "vae": _load(AutoencoderKL, directory, "vae", torch_dtype=dtype),
-        "text_encoder": _load(CLIPTextModel, directory, "text_encoder", **_transformers_dtype(dtype)),
-        "image_encoder": _load(CLIPVisionModelWithProjection, directory, "image_encoder", **_transformers_dtype(dtype)),
-    }
-    for model in models.values():
-        model.to(device).eval()
-    return loop.Components(
-        **models,
-        scheduler=_load(DDIMScheduler, directory, "scheduler"),
-        tokenizer=_load(CLIPTokenizer, directory, "tokenizer"),
-        feature_extractor=_load(CLIPImageProcessor, directory, "feature_extractor"),
-    )
-
-
-def _quiet_progress_bars() -> None:
-    """The daemon logs structured lines; the libraries' tqdm bars (loading/saving shards) would be noise."""
-    import diffusers
-    import transformers
-
-    libraries: tuple[Any, ...] = (diffusers, transformers)
-    for library in libraries:
-        library.utils.logging.disable_progress_bar()
-
-
-def _embedded_tiny_dir(cache_dir: Path) -> Path:
-    """Materialise the tiny model; a cache directory that cannot be written is fatal (config or disk problem)."""
-    try:
-        return materialize_tiny_model(cache_dir)
-    except OSError as exc:
-        raise FatalError(f"cannot build the embedded tiny model under {cache_dir} (model.cache_dir): {exc}") from exc
+    degradations: tuple[str, ...] = ()
+    used: Mapping[str, object] = dataclasses.field(default_factory=dict)
 
 
 def load_generator(config: ModelConfig, *, clip_skip: int | None = DEFAULT_CLIP_SKIP) -> I2VGenXLGenerator:
@@ -161,14 +68,14 @@ def load_generator(config: ModelConfig, *, clip_skip: int | None = DEFAULT_CLIP_
     materialised into `config.cache_dir`) onto the resolved device and dtype. `load_seconds` covers all of it."""
     started = time.perf_counter()
     device, dtype = resolve_device_dtype(config)
-    _quiet_progress_bars()
+    quiet_progress_bars()
     if device.type == "cpu":
         # Late denoising steps produce subnormal floats; x86 handles them in microcode, which made a CPU step
         # 40x slower after the first ~15 steps (0.28 s -> 11 s at 128x128x16). Flushing them to zero is what
         # inference runtimes do and changes nothing at the 1e-4 level. (Set again per call in `render`: per thread.)
         torch.set_flush_denormal(True)
     if config.source == EMBEDDED_TINY:
-        directory = _embedded_tiny_dir(config.cache_dir)
+        directory = embedded_tiny_dir(config.cache_dir)
         revision: str | None = tiny_revision(directory)
     else:
         directory, revision = Path(config.source), config.revision
@@ -181,28 +88,49 @@ def load_generator(config: ModelConfig, *, clip_skip: int | None = DEFAULT_CLIP_
         load_seconds=time.perf_counter() - started,
         library_versions=library_versions(),
     )
-    return I2VGenXLGenerator(
-        parts, info, device=device, decode_chunk_size=config.decode_chunk_size, clip_skip=clip_skip
+    compile_mode = config.compile if device.type == "cuda" else "off"
+    if compile_mode != "off":
+        compile_cache.point_caches_at(config.cache_dir)
+    generator = I2VGenXLGenerator(
+        parts,
+        info,
+        device=device,
+        decode_chunk_size=config.decode_chunk_size,
+        clip_skip=clip_skip,
+        mode=config.mode,
+        compile_mode=compile_mode,
     )
+    generator.warm_up(config.cache_dir)
+    return generator
 
 
 class _StageClock:
-    """Seconds per stage; on CUDA it synchronises at each stage's end (once per stage, not per step)."""
+    """Seconds per stage; on CUDA it synchronises at each stage's end (once per stage, not per step). Remembers
+    the stage that is running (an OOM's stage decides the degrade rung) and moves models for CPU offload."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, offload: Callable[[str], None] | None = None) -> None:
         self.device = device
         self.timings: dict[str, float] = {}
+        self.current = ""
+        self._offload = offload
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
+        self.current = stage
+        if self._offload is not None:
+            self._offload(stage)
         started = time.perf_counter()
         yield
         loop.synchronize(self.device)
-        self.timings[stage] = time.perf_counter() - started
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - started
 
 
 class I2VGenXLGenerator:
-    """A loaded, warm I2VGen-XL; one job at a time (the worker is single-threaded per model)."""
+    """A loaded, warm I2VGen-XL; one job (or one batch of jobs) at a time (the worker is single-threaded per model).
+
+    `mode` 'exact' runs the stock maths; 'fast' the DeepCache predictor (see `predict`). On CUDA the attention
+    heads are padded for flash attention and the UNet step may be compiled (`compile_mode`, see `compile_cache`).
+    """
 
     def __init__(
         self,
@@ -212,12 +140,23 @@ class I2VGenXLGenerator:
         device: torch.device,
         decode_chunk_size: int,
         clip_skip: int | None = DEFAULT_CLIP_SKIP,
+        mode: str = "exact",
+        compile_mode: str = "off",
+        fast_options: pred.FastOptions | None = None,
+        channels_last: bool = False,
     ) -> None:
         self._parts = parts
         self._info = info
         self._device = device
         self._decode_chunk_size = decode_chunk_size
         self._clip_skip = clip_skip
+        self.mode = mode
+        self.fast_options = fast_options or pred.FastOptions()
+        if device.type == "cuda":
+            gpu_speed.install_padded_attention(parts.unet)
+            if channels_last:
+                gpu_speed.to_channels_last(parts.unet)
+        self.step_fn = GuardedCompile(pred.StepModule(parts.unet), compile_mode)
 
     @property
     def info(self) -> ModelInfo:
@@ -234,16 +173,31 @@ class I2VGenXLGenerator:
         on_step: StepCallback | None = None,
         should_interrupt: InterruptCheck | None = None,
     ) -> GenerationResult:
-        """Generate one video as uint8 RGB frames. Raises `TransientJobError` on out-of-memory, `JobInterrupted`
-        when `should_interrupt` says so between steps."""
-        video = self.render(request, on_step, should_interrupt)
-        # Counted before the uint8 conversion, which cannot represent NaN (sanity.py reports it).
-        nonfinite = int(video.frames.size - np.count_nonzero(np.isfinite(video.frames)))
-        finite = video.frames if nonfinite == 0 else np.nan_to_num(video.frames, nan=0.0, posinf=1.0, neginf=0.0)
-        frames = loop.to_uint8(finite)
-        return GenerationResult(
-            frames=frames, timings=video.timings, peak_vram_bytes=video.peak_vram_bytes, nonfinite_values=nonfinite
-        )
+        """Generate one video as uint8 RGB frames. Raises `TransientJobError` on out-of-memory once the degrade
+        ladder is exhausted, `JobInterrupted` when `should_interrupt` says so between steps."""
+        return self.generate_batch([request], on_step, should_interrupt)[0]
+
+    def generate_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_step: StepCallback | None = None,
+        should_interrupt: InterruptCheck | None = None,
+    ) -> list[GenerationResult]:
+        """Several requests with equal `batch_key` in one batch; results in request order (`BatchGenerator`).
+        Requests asking for different modes run as one sub-batch per mode."""
+        results: dict[int, GenerationResult] = {}
+        for mode in dict.fromkeys(request.mode or self.mode for request in requests):
+            indices = [i for i, request in enumerate(requests) if (request.mode or self.mode) == mode]
+            videos = self.render_batch([requests[i] for i in indices], on_step, should_interrupt, mode=mode)
+            results.update(zip(indices, (_to_result(video) for video in videos), strict=True))
+        return [results[index] for index in range(len(requests))]
+
+    def max_batch_size(self, request: GenerationRequest) -> int:
+        """From the measured VRAM model and this GPU's memory (1 on the CPU, where batching gains nothing)."""
+        if self._device.type != "cuda":
+            return 1
+        budget = int(self.memory_stats()["total"] * VRAM_BUDGET_FRACTION)
+        return vram.max_batch(request.width, request.height, request.num_frames, budget)
 
     def render(
         self,
@@ -252,57 +206,121 @@ class I2VGenXLGenerator:
         should_interrupt: InterruptCheck | None = None,
     ) -> RenderedVideo:
         """Like `generate`, but float frames in [0, 1]: comparable with the stock pipeline's `output_type="np"`."""
+        return self.render_batch([request], on_step, should_interrupt)[0]
+
+    def render_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        on_step: StepCallback | None = None,
+        should_interrupt: InterruptCheck | None = None,
+        mode: str | None = None,
+    ) -> list[RenderedVideo]:
+        if len({batch_key(request) for request in requests}) != 1:
+            raise ValueError("a batch needs requests with equal width, height, num_frames and steps")
         if self._device.type == "cpu":
             # The flush-to-zero flag lives in each thread's MXCSR register; the worker thread that calls us is not
             # the thread that loaded the model (see load_generator).
             torch.set_flush_denormal(True)
+        first = requests[0]
+        plan = ladder.Plan(first.width, first.height, first.num_frames, self._decode_chunk_size)
+        if self._device.type == "cuda":
+            check = vram.preflight(first.width, first.height, first.num_frames, self._budget(), plan.decode_chunk)
+            if check.verdict == "degrade":
+                plan = ladder.apply_rungs(plan, check.start_rungs)
+        if self._device.type == "cuda" and "decode_chunk" not in " ".join(plan.taken):
+            chunk = vram.decode_chunk_within_denoise_peak(
+                plan.width, plan.height, plan.num_frames, len(requests), plan.decode_chunk
+            )
+            plan = dataclasses.replace(plan, decode_chunk=chunk)
+        fast = self.fast_options if (mode or first.mode or self.mode) == "fast" else None
         try:
             with torch.inference_mode():
-                return self._render(request, on_step, should_interrupt)
-        except torch.cuda.OutOfMemoryError as exc:
-            if self._device.type == "cuda":
-                torch.cuda.empty_cache()
-            size = f"{request.width}x{request.height}x{request.num_frames}"
-            raise TransientJobError(f"out of GPU memory generating {size} on {self._device}: {exc}") from exc
+                return self._render_with_ladder(requests, plan, fast, on_step, should_interrupt)
+        finally:
+            self._release()
 
-    def _render(
-        self, request: GenerationRequest, on_step: StepCallback | None, should_interrupt: InterruptCheck | None
-    ) -> RenderedVideo:
-        # A fresh scheduler per job: `set_timesteps` mutates it.
-        scheduler = type(self._parts.scheduler).from_config(self._parts.scheduler.config)
-        parts = dataclasses.replace(self._parts, scheduler=scheduler)
-        guidance = request.guidance_scale > 1
-        image = request.image.convert("RGB")
-        clock = _StageClock(self._device)
-        self._reset_peak_memory()
-        with clock("encode_prompt"):
-            prompt_embeds = loop.encode_prompt(
-                parts, request.prompt, request.negative_prompt, guidance, self._clip_skip
-            )
-        with clock("encode_image"):
-            cond = loop.Conditioning(
-                prompt_embeds=prompt_embeds,
-                image_embeddings=loop.encode_image(parts, image, request.width, guidance),
-                image_latents=loop.encode_image_latents(
-                    parts, image, (request.width, request.height), request.num_frames, guidance, request.seed
-                ),
-                fps=loop.fps_tensor(request.target_fps, guidance, self._device),
-            )
-        with clock("denoise"):
-            # Timesteps stay on the CPU (the stock pipeline puts them on the device): DDIM indexes its CPU
-            # `alphas_cumprod` with them, which with a CUDA timestep is a host sync on every step.
-            scheduler.set_timesteps(request.steps)
-            latents = loop.initial_latents(parts, self._latent_shape(request), prompt_embeds.dtype, request.seed)
-            latents = loop.denoise(parts, latents, cond, request.guidance_scale, on_step, should_interrupt)
-        with clock("decode"):
-            frames = loop.decode(parts.vae, latents, self._decode_chunk_size)
-        return RenderedVideo(frames=frames, timings=clock.timings, peak_vram_bytes=self._peak_memory())
+    def _render_with_ladder(
+        self,
+        requests: Sequence[GenerationRequest],
+        plan: ladder.Plan,
+        fast: pred.FastOptions | None,
+        on_step: StepCallback | None,
+        should_interrupt: InterruptCheck | None,
+    ) -> list[RenderedVideo]:
+        latents: torch.Tensor | None = None
+        # On the CPU a single exact job keeps the stock UNet call (the reference path the equality tests pin).
+        prepared_path = self._device.type == "cuda" or len(requests) > 1 or fast is not None
+        step_fn = self.step_fn if prepared_path else None
+        while True:
+            clock = _StageClock(self._device, self._offloader(plan))
+            self._reset_peak_memory()
+            try:
+                if latents is None:
+                    latents = batch_render.denoise(
+                        self._parts,
+                        requests,
+                        plan,
+                        step_fn,
+                        fast,
+                        self._clip_skip,
+                        clock,
+                        on_step,
+                        should_interrupt,
+                    )
+                with clock("decode"):
+                    videos = batch_render.decode(self._parts.vae, latents, plan)
+            except torch.cuda.OutOfMemoryError as exc:
+                stage = clock.current
+                self._release()
+                following = ladder.next_plan(plan, stage)
+                if following is None:
+                    size = f"{plan.width}x{plan.height}x{plan.num_frames}"
+                    raise TransientJobError(f"out of GPU memory generating {size} on {self._device}: {exc}") from exc
+                if stage != "decode":
+                    latents = None
+                plan = following
+                continue
+            finally:
+                self._restore_placement()
+            peak = self._peak_memory()
+            first = requests[0]
+            used = plan.used(first.width, first.height, first.num_frames)
+            if fast is not None and fast.steps_for(first.steps) != first.steps:
+                used["steps"] = fast.steps_for(first.steps)
+            return [
+                RenderedVideo(frames=v, timings=clock.timings, peak_vram_bytes=peak, degradations=plan.taken, used=used)
+                for v in videos
+            ]
 
-    def _latent_shape(self, request: GenerationRequest) -> tuple[int, ...]:
-        """(1, C, F, H/s, W/s) where s = 2 ** (VAE levels - 1), as the stock `prepare_latents`."""
-        scale = 2 ** (len(self._parts.vae.config.block_out_channels) - 1)
-        channels = int(self._parts.unet.config.in_channels)
-        return (1, channels, request.num_frames, request.height // scale, request.width // scale)
+    def _offloader(self, plan: ladder.Plan) -> Callable[[str], None] | None:
+        """With `cpu_offload`, only the stage's own models stay on the GPU (the rest waits in host memory)."""
+        return offload.stage_placer(self._parts, self._device, self._release) if plan.cpu_offload else None
+
+    def _restore_placement(self) -> None:
+        offload.restore(self._parts, self._device)
+
+    def warm_up(self, cache_dir: Path, width: int = 512, height: int = 512, num_frames: int = 16) -> dict[str, object]:
+        """Compile before READY: load the saved compile artefacts, run a 2-step video of the usual shape, save the
+        artefacts the first time (`compile_cache`). A no-op without compile."""
+        if not self.step_fn.active:
+            return {}
+        key = compile_cache.artifact_key(self._parts.unet.config, self.step_fn.mode, f"{width}x{height}x{num_frames}")
+        artefact = compile_cache.cache_root(cache_dir) / f"mega-{key}.bin"
+        loaded = compile_cache.load_artifacts(artefact)
+        started = time.perf_counter()
+        image = Image.new("RGB", (width, height), (128, 128, 128))
+        self.render(GenerationRequest(image, "warm-up", "", width, height, num_frames, 16, 2, 9.0, 0))
+        saved = compile_cache.save_artifacts(artefact) if not loaded and self.step_fn.active else 0
+        return {"loaded": loaded, "saved_bytes": saved, "seconds": time.perf_counter() - started}
+
+    def _budget(self) -> int:
+        return int(self.memory_stats()["total"] * VRAM_BUDGET_FRACTION)
+
+    def _release(self) -> None:
+        """Return cached blocks after a job or a failed attempt, so memory does not creep across jobs."""
+        if self._device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
 
     def _reset_peak_memory(self) -> None:
         if self._device.type == "cuda":
@@ -322,3 +340,20 @@ class I2VGenXLGenerator:
             "total": int(total),
             "free": int(free),
         }
+
+
+def _to_result(video: RenderedVideo) -> GenerationResult:
+    # Counted before the uint8 conversion, which cannot represent NaN (sanity.py reports it).
+    nonfinite = int(video.frames.size - np.count_nonzero(np.isfinite(video.frames)))
+    finite = video.frames if nonfinite == 0 else np.nan_to_num(video.frames, nan=0.0, posinf=1.0, neginf=0.0)
+    return GenerationResult(
+        frames=loop.to_uint8(finite),
+        timings=video.timings,
+        peak_vram_bytes=video.peak_vram_bytes,
+        nonfinite_values=nonfinite,
+        degradations=video.degradations,
+        used=video.used,
+    )
+
+
+__all__ = ["I2VGenXLGenerator", "RenderedVideo", "library_versions", "load_generator", "resolve_device_dtype"]

@@ -19,6 +19,7 @@ checks it on the tiny model). Deliberate differences, none of which changes the 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,31 +174,19 @@ def initial_latents(parts: Components, shape: tuple[int, ...], dtype: torch.dtyp
     return result
 
 
-def denoise(
-    parts: Components,
-    latents: torch.Tensor,
-    cond: Conditioning,
-    guidance_scale: float,
-    on_step: StepCallback | None,
-    should_interrupt: InterruptCheck | None,
-) -> torch.Tensor:
-    """The DDIM loop (eta 0) with batched classifier-free guidance; `parts.scheduler` must have its timesteps set
-    (on the CPU, so that the loop never waits for the GPU: the only sync is the one `on_step` needs to report a
-    true step time)."""
-    scheduler = parts.scheduler
+Predictor = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+"""(latents, step index, timestep on the model's device) -> the guided noise prediction for that step."""
+
+
+def stock_predictor(parts: Components, cond: Conditioning, guidance_scale: float) -> Predictor:
+    """The stock pipeline's prediction: the UNet on `cat([latents] * 2)`, then classifier-free guidance."""
     guidance = guidance_scale > 1
-    total = len(scheduler.timesteps)
-    # The UNet gets the timestep on its device (moving a CPU one there would sync), the scheduler on the CPU.
-    on_device = scheduler.timesteps.to(latents.device)
-    for index, timestep in enumerate(scheduler.timesteps):
-        if should_interrupt is not None and should_interrupt():
-            raise JobInterrupted(f"interrupted before denoising step {index + 1} of {total}")
-        started = time.perf_counter()
+
+    def predict(latents: torch.Tensor, index: int, timestep: torch.Tensor) -> torch.Tensor:
         model_input = torch.cat([latents] * 2) if guidance else latents
-        model_input = scheduler.scale_model_input(model_input, timestep)
-        noise_pred = parts.unet(
+        noise_pred: torch.Tensor = parts.unet(
             model_input,
-            on_device[index],
+            timestep,
             encoder_hidden_states=cond.prompt_embeds,
             fps=cond.fps,
             image_latents=cond.image_latents,
@@ -207,11 +196,89 @@ def denoise(
         if guidance:
             noise_uncond, noise_text = noise_pred.chunk(2)
             noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+        return noise_pred
+
+    return predict
+
+
+def denoise(
+    parts: Components,
+    latents: torch.Tensor,
+    cond: Conditioning,
+    guidance_scale: float,
+    on_step: StepCallback | None,
+    should_interrupt: InterruptCheck | None,
+    predict: Predictor | None = None,
+) -> torch.Tensor:
+    """The DDIM loop (eta 0); `predict` defaults to the stock UNet call with batched classifier-free guidance.
+    `parts.scheduler` must have its timesteps set on the CPU, so that the loop never waits for the GPU: step times
+    come from CUDA events read when they have completed (`StepTimer`), not from a sync per step."""
+    scheduler = parts.scheduler
+    predict = predict if predict is not None else stock_predictor(parts, cond, guidance_scale)
+    total = len(scheduler.timesteps)
+    # The UNet gets the timestep on its device (moving a CPU one there would sync), the scheduler on the CPU.
+    on_device = scheduler.timesteps.to(latents.device)
+    timer = StepTimer(latents.device, total, on_step)
+    for index, timestep in enumerate(scheduler.timesteps):
+        if should_interrupt is not None and should_interrupt():
+            raise JobInterrupted(f"interrupted before denoising step {index + 1} of {total}")
+        timer.start()
+        noise_pred = predict(latents, index, on_device[index])
         latents = scheduler.step(noise_pred, timestep, latents, eta=0.0).prev_sample
-        if on_step is not None:
-            synchronize(latents.device)
-            on_step(index + 1, total, time.perf_counter() - started)
+        timer.stop()
+    timer.flush()
     return latents
+
+
+class StepTimer:
+    """Per-step seconds for `on_step` without a host sync per step.
+
+    On CUDA each step is bracketed by two events; finished steps are reported as soon as `query()` says their end
+    event has completed (non-blocking). The CPU may run at most `max_ahead` steps ahead of the GPU (then it waits
+    for the oldest pending step), so an interrupt request is still honoured within a few steps. Elsewhere the host
+    clock is the step time.
+    """
+
+    def __init__(self, device: torch.device, total: int, on_step: StepCallback | None, max_ahead: int = 3) -> None:
+        self._cuda = device.type == "cuda" and on_step is not None
+        self._total = total
+        self._on_step = on_step
+        self._max_ahead = max_ahead
+        self._pending: list[tuple[int, Any, Any]] = []
+        self._index = 0
+        self._started = 0.0
+        self._begin: Any = None
+
+    def start(self) -> None:
+        self._index += 1
+        if self._cuda:
+            self._begin = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            self._begin.record()
+        else:
+            self._started = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._on_step is None:
+            return
+        if not self._cuda:
+            self._on_step(self._index, self._total, time.perf_counter() - self._started)
+            return
+        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        end.record()
+        self._pending.append((self._index, self._begin, end))
+        if len(self._pending) > self._max_ahead:
+            self._pending[0][2].synchronize()
+        self._report(block=False)
+
+    def flush(self) -> None:
+        self._report(block=True)
+
+    def _report(self, block: bool) -> None:
+        while self._pending and (block or self._pending[0][2].query()):
+            index, begin, end = self._pending.pop(0)
+            end.synchronize()
+            assert self._on_step is not None
+            self._on_step(index, self._total, begin.elapsed_time(end) / 1000.0)
 
 
 def decode(vae: Any, latents: torch.Tensor, chunk_size: int) -> npt.NDArray[np.float32]:

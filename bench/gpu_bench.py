@@ -1,0 +1,527 @@
+"""I2VGen-XL at full size on the GPU: stock diffusers vs i2vd (exact and fast modes), same process, same weights.
+
+No weights can be downloaded, so the full-size model is built from the published configs (`--configs`, default
+`../shared/models/i2vgen-xl`) with seeded random weights; the tokenizer is the embedded tiny model's (same CLIP
+BPE format; token ids stay inside the real vocabulary). Every record follows DESIGN.md §6 and goes to
+`--out` as JSON lines, written as soon as it is measured, plus a summary table at the end.
+
+    python bench/gpu_bench.py --phases ref,stock,exact,fast,batch,tiers --compile reduce-overhead --out results.jsonl
+
+Phases: `ref` (fp32 reference loop, stock attention: the PSNR reference), `stock`, `exact`, `fast`, `batch`,
+`tiers` (768p, 1024p, 32 frames), `profile` (top CUDA kernels of one step, stock vs ours), `vram` (peak per
+stage for the VRAM model), `creep` (allocated memory over many jobs), `ready` (load + compile + first video:
+run twice in fresh processes to see the cold and the warm compile cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from daemon.generate import i2vgenxl_loop as loop
+from daemon.generate import predict as pred
+from daemon.generate.base import GenerationRequest, ModelInfo
+from daemon.generate.i2vgenxl import I2VGenXLGenerator, library_versions
+from daemon.generate.reference import run_stock, stock_pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+TIERS = {"256p": (256, 256), "512p": (512, 512), "768p": (768, 768), "1024p": (1024, 1024)}
+
+
+def build_components(configs: Path, device: torch.device) -> loop.Components:
+    """Full-size components with seeded random weights, built directly on the GPU in float32."""
+    from diffusers import AutoencoderKL, DDIMScheduler, I2VGenXLUNet
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    def config(name: str) -> dict[str, Any]:
+        loaded: dict[str, Any] = json.loads((configs / name / "config.json").read_text())
+        return loaded
+
+    models: dict[str, Any] = {}
+    with device:
+        for seed, (name, build) in enumerate(
+            {
+                "text_encoder": lambda: CLIPTextModel(CLIPTextConfig.from_dict(config("text_encoder"))),
+                "image_encoder": lambda: CLIPVisionModelWithProjection(
+                    CLIPVisionConfig.from_dict(config("image_encoder"))
+                ),
+                "vae": lambda: AutoencoderKL.from_config(config("vae")),
+                "unet": lambda: I2VGenXLUNet.from_config(config("unet")),
+            }.items()
+        ):
+            torch.manual_seed(seed + 1)
+            models[name] = build().float().eval()
+    return loop.Components(
+        **models,
+        scheduler=DDIMScheduler.from_pretrained(configs / "scheduler"),
+        tokenizer=CLIPTokenizer.from_pretrained(REPO / "daemon" / "generate" / "tiny" / "tokenizer"),
+        feature_extractor=CLIPImageProcessor.from_pretrained(configs / "feature_extractor"),
+    )
+
+
+def make_generator(parts: loop.Components, dtype: torch.dtype, **kwargs: Any) -> I2VGenXLGenerator:
+    info = ModelInfo("bench-random", None, "cuda", str(dtype), 0.0, library_versions())
+    return I2VGenXLGenerator(parts, info, device=torch.device("cuda"), decode_chunk_size=8, clip_skip=None, **kwargs)
+
+
+@contextlib.contextmanager
+def stock_attention(unet: Any) -> Iterator[None]:
+    """The stock pipeline runs with diffusers' own processors, whatever ours installed."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    saved = unet.attn_processors
+    unet.set_attn_processor(AttnProcessor2_0())
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(saved)
+
+
+def request(tier: str, frames: int, steps: int, seed: int = 42, guidance: float = 9.0) -> GenerationRequest:
+    width, height = TIERS[tier]
+    return GenerationRequest(
+        image=Image.open(REPO / "examples" / "sunset.png").convert("RGB"),
+        prompt="waves at sunset, cinematic",
+        negative_prompt="blurry, low quality",
+        width=width,
+        height=height,
+        num_frames=frames,
+        target_fps=16,
+        steps=steps,
+        guidance_scale=guidance,
+        seed=seed,
+    )
+
+
+def timed(function: Callable[[], Any], repeats: int) -> tuple[float, Any, int]:
+    """Median seconds over `repeats` runs (after the caller's warm-up) and the peak allocated bytes."""
+    seconds, result = [], None
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        result = function()
+        torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds), result, int(torch.cuda.max_memory_allocated())
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def step_tflop(parts: loop.Components, width: int, height: int, frames: int, batch: int) -> float:
+    """FLOPs of one guided UNet step (batch x 2 rows), counted by torch's flop counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rows = 2 * batch
+    dtype = parts.unet.dtype
+    sample = torch.randn(rows, 4, frames, height // 8, width // 8, device="cuda", dtype=dtype)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        parts.unet(
+            sample,
+            torch.tensor(500, device="cuda"),
+            encoder_hidden_states=torch.randn(rows, 77, 1024, device="cuda", dtype=dtype),
+            fps=torch.tensor([16] * rows, device="cuda"),
+            image_latents=sample,
+            image_embeddings=torch.randn(rows, 1, 1024, device="cuda", dtype=dtype),
+            return_dict=False,
+        )
+    return counter.get_total_flops() / 1e12
+
+
+class Recorder:
+    def __init__(self, out: Path, gpu: str) -> None:
+        self.out, self.gpu, self.rows = out, gpu, []  # type: ignore[var-annotated]
+        self.flops: dict[tuple[int, int, int, int], float] = {}
+
+    def add(self, parts: loop.Components, mode: str, req: GenerationRequest, batch: int, seconds: float, **extra: Any):
+        key = (req.width, req.height, req.num_frames, batch)
+        if key not in self.flops:
+            self.flops[key] = step_tflop(parts, *key)
+        tier = next(name for name, size in TIERS.items() if size == (req.width, req.height))
+        row = {
+            "mode": mode,
+            "tier": tier,
+            "frames": req.num_frames,
+            "steps": req.steps,
+            "batch": batch,
+            "s_per_video": round(seconds / batch, 3),
+            "tflops": round(self.flops[key] * req.steps / seconds, 1),
+            "gpu": self.gpu,
+            "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+            **extra,
+        }
+        self.rows.append(row)
+        with self.out.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+
+class Bench:
+    """Shared state of one run: the components, the generators per mode, and the frames to compare against."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.parts = build_components(args.configs, torch.device("cuda"))
+        self.rec = Recorder(args.out, torch.cuda.get_device_name())
+        self.ref: dict[tuple[str, int], np.ndarray] = {}
+        self.exact: dict[tuple[str, int], np.ndarray] = {}
+        self.ours: I2VGenXLGenerator | None = None
+
+    def to_half(self) -> None:
+        for model in (self.parts.unet, self.parts.vae, self.parts.text_encoder, self.parts.image_encoder):
+            model.to(torch.float16)
+
+    def generator(self) -> I2VGenXLGenerator:
+        if self.ours is None:
+            self.ours = make_generator(
+                self.parts, torch.float16, compile_mode=self.args.compile, channels_last=self.args.channels_last
+            )
+            self.ours.render(request("512p", 16, 2))  # compiles (if asked) and warms up
+        return self.ours
+
+
+def phase_ref(b: Bench, tier: str = "512p", frames: int = 16) -> None:
+    """fp32, TF32 off, diffusers' attention: the reference the exact mode's PSNR is measured against."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    generator = make_generator(b.parts, torch.float32)
+    req = request(tier, frames, b.args.steps)
+    with stock_attention(b.parts.unet):
+        seconds, video, peak = timed(lambda: generator.render(req), 1)
+    b.ref[(tier, frames)] = video.frames
+    if b.args.save_ref is not None:
+        np.save(b.args.save_ref, video.frames)
+    torch.backends.cudnn.allow_tf32 = True
+    b.rec.add(b.parts, "reference_fp32", req, 1, seconds, peak_vram_bytes=peak)
+
+
+def run_stock_case(b: Bench, tier: str, frames: int, repeats: int) -> np.ndarray:
+    pipeline = stock_pipeline(make_generator(b.parts, torch.float16))
+    req = request(tier, frames, b.args.steps)
+    with stock_attention(b.parts.unet):
+        # decode_chunk_size=1: the stock pipeline's default (its peak is the denoise stage's).
+        run_stock(pipeline, request(tier, frames, 2), clip_skip=None, decode_chunk_size=1)
+        seconds, frames_out, peak = timed(
+            lambda: run_stock(pipeline, req, clip_skip=None, decode_chunk_size=1), repeats
+        )
+    ref = b.ref.get((tier, frames))
+    b.rec.add(b.parts, "stock", req, 1, seconds, peak_vram_bytes=peak, psnr_db=_psnr_or_none(frames_out, ref))
+    return frames_out  # type: ignore[no-any-return]
+
+
+def _psnr_or_none(frames: np.ndarray, ref: np.ndarray | None) -> float | None:
+    return None if ref is None else round(psnr(frames, ref), 2)
+
+
+def run_exact_case(b: Bench, tier: str, frames: int, repeats: int, stock: np.ndarray | None = None) -> None:
+    generator = b.generator()
+    req = request(tier, frames, b.args.steps)
+    if (tier, frames) != ("512p", 16):
+        generator.render(request(tier, frames, 2))
+    seconds, video, peak = timed(lambda: generator.render(req), repeats)
+    b.exact[(tier, frames)] = video.frames
+    extra = {
+        "vs_stock_psnr_db": _psnr_or_none(video.frames, stock),
+        "compile": b.args.compile,
+        "channels_last": b.args.channels_last,
+    }
+    b.rec.add(
+        b.parts,
+        "exact",
+        req,
+        1,
+        seconds,
+        peak_vram_bytes=peak,
+        psnr_db=_psnr_or_none(video.frames, b.ref.get((tier, frames))),
+        **extra,
+    )
+
+
+def phase_fast(b: Bench) -> None:
+    generator = b.generator()
+    exact = b.exact.get(("512p", 16))
+    for spec in b.args.fast_variants.split(";"):
+        interval, skip, steps = spec.split(",")
+        generator.fast_options = pred.FastOptions(int(interval), float(skip))
+        req = request("512p", 16, int(steps))
+        generator.render_batch([req], mode="fast")
+        seconds, videos, peak = timed(lambda r=req: generator.render_batch([r], mode="fast"), 1)
+        b.rec.add(
+            b.parts,
+            "fast",
+            req,
+            1,
+            seconds,
+            peak_vram_bytes=peak,
+            psnr_db=_psnr_or_none(videos[0].frames, exact),
+            fast=spec,
+        )
+
+
+def phase_batch(b: Bench) -> None:
+    generator = b.generator()
+    for size in (2, 4):
+        reqs = [request("512p", 16, b.args.steps, seed=42 + i, guidance=9.0 - i) for i in range(size)]
+        generator.render_batch([request("512p", 16, 2, seed=i) for i in range(size)])
+        seconds, videos, peak = timed(lambda r=reqs: generator.render_batch(r), 1)
+        single = generator.render(reqs[1]).frames
+        b.rec.add(
+            b.parts,
+            "exact",
+            reqs[0],
+            size,
+            seconds,
+            peak_vram_bytes=peak,
+            row1_vs_single_psnr_db=round(psnr(videos[1].frames, single), 2),
+        )
+
+
+def phase_tiers(b: Bench) -> None:
+    """Stock vs ours at the other tiers and 32 frames (`--tier-steps` steps; ours eager unless --compile)."""
+    b.args.steps = b.args.tier_steps
+    for item in b.args.tier_list.split(","):
+        tier, frames = item.split(":")[0], int(item.split(":")[1])
+        stock = run_stock_case(b, tier, frames, 1)
+        run_exact_case(b, tier, frames, 1, stock)
+
+
+def phase_layout(b: Bench) -> None:
+    """Eager ms per guided UNet step at 512p x 16 frames, NCHW vs channels-last convolution weights."""
+    from daemon.generate import gpu_speed
+
+    generator = make_generator(b.parts, torch.float16)
+    cond = batch_cond(generator, request("512p", 16, 1))
+    latents = torch.randn(2, 4, 16, 64, 64, device="cuda", dtype=torch.float16)
+    t = torch.tensor(500, device="cuda")
+    for layout in ("nchw", "channels_last"):
+        if layout == "channels_last":
+            gpu_speed.to_channels_last(b.parts.unet)
+        with torch.inference_mode():
+            prep = pred.prepare(b.parts.unet, cond)
+            seconds, _, peak = timed(lambda p=prep: gpu_speed.step(b.parts.unet, latents, t, p), 6)
+        print(json.dumps({"layout": layout, "ms_per_step": round(seconds * 1000, 1), "peak": peak}), flush=True)
+    for module in b.parts.unet.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
+            module.weight.data = module.weight.data.contiguous()
+
+
+def phase_profile(b: Bench) -> None:
+    """Top CUDA kernels of one guided UNet step at 512p x 16: stock call vs ours (eager)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from daemon.generate import gpu_speed
+
+    parts = b.parts
+    generator = make_generator(parts, torch.float16)
+    req = request("512p", 16, 1)
+    cond = batch_cond(generator, req)
+    latents = torch.randn(2, 4, 16, 64, 64, device="cuda", dtype=torch.float16)
+    t = torch.tensor(500, device="cuda")
+    with torch.inference_mode():
+        prep = pred.prepare(parts.unet, cond)
+
+    def stock_step() -> Any:
+        with stock_attention(parts.unet):
+            return parts.unet(
+                latents,
+                t,
+                encoder_hidden_states=cond.prompt_embeds,
+                fps=cond.fps,
+                image_latents=cond.image_latents,
+                image_embeddings=cond.image_embeddings,
+                return_dict=False,
+            )
+
+    report = []
+    for name, function in (("stock", stock_step), ("ours", lambda: gpu_speed.step(parts.unet, latents, t, prep))):
+        with torch.inference_mode():
+            function()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                function()
+                torch.cuda.synchronize()
+        report.append(f"== {name}\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))
+    text = "\n".join(report)
+    (b.args.out.parent / "gpu_profile.txt").write_text(text)
+    print(text[-6000:])
+
+
+def batch_cond(generator: I2VGenXLGenerator, req: GenerationRequest) -> loop.Conditioning:
+    from daemon.generate import batch_render
+    from daemon.generate.ladder import Plan
+
+    plan = Plan(req.width, req.height, req.num_frames, 8)
+    with torch.inference_mode():
+        return batch_render.conditioning(
+            generator.components, [req], plan, True, None, lambda _: contextlib.nullcontext()
+        )
+
+
+def phase_vram(b: Bench) -> None:
+    """Peak allocated bytes of the denoise stage and of one decode chunk per shape: the VRAM model's data."""
+    from daemon.generate import batch_render
+    from daemon.generate.ladder import Plan
+
+    generator = make_generator(b.parts, torch.float16)
+    torch.cuda.empty_cache()
+    weights = int(torch.cuda.memory_allocated())
+    rows = []
+    for tier, frames, batch, chunk in (
+        ("512p", 16, 1, 8),
+        ("512p", 16, 2, 8),
+        ("512p", 32, 1, 4),
+        ("768p", 16, 1, 8),
+        ("1024p", 16, 1, 2),
+    ):
+        reqs = [request(tier, frames, 1, seed=i) for i in range(batch)]
+        plan = Plan(reqs[0].width, reqs[0].height, frames, chunk)
+        nothing = lambda _: contextlib.nullcontext()  # noqa: E731
+        with torch.inference_mode():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            latents = batch_render.denoise(
+                generator.components, reqs, plan, generator.step_fn, None, None, nothing, None, None
+            )
+            denoise_peak = int(torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+            batch_render.decode(b.parts.vae, latents[:1], plan)
+            decode_peak = int(torch.cuda.max_memory_allocated())
+        rows.append(
+            {
+                "tier": tier,
+                "frames": frames,
+                "batch": batch,
+                "chunk": chunk,
+                "weights": weights,
+                "denoise_peak": denoise_peak,
+                "decode_peak": decode_peak,
+                "latent_bytes": latents.numel() * 2,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+        del latents
+    (b.args.out.parent / "gpu_vram_points.json").write_text(json.dumps(rows, indent=1))
+
+
+def phase_creep(b: Bench) -> None:
+    generator = make_generator(b.parts, torch.float16)
+    allocated = []
+    for index in range(b.args.creep_jobs):
+        generator.generate(request("256p", 8, 10, seed=index))
+        allocated.append(int(torch.cuda.memory_allocated()))
+    row = {
+        "jobs": len(allocated),
+        "first": allocated[0],
+        "last": allocated[-1],
+        "max": max(allocated),
+        "reserved_last": int(torch.cuda.memory_reserved()),
+    }
+    print("creep", json.dumps(row), flush=True)
+    with b.args.out.open("a") as handle:
+        handle.write(json.dumps({"creep": row}) + "\n")
+
+
+def phase_ready(b: Bench) -> None:
+    """Process start -> first exact video done, with the compile cache in `--cache-dir` (cold or warm)."""
+    from daemon.generate import compile_cache
+
+    compile_cache.point_caches_at(b.args.cache_dir)
+    generator = make_generator(b.parts, torch.float16, compile_mode=b.args.compile)
+    key = compile_cache.artifact_key(b.parts.unet.config, b.args.compile, "512p16")
+    artifact = compile_cache.cache_root(b.args.cache_dir) / f"mega-{key}.bin"
+    loaded = compile_cache.load_artifacts(artifact)
+    started = time.perf_counter()
+    generator.render(request("512p", 16, 2))
+    warm_s = time.perf_counter() - started
+    saved = compile_cache.save_artifacts(artifact) if not loaded else 0
+    row = {
+        "ready": {
+            "process_to_ready_s": round(time.perf_counter() - START, 1),
+            "compile_warmup_s": round(warm_s, 1),
+            "mega_cache_loaded": loaded,
+            "mega_cache_saved_bytes": saved,
+            "compile_failure": generator.step_fn.failure,
+        }
+    }
+    print(json.dumps(row), flush=True)
+    with b.args.out.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+START = time.perf_counter()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", type=Path, default=REPO.parent / "shared" / "models" / "i2vgen-xl")
+    parser.add_argument("--phases", default="ref,stock,exact,fast,batch")
+    parser.add_argument("--compile", default="off")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--fast-variants", default="3,0,50;5,0,50;3,0.3,50;3,0,25")
+    parser.add_argument("--creep-jobs", type=int, default=100)
+    parser.add_argument("--tier-steps", type=int, default=50)
+    parser.add_argument("--tier-list", default="768p:16,512p:32,1024p:16")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--save-ref", type=Path, help="write the fp32 reference frames (512p x 16) here")
+    parser.add_argument("--load-ref", type=Path, help="read them from here instead of running `ref`")
+    parser.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "i2vd")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu_bench.jsonl")
+    args = parser.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    from daemon.generate import compile_cache
+
+    compile_cache.point_caches_at(args.cache_dir)
+    b = Bench(args)
+    if args.load_ref is not None:
+        b.ref[("512p", 16)] = np.load(args.load_ref)
+    phases = args.phases.split(",")
+    stock: list[np.ndarray] = []
+    order: list[tuple[str, Callable[[Bench], Any]]] = [
+        ("ref", phase_ref),
+        ("half", lambda b: b.to_half()),
+        ("stock", lambda b: stock.append(run_stock_case(b, "512p", 16, 2))),
+        ("ready", phase_ready),
+        ("exact", lambda b: run_exact_case(b, "512p", 16, 2, stock[0] if stock else None)),
+        ("profile", phase_profile),
+        ("vram", phase_vram),
+        ("fast", phase_fast),
+        ("batch", phase_batch),
+        ("creep", phase_creep),
+        ("layout", phase_layout),
+        ("tiers", phase_tiers),
+    ]
+    for name, function in order:
+        if name in phases or name == "half":
+            try:
+                function(b)
+            except Exception:  # a failed phase must not cost the other phases' numbers
+                traceback.print_exc()
+                print(f"phase {name} failed", flush=True)
+    print("\n".join(json.dumps(row) for row in b.rec.rows))
+
+
+if __name__ == "__main__":
+    main()

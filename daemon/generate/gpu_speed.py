@@ -1,0 +1,211 @@
+"""The I2VGen-XL UNet step, split so that a job pays once for what does not change between denoising steps.
+
+Why: the stock `I2VGenXLUNet.forward` recomputes, at every one of the 50 steps, the fps embedding, the whole
+context (text + image-latent + CLIP-image embeddings) and the temporal encoder over the image latents, none of which
+depends on the step. `prepare` computes them once per job with the very same operations, and `step` runs the rest
+of `forward` (diffusers 0.42.1) unchanged, so in eager mode the result is bit-for-bit `unet(...)`
+(tests/unit/test_gpu_speed.py). `step` also gives the DeepCache-style fast mode its two entry points: a full pass
+that keeps the deep feature, and a shallow pass that reuses it.
+
+The published UNet has 64 attention heads at every level (`num_attention_heads = attention_head_dim`), so a head is
+5, 10 or 20 wide. Flash attention needs a multiple of 8: `PaddedHeadsProcessor` zero-pads each head to the next
+multiple of 8 with the softmax scale of the true width. Zero columns add nothing to q.k and produce zero outputs
+that are cut off again, so the maths is unchanged; only the kernel (and its rounding) differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+HEAD_ALIGN = 8
+
+
+def padded_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`scaled_dot_product_attention` with heads zero-padded to a multiple of 8 (same maths, flash-eligible)."""
+    width = query.shape[-1]
+    pad = (-width) % HEAD_ALIGN
+    if pad == 0:
+        return F.scaled_dot_product_attention(query, key, value)
+    query, key, value = (F.pad(tensor, (0, pad)) for tensor in (query, key, value))
+    out = F.scaled_dot_product_attention(query, key, value, scale=width**-0.5)
+    return out[..., :width]
+
+
+class PaddedHeadsProcessor:
+    """diffusers' `AttnProcessor2_0` for the features the I2VGen-XL UNet uses, with `padded_sdpa` inside."""
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        if attention_mask is not None or attn.spatial_norm is not None or attn.norm_q is not None:
+            raise NotImplementedError("PaddedHeadsProcessor: masks, spatial norm and q/k norms are not supported")
+        residual = hidden_states
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        hidden_states = padded_sdpa(query, key, value)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        result: torch.Tensor = hidden_states / attn.rescale_output_factor
+        return result
+
+
+def install_padded_attention(model: Any) -> int:
+    """Give every attention layer of `model` whose heads are not 8-aligned the padded processor; returns how many."""
+    from diffusers.models.attention_processor import Attention
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, Attention) and (module.inner_dim // module.heads) % HEAD_ALIGN:
+            module.set_processor(PaddedHeadsProcessor())  # type: ignore[arg-type]
+            changed += 1
+    return changed
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The step-invariant inputs of the UNet for one job (batch rows as in `Conditioning`)."""
+
+    context_emb: torch.Tensor
+    fps_emb: torch.Tensor
+    image_latents: torch.Tensor
+    """After `image_latents_proj_in` and the temporal encoder, (B, C, F, H, W)."""
+
+
+def prepare(
+    unet: Any, image_latents: torch.Tensor, image_embeddings: torch.Tensor, prompt_embeds: torch.Tensor, fps: Any
+) -> Prepared:
+    """The parts of `I2VGenXLUNet.forward` that do not depend on the sample or the timestep, same operations."""
+    batch_size, channels, num_frames, height, width = image_latents.shape
+    fps = fps.expand(fps.shape[0])
+    fps_emb = unet.fps_embedding(unet.time_proj(fps).to(dtype=unet.dtype))
+    context_emb = prompt_embeds.new_zeros(batch_size, 0, unet.config.cross_attention_dim)
+    context_emb = torch.cat([context_emb, prompt_embeds], dim=1)
+    first = image_latents[:, :, :1, :]
+    first = first.permute(0, 2, 1, 3, 4).reshape(first.shape[0] * first.shape[2], first.shape[1], *first.shape[3:])
+    first = unet.image_latents_context_embedding(first)
+    _b, _c, _h, _w = first.shape
+    context_emb = torch.cat([context_emb, first.permute(0, 2, 3, 1).reshape(_b, _h * _w, _c)], dim=1)
+    image_emb = unet.context_embedding(image_embeddings)
+    image_emb = image_emb.view(-1, unet.config.in_channels, unet.config.cross_attention_dim)
+    context_emb = torch.cat([context_emb, image_emb], dim=1)
+    context_emb = context_emb.repeat_interleave(num_frames, dim=0, output_size=context_emb.shape[0] * num_frames)
+    latents = image_latents.permute(0, 2, 1, 3, 4).reshape(batch_size * num_frames, channels, height, width)
+    latents = unet.image_latents_proj_in(latents)
+    latents = (
+        latents[None, :]
+        .reshape(batch_size, num_frames, channels, height, width)
+        .permute(0, 3, 4, 1, 2)
+        .reshape(batch_size * height * width, num_frames, channels)
+    )
+    latents = unet.image_latents_temporal_encoder(latents)
+    latents = latents.reshape(batch_size, height, width, num_frames, channels).permute(0, 4, 3, 1, 2)
+    return Prepared(context_emb=context_emb, fps_emb=fps_emb, image_latents=latents)
+
+
+def _embedding(unet: Any, timestep: torch.Tensor, fps_emb: torch.Tensor, rows: int, frames: int) -> torch.Tensor:
+    timesteps = timestep[None] if timestep.ndim == 0 else timestep
+    t_emb = unet.time_proj(timesteps.expand(rows)).to(dtype=unet.dtype)
+    emb = unet.time_embedding(t_emb, None) + fps_emb
+    result: torch.Tensor = emb.repeat_interleave(frames, dim=0, output_size=emb.shape[0] * frames)
+    return result
+
+
+def _head(unet: Any, sample: torch.Tensor, image_latents: torch.Tensor, frames: int) -> torch.Tensor:
+    sample = torch.cat([sample, image_latents], dim=1)
+    sample = sample.permute(0, 2, 1, 3, 4).reshape((sample.shape[0] * frames, -1, *sample.shape[3:]))
+    sample = unet.conv_in(sample)
+    result: torch.Tensor = unet.transformer_in(sample, num_frames=frames, return_dict=False)[0]
+    return result
+
+
+def _down(unet: Any, block: Any, sample: torch.Tensor, emb: torch.Tensor, ctx: torch.Tensor, frames: int) -> Any:
+    if getattr(block, "has_cross_attention", False):
+        return block(hidden_states=sample, temb=emb, encoder_hidden_states=ctx, num_frames=frames)
+    return block(hidden_states=sample, temb=emb, num_frames=frames)
+
+
+def _up(
+    block: Any, sample: torch.Tensor, res: Any, emb: torch.Tensor, ctx: torch.Tensor, frames: int, size: Any
+) -> Any:
+    kwargs: dict[str, Any] = {"temb": emb, "res_hidden_states_tuple": res, "upsample_size": size, "num_frames": frames}
+    if getattr(block, "has_cross_attention", False):
+        kwargs["encoder_hidden_states"] = ctx
+    return block(hidden_states=sample, **kwargs)
+
+
+def _tail(unet: Any, sample: torch.Tensor, frames: int) -> torch.Tensor:
+    sample = unet.conv_out(unet.conv_act(unet.conv_norm_out(sample)))
+    result: torch.Tensor = sample[None, :].reshape((-1, frames, *sample.shape[1:])).permute(0, 2, 1, 3, 4)
+    return result
+
+
+def step(
+    unet: Any, sample: torch.Tensor, timestep: torch.Tensor, prep: Prepared, deep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step-dependent rest of `I2VGenXLUNet.forward`: (noise prediction, deep feature).
+
+    The deep feature is the input of the last (highest-resolution) up block. With `deep` given, the pass is
+    shallow (DeepCache): only the head, the first down block and the last up block run, the rest is `deep`.
+    """
+    frames = sample.shape[2]
+    emb = _embedding(unet, timestep, prep.fps_emb, sample.shape[0], frames)
+    factor = 2**unet.num_upsamplers
+    forward_size = any(size % factor != 0 for size in sample.shape[-2:])
+    hidden = _head(unet, sample, prep.image_latents, frames)
+    skips: tuple[torch.Tensor, ...] = (hidden,)
+    blocks = unet.down_blocks if deep is None else unet.down_blocks[:1]
+    for block in blocks:
+        hidden, res = _down(unet, block, hidden, emb, prep.context_emb, frames)
+        skips += res
+    if deep is None:
+        hidden = unet.mid_block(hidden, emb, encoder_hidden_states=prep.context_emb, num_frames=frames)
+        for block in unet.up_blocks[:-1]:
+            res, skips = skips[-len(block.resnets) :], skips[: -len(block.resnets)]
+            size = skips[-1].shape[2:] if forward_size else None
+            hidden = _up(block, hidden, res, emb, prep.context_emb, frames, size)
+        deep = hidden
+    else:
+        skips = skips[: len(unet.up_blocks[-1].resnets)]
+    last = unet.up_blocks[-1]
+    out = _up(last, deep, skips[-len(last.resnets) :], emb, prep.context_emb, frames, None)
+    return _tail(unet, out, frames), deep
+
+
+def to_channels_last(model: Any) -> int:
+    """Convolution weights in channels-last layout (cuDNN's native one: no NCHW<->NHWC transposes around each
+    convolution); 5-D (temporal) convolutions get the 3-D variant. Returns how many weights changed."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
+            layout = torch.channels_last if module.weight.ndim == 4 else torch.channels_last_3d
+            module.weight.data = module.weight.data.to(memory_format=layout)
+            changed += 1
+    return changed

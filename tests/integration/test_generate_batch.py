@@ -1,0 +1,240 @@
+"""The generator side of batching, the fast mode, the step-invariant UNet split and the degrade ladder, on the
+embedded tiny model on the CPU. Out-of-memory cannot be produced on the CPU: it is injected at the module
+boundary (`batch_render.decode` / `batch_render.denoise` raising `torch.cuda.OutOfMemoryError`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from daemon.config import ModelConfig
+from daemon.errors import TransientJobError
+from daemon.generate import batch_render, gpu_speed
+from daemon.generate import i2vgenxl_loop as loop
+from daemon.generate import predict as pred
+from daemon.generate.base import GenerationRequest
+from daemon.generate.compile_cache import GuardedCompile
+from daemon.generate.i2vgenxl import I2VGenXLGenerator, load_generator
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory: pytest.TempPathFactory) -> I2VGenXLGenerator:
+    return load_generator(ModelConfig(device="cpu", cache_dir=tmp_path_factory.mktemp("cache")))
+
+
+def make_request(seed: int, guidance_scale: float = 9.0, **overrides: Any) -> GenerationRequest:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(60, 80, 3), dtype=np.uint8)
+    values: dict[str, Any] = {
+        "image": Image.fromarray(pixels),
+        "prompt": f"prompt number {seed}",
+        "negative_prompt": "blurry",
+        "width": 64,
+        "height": 64,
+        "num_frames": 8,
+        "target_fps": 8 + seed,
+        "steps": 3,
+        "guidance_scale": guidance_scale,
+        "seed": seed,
+    }
+    return GenerationRequest(**(values | overrides))
+
+
+@pytest.mark.slow
+def test_a_batch_of_two_equals_the_two_single_runs(generator: I2VGenXLGenerator) -> None:
+    """Each request keeps its own seed, prompt, image, fps and guidance; results come back in order."""
+    first, second = make_request(1, 9.0), make_request(2, 5.0)
+    singles = [generator.render(first), generator.render(second)]
+    batch = generator.generate_batch([first, second])
+    floats = generator.render_batch([first, second])
+    for video, result, single in zip(floats, batch, singles, strict=True):
+        assert float(np.abs(video.frames - single.frames).max()) < 1e-4
+        assert result.frames.shape == (8, 64, 64, 3)
+        assert int(np.abs(result.frames.astype(int) - loop.to_uint8(single.frames).astype(int)).max()) <= 1
+    assert float(np.abs(floats[0].frames - floats[1].frames).mean()) > 1e-3
+
+
+@pytest.mark.slow
+def test_a_batch_mixing_guided_and_unguided_requests(generator: I2VGenXLGenerator) -> None:
+    unguided, guided = make_request(3, 1.0), make_request(4, 9.0)
+    videos = generator.render_batch([unguided, guided])
+    assert float(np.abs(videos[0].frames - generator.render(unguided).frames).max()) < 1e-4
+    assert float(np.abs(videos[1].frames - generator.render(guided).frames).max()) < 1e-4
+
+
+def test_a_batch_needs_one_shape(generator: I2VGenXLGenerator) -> None:
+    with pytest.raises(ValueError, match="equal width"):
+        generator.render_batch([make_request(1), make_request(2, num_frames=9)])
+    assert generator.max_batch_size(make_request(1)) == 1  # the CPU never batches
+
+
+def test_prepared_step_is_bit_exact_with_the_unet_call(generator: I2VGenXLGenerator) -> None:
+    """`gpu_speed.prepare` + `step` are `I2VGenXLUNet.forward` split in two: identical floats in eager mode, and
+    a shallow (DeepCache) pass fed with its own step's deep feature gives the full pass's output too."""
+    unet = generator.components.unet
+    torch.manual_seed(0)
+    sample, latents = torch.randn(2, 4, 8, 12, 16), torch.randn(2, 4, 8, 12, 16)
+    images, prompts = torch.randn(2, 1, 32), torch.randn(2, 77, 32)
+    fps, timestep = torch.tensor([16, 16]), torch.tensor(500)
+    with torch.inference_mode():
+        stock = unet(
+            sample,
+            timestep,
+            encoder_hidden_states=prompts,
+            fps=fps,
+            image_latents=latents,
+            image_embeddings=images,
+            return_dict=False,
+        )[0]
+        prep = gpu_speed.prepare(unet, latents, images, prompts, fps)
+        ours, deep = gpu_speed.step(unet, sample, timestep, prep)
+        shallow, _ = gpu_speed.step(unet, sample, timestep, prep, deep)
+    assert torch.equal(ours, stock)
+    assert torch.equal(shallow, stock)
+
+
+def test_padded_heads_compute_the_same_attention() -> None:
+    torch.manual_seed(1)
+    query, key, value = (torch.randn(2, 4, 33, 5, dtype=torch.float64) for _ in range(3))
+    reference = torch.nn.functional.scaled_dot_product_attention(query, key, value)
+    assert torch.allclose(gpu_speed.padded_sdpa(query, key, value), reference, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_fast_mode_reuses_deep_features(generator: I2VGenXLGenerator) -> None:
+    """Interval 1 recomputes everything (= exact); a longer interval changes the output, but not wildly."""
+    request = make_request(5, steps=6)
+    exact = generator.render(request).frames
+    saved = generator.fast_options
+    try:
+        generator.fast_options = pred.FastOptions(cache_interval=1)
+        assert float(np.abs(generator.render_batch([request], mode="fast")[0].frames - exact).max()) < 1e-5
+        generator.fast_options = pred.FastOptions(cache_interval=3)
+        fast = generator.render_batch([request], mode="fast")[0].frames
+    finally:
+        generator.fast_options = saved
+    difference = float(np.abs(fast - exact).mean())
+    assert 1e-5 < difference < 0.2
+
+
+def test_oom_while_decoding_climbs_the_decode_rungs_and_keeps_the_latents(
+    generator: I2VGenXLGenerator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    denoised: list[int] = []
+    decode_calls: list[int] = []
+    real_denoise, real_decode = batch_render.denoise, batch_render.decode
+
+    def counting_denoise(*args: Any, **kwargs: Any) -> torch.Tensor:
+        denoised.append(1)
+        return real_denoise(*args, **kwargs)
+
+    def failing_decode(vae: Any, latents: torch.Tensor, plan: Any) -> Any:
+        decode_calls.append(plan.decode_chunk)
+        if len(decode_calls) <= 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_decode(vae, latents, plan)
+
+    monkeypatch.setattr(batch_render, "denoise", counting_denoise)
+    monkeypatch.setattr(batch_render, "decode", failing_decode)
+    result = generator.generate(make_request(6, steps=2))
+    assert result.degradations == ("decode_chunk=4", "decode_chunk=2")
+    assert decode_calls == [8, 4, 2]
+    assert denoised == [1]
+    assert result.used == {"decode_chunk_size": 2}
+    assert result.frames.shape == (8, 64, 64, 3)
+
+
+def test_oom_while_denoising_offloads_then_gives_up_frames(
+    generator: I2VGenXLGenerator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_denoise = batch_render.denoise
+    attempts: list[int] = []
+
+    def failing_denoise(parts: Any, requests: Any, plan: Any, *args: Any) -> torch.Tensor:
+        attempts.append(plan.num_frames)
+        if len(attempts) <= 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real_denoise(parts, requests, plan, *args)
+
+    monkeypatch.setattr(batch_render, "denoise", failing_denoise)
+    result = generator.generate(make_request(7, steps=2, num_frames=12))
+    assert result.degradations == ("cpu_offload", "num_frames=9")
+    assert result.used == {"num_frames": 9, "decode_chunk_size": 8}
+    assert result.frames.shape == (9, 64, 64, 3)
+    assert attempts == [12, 12, 9]
+    assert generator.components.unet.device.type == "cpu"  # every model back in place after the job
+
+
+def test_oom_on_every_rung_is_transient(generator: I2VGenXLGenerator, monkeypatch: pytest.MonkeyPatch) -> None:
+    def always(*args: Any, **kwargs: Any) -> Any:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(batch_render, "denoise", always)
+    with pytest.raises(TransientJobError, match="out of GPU memory generating 64x64x8"):
+        generator.generate(make_request(8, steps=2))
+
+
+def test_a_failing_compile_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiler failure (here: the compiled callable raising) must not fail the job; OOM still propagates."""
+
+    def broken_compile(function: Any, **kwargs: Any) -> Any:
+        def compiled(*args: Any) -> Any:
+            raise RuntimeError("inductor: no working C compiler")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    guarded = GuardedCompile(lambda x: x + 1, "reduce-overhead")
+    assert guarded.active
+    assert guarded(1) == 2
+    assert not guarded.active and "no working C compiler" in (guarded.failure or "")
+
+    def out_of_memory(*args: Any) -> Any:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    guarded = GuardedCompile(lambda x: x, "default")
+    guarded.compiled = out_of_memory
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        guarded(1)
+
+
+def test_compile_is_off_on_the_cpu(tmp_path: Path) -> None:
+    config = ModelConfig(device="cpu", compile="reduce-overhead", cache_dir=tmp_path)
+    generator = load_generator(config)
+    assert not generator.step_fn.active
+    assert generator.warm_up(tmp_path) == {}
+
+
+@pytest.mark.slow
+def test_fast_mode_per_request_inside_a_batch(generator: I2VGenXLGenerator) -> None:
+    """A request can opt into the fast mode; a mixed batch runs one sub-batch per mode and keeps the order, and
+    the fast mode's step cap is reported in `used`."""
+    exact, fast = make_request(9), dataclasses.replace(make_request(10), mode="fast")
+    saved = generator.fast_options
+    try:
+        generator.fast_options = pred.FastOptions(cache_interval=2, max_steps=2)
+        results = generator.generate_batch([fast, exact])
+        alone = generator.generate(fast)
+    finally:
+        generator.fast_options = saved
+    assert results[0].used == {"steps": 2} and results[1].used == {}
+    np.testing.assert_array_equal(results[0].frames, alone.frames)
+    assert int(np.abs(results[1].frames.astype(int) - generator.generate(exact).frames.astype(int)).max()) <= 1
+
+
+def test_compile_cache_files_that_cannot_be_used_are_ignored(tmp_path: Path) -> None:
+    """A missing or corrupt mega-cache means compiling from scratch, and one that cannot be written is skipped."""
+    from daemon.generate import compile_cache
+
+    assert compile_cache.load_artifacts(tmp_path / "missing.bin") is False
+    (tmp_path / "corrupt.bin").write_bytes(b"not a torch cache")
+    assert compile_cache.load_artifacts(tmp_path / "corrupt.bin") is False
+    (tmp_path / "file").write_text("x")
+    assert compile_cache.save_artifacts(tmp_path / "file" / "mega.bin") == 0
