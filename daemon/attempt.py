@@ -66,6 +66,7 @@ def generation_request(resolved: ResolvedJob, image: Image.Image | None) -> Gene
         guidance_scale=resolved.guidance_scale,
         seed=resolved.seed,
         options=dict(resolved.model_options),
+        mode=resolved.mode,
     )
 
 

@@ -50,6 +50,9 @@ class GenerationSettings(_Frozen):
     motion_bucket_id: Annotated[int, Field(ge=0, le=255)] | None = None
     noise_aug_strength: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     decode_chunk_size: Annotated[int, Field(ge=1, le=64)] | None = None
+    mode: Literal["exact", "fast"] | None = None
+    """i2vgen-xl only: `fast` reuses deep UNet features between steps (the `preview` preset's default); None: the
+    model config's `mode`."""
 
     @model_validator(mode="after")
     def _width_and_height_together(self) -> GenerationSettings:
@@ -62,7 +65,7 @@ class GenerationSettings(_Frozen):
 
 SEED_DEFAULTS = GenerationSettings(resolution="512p", num_frames=16, fps=8, target_fps=16, steps=50, guidance_scale=9.0)
 SEED_PRESETS: dict[PresetName, GenerationSettings] = {
-    "preview": GenerationSettings(resolution="512p", num_frames=16, steps=25),
+    "preview": GenerationSettings(resolution="512p", num_frames=16, steps=25, mode="fast"),
     "standard": GenerationSettings(resolution="512p", num_frames=16, steps=50),
     "high": GenerationSettings(resolution="768p", num_frames=16, steps=50),
 }

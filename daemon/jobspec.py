@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import secrets
 import unicodedata
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -84,6 +84,7 @@ class JobSpec(BaseModel):
     motion_bucket_id: Annotated[int, Field(ge=0, le=255)] | None = None
     noise_aug_strength: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     decode_chunk_size: Annotated[int, Field(ge=1, le=64)] | None = None
+    mode: Literal["exact", "fast"] | None = None
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     # YAML gives lists; strict mode would refuse a list for a tuple, so this field alone is lax (items stay str).
     variants: Annotated[tuple[Annotated[str, Field(max_length=32)], ...], Field(strict=False, max_length=16)] | None = (
@@ -138,6 +139,7 @@ class JobSpec(BaseModel):
             motion_bucket_id=self.motion_bucket_id,
             noise_aug_strength=self.noise_aug_strength,
             decode_chunk_size=self.decode_chunk_size,
+            mode=self.mode,
         )
 
 
@@ -164,6 +166,8 @@ class ResolvedJob(BaseModel):
     estimated_vram_bytes: int
     model_options: dict[str, int | float] = Field(default_factory=dict)
     """Settings only the configured backend uses (e.g. svd's motion_bucket_id); `GenerationRequest.options`."""
+    mode: Literal["exact", "fast"] | None = None
+    """i2vgen-xl sampling mode from the sidecar or preset (None: the model config's); `GenerationRequest.mode`."""
 
     @property
     def duration_seconds(self) -> float:
@@ -311,4 +315,5 @@ def resolve_job(
         output_name=spec.output_name or output_name_for_stem(stem),
         estimated_vram_bytes=estimate_vram_bytes(width, height, merged["num_frames"]),
         model_options=model_options,
+        mode=merged.get("mode"),
     )

@@ -37,7 +37,7 @@ COMMON_KEYS = frozenset(
 """Sidecar keys every backend accepts."""
 OPTION_KEYS = ("motion_bucket_id", "noise_aug_strength", "decode_chunk_size")
 """Model-specific settings; they reach the generator as `GenerationRequest.options`."""
-OPTIONAL_KEYS = frozenset({"negative_prompt", "target_fps", *OPTION_KEYS})
+OPTIONAL_KEYS = frozenset({"negative_prompt", "target_fps", "mode", *OPTION_KEYS})
 """Keys some backends use and others refuse."""
 
 
@@ -101,7 +101,7 @@ RULES: Mapping[BackendName, ModelRules] = {
         frames=FrameRule(8, 32),
         defaults=SEED_DEFAULTS,
         presets=SEED_PRESETS,
-        keys=COMMON_KEYS | {"negative_prompt", "target_fps"},
+        keys=COMMON_KEYS | {"negative_prompt", "target_fps", "mode"},
         why={"size": "its VAE downsamples by 8", "frames": "its temporal layers were trained on 16-frame clips"},
     ),
     "svd": ModelRules(

@@ -180,3 +180,14 @@ def test_submit_refuses_what_the_configured_model_cannot_do(
     assert not inbox.exists() or not any(inbox.iterdir())
     sidecar.write_text("prompt: waves\nnum_frames: 81\n")
     assert main(argv) == EXIT_OK
+
+
+def test_preview_runs_in_fast_mode_and_a_sidecar_can_choose() -> None:
+    """The `preview` preset asks for i2vgen-xl's fast mode (feature reuse); a sidecar may choose either mode; a
+    model without the mode refuses the key."""
+    from daemon.attempt import generation_request
+
+    assert generation_request(resolve("i2vgen-xl", "prompt: x\npreset: preview\n"), None).mode == "fast"
+    assert generation_request(resolve("i2vgen-xl", "prompt: x\npreset: preview\nmode: exact\n"), None).mode == "exact"
+    assert generation_request(resolve("i2vgen-xl", "prompt: x\n"), None).mode is None
+    assert "mode" in str(rejection("svd", "prompt: x\nmode: fast\n"))
