@@ -61,7 +61,8 @@ def build_config(base: DaemonConfig, root: Path, workers: int, args: argparse.Na
 
 def drop_backlog(inbox: Path, count: int, args: argparse.Namespace) -> None:
     image = Image.new("RGB", (args.width, args.height), (90, 140, 200))
-    sidecar = f"prompt: a lighthouse at dusk\nvariants: []\nnum_frames: {args.frames}\nsteps: {args.steps}\n"
+    variants = "" if getattr(args, "with_variants", False) else "variants: []\n"  # default set: the config's
+    sidecar = f"prompt: a lighthouse at dusk\n{variants}num_frames: {args.frames}\nsteps: {args.steps}\n"
     sidecar += f"width: {args.width}\nheight: {args.height}\n"
     for index in range(count):
         image.save(inbox / f"job{index:04d}.png")
@@ -153,6 +154,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--kill-one", action="store_true")
+    parser.add_argument("--with-variants", action="store_true", help="jobs get the config's default variants")
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--out")
     args = parser.parse_args()

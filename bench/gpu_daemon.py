@@ -1,0 +1,121 @@
+"""The daemon on the GPU under a backlog against the bare generator, in the same run (issue 7's throughput target,
+and what one GPU allows of issue 9: two workers sharing it, and the cost of a killed worker).
+
+1. Builds the full-size I2VGen-XL from the published configs with seeded random weights (`bench/gpu_bench.py`'s
+   builder) and saves it in fp16 with `save_pretrained`, so the daemon loads it like real weights.
+2. Bare generator: `load_generator` in this process, one warm-up video, then `--videos` timed videos.
+3. The real service (`bench/scaling.py`'s `measure`: generation processes, queue, ffmpeg finishing with the
+   default variants, atomic publication) on a backlog, with 1 and 2 workers on the same GPU; with 2 workers the
+   generation process of w0 is killed mid-job (`--kill-one`).
+
+    python bench/gpu_daemon.py --out results.json [--steps 30] [--videos 3] [--jobs-per-worker 3]
+
+Prints and writes one JSON object: bare s/video and videos/hour, the service's records, and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import shutil
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from gpu_bench import build_components  # noqa: E402
+from scaling import measure  # noqa: E402
+
+from daemon.config import load_config  # noqa: E402
+from daemon.generate import load_generator  # noqa: E402
+from daemon.generate.base import GenerationRequest  # noqa: E402
+from daemon.logs import configure_logging  # noqa: E402
+
+
+def save_model(configs: Path, target: Path) -> float:
+    """Random full-size weights, saved in fp16 with the published layout; returns seconds."""
+    started = time.perf_counter()
+    parts = build_components(configs, torch.device("cuda"))
+    if target.exists():
+        shutil.rmtree(target)
+    for name in ("unet", "vae", "text_encoder", "image_encoder"):
+        getattr(parts, name).to(torch.float16).save_pretrained(target / name)
+    for name in ("scheduler", "tokenizer", "feature_extractor"):
+        getattr(parts, name).save_pretrained(target / name)
+    shutil.copy(configs / "model_index.json", target / "model_index.json")
+    del parts
+    gc.collect()
+    torch.cuda.empty_cache()
+    return time.perf_counter() - started
+
+
+def bare_generator(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    model = load_config(None).model.model_copy(update={"source": str(model_dir), "device": "cuda", "dtype": "float16"})
+    generator = load_generator(model)
+    image = Image.new("RGB", (args.size, args.size), (90, 140, 200))
+    request = GenerationRequest(
+        image, "a lighthouse at dusk", "", args.size, args.size, args.frames, 16, args.steps, 9.0, 1
+    )
+    generator.generate(request)  # warm-up (cuDNN autotune, allocator)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for seed in range(args.videos):
+        generator.generate(dataclasses.replace(request, seed=seed))
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - started) / args.videos
+    del generator
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"s_per_video": round(seconds, 3), "videos_per_hour": round(3600 / seconds, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", type=Path, default=REPO.parent / "shared" / "models" / "i2vgen-xl")
+    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/i2vd-full-random"))
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--videos", type=int, default=3)
+    parser.add_argument("--jobs-per-worker", type=int, default=3)
+    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    configure_logging("warning", "json")
+    result: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "date": datetime.now(UTC).isoformat()}
+    result["save_seconds"] = round(save_model(args.configs, args.model_dir), 1)
+    result["bare"] = bare_generator(args.model_dir, args)
+    print(json.dumps(result), flush=True)
+    base = load_config(None)
+    base = base.model_copy(
+        update={
+            "model": base.model.model_copy(update={"source": str(args.model_dir), "device": "cuda", "dtype": "float16"})
+        }
+    )
+    scaling = argparse.Namespace(
+        executor="local", devices=None, share_device="cuda:0", jobs_per_worker=args.jobs_per_worker,
+        width=args.size, height=args.size, frames=args.frames, steps=args.steps, timeout=600.0,
+        kill_one=False, with_variants=True,
+    )  # fmt: skip
+    result["service"] = []
+    for workers in (int(item) for item in args.workers.split(",")):
+        scaling.kill_one = workers > 1
+        record = measure(base, workers, scaling)
+        record["ratio_to_bare"] = round(record["videos_per_hour"] / result["bare"]["videos_per_hour"], 3)
+        result["service"].append(record)
+        print(json.dumps(record), flush=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
