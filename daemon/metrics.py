@@ -172,6 +172,12 @@ class DaemonMetrics:
             "them from running again",
             registry=registry,
         )
+        self.degrade_steps = Counter(
+            "i2vd_degrade_steps",
+            "Out-of-memory degrade ladder steps taken, by rung (decode_chunk, vae_tiling, cpu_offload, ...)",
+            ["rung"],
+            registry=registry,
+        )
         self.degraded_jobs = Counter("i2vd_degraded_jobs", "Jobs run with degraded settings", registry=registry)
         self.model_load_seconds = Gauge("i2vd_model_load_seconds", "Time to load the model", registry=registry)
         self.model_loaded = Gauge("i2vd_model_loaded", "1 while the model is loaded", registry=registry)

@@ -363,6 +363,8 @@ class Worker:
             # Out-of-memory degrade ladder: what the video really is (e.g. fewer frames) wins over what was asked,
             # for the sanity checks, the encode and the manifest's `used`; the steps go into `degradations`.
             self._metrics.degraded_jobs.inc()
+            for step in result.degradations:
+                self._metrics.degrade_steps.labels(rung=degrade_rung(step)).inc()
             log.warning("job_degraded", steps=list(result.degradations), used=dict(result.used))
             known = {key: value for key, value in result.used.items() if key in type(resolved).model_fields}
             resolved = resolved.model_copy(update=known)
@@ -456,3 +458,12 @@ class Worker:
             steps=resolved.steps,
             timings={stage: round(value, 3) for stage, value in attempt.timer.timings.items()},
         )
+
+
+DEGRADE_RUNGS = ("decode_chunk", "vae_tiling", "vae_slicing", "cpu_offload", "num_frames", "tier")
+
+
+def degrade_rung(step: str) -> str:
+    """The bounded metric label of a ladder step such as `decode_chunk=4` (unknown steps count as `other`)."""
+    rung = step.split("=", 1)[0].strip()
+    return rung if rung in DEGRADE_RUNGS else "other"

@@ -267,3 +267,5 @@ def test_a_degraded_video_is_published_with_what_it_really_is(tmp_path: Path, ma
     assert manifest["used"]["num_frames"] == 4 and manifest["asked"].get("num_frames") is None
     assert manifest["outputs"][0]["frames"] == 4
     assert metrics.registry.get_sample_value("i2vd_degraded_jobs_total") == 1
+    for rung in ("decode_chunk", "vae_tiling", "num_frames"):
+        assert metrics.registry.get_sample_value("i2vd_degrade_steps_total", {"rung": rung}) == 1
