@@ -120,9 +120,9 @@ def measure(base: DaemonConfig, workers: int, args: argparse.Namespace) -> dict[
 
 def _kill_first_worker(service: Service) -> dict[str, Any]:
     """Wait until worker w0 is generating, then SIGKILL its generation process."""
-    view = service._worker_views()[0]
+    view = service.pool.views()[0]
     deadline = time.monotonic() + 600
-    while view.worker.current_job is None or not view.worker.progress:  # type: ignore[attr-defined]
+    while view.worker.current_job is None or not view.worker.progress:
         if time.monotonic() > deadline:
             return {"killed": False}
         time.sleep(0.02)

@@ -19,35 +19,29 @@ stops waiting and kills the generation processes at once; their jobs stay claime
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 
 import structlog
 
-from daemon import __version__
 from daemon.config import DaemonConfig
 from daemon.controller import Controller
-from daemon.encode import kill_running
 from daemon.errors import FatalError, JobRejected
-from daemon.executor import WorkerSlot, close_generator, plan_generators, plan_local_slots
 from daemon.generate.base import Generator
 from daemon.intake import Intake, IntakeResult, validate_claimed
 from daemon.jobqueue import JobQueue
-from daemon.metrics import DaemonMetrics, MetricsServer, WorkerState
+from daemon.metrics import DaemonMetrics, MetricsServer
 from daemon.mounts import check_mounts
 from daemon.publish import Publisher
 from daemon.store import ClaimedJob, JobStore
 from daemon.systemd import SystemdNotifier, watchdog_interval_seconds
 from daemon.watch import InboxWatcher
-from daemon.worker import Worker
+from daemon.workerpool import WorkerPool
 
 log = structlog.get_logger(__name__)
 SUPERVISE_SECONDS = 0.5
@@ -81,21 +75,23 @@ class Service:
         self.interrupt = threading.Event()
         self._stop_intake = threading.Event()
         self._hint = threading.Event()
-        self._generator_factory = generator_factory
-        """None: the configured executor builds the generators; else this (tests) builds one per local slot."""
-        self._generator: Generator | None = None
-        """The first worker's generator: model identity for build_info, status and manifests."""
-        self._slots: list[WorkerSlot] = []
-        self._generators: list[Generator] = []
-        self._workers: list[Worker] = []
-        self._worker_threads: list[threading.Thread] = []
+        self.pool = WorkerPool(
+            config,
+            self.store,
+            self.queue,
+            self.metrics,
+            interrupt=self.interrupt,
+            force=self.force,
+            on_status=lambda status: self.notifier.status(self._with_queue(status)),
+            generator_factory=generator_factory,
+        )
         self._intake_thread: threading.Thread | None = None
         self._watcher: InboxWatcher | None = None
         self._metrics_server: MetricsServer | None = None
         self._last_intake: IntakeResult | None = None
         self._started_at = datetime.now().astimezone()
         self._intake_beat = time.monotonic()
-        self.controller = Controller(config.state_path, self.queue, self.store, self.metrics, lambda: self._workers)
+        self.controller = Controller(config.state_path, self.queue, self.store, self.metrics, lambda: self.pool.workers)
         self.exit_code = 0
 
     # ----- start -----------------------------------------------------------------------------------------
@@ -107,7 +103,7 @@ class Service:
         self._recover_claimed_jobs()
         self.controller.apply_pause()
         self._load_model()
-        self._start_workers()
+        self.pool.start()
         if not self.once:
             self._start_watcher()
         self._intake_thread = threading.Thread(target=self._intake_loop, name="i2vd-intake", daemon=True)
@@ -156,80 +152,8 @@ class Service:
         return self.store.mark_validated(job, resolved, image_sha256)
 
     def _load_model(self) -> None:
-        """Build every slot's generator in parallel (each loads its own copy of the model); any failure is fatal."""
         self.notifier.extend_timeout(MODEL_LOAD_EXTEND_SECONDS, "loading model")
-        plan: list[tuple[WorkerSlot, Callable[[], Generator]]]
-        if self._generator_factory is not None:
-            factory = self._generator_factory
-            plan = [(slot, functools.partial(factory, self.config)) for slot in plan_local_slots(self.config)]
-        else:
-            plan = plan_generators(self.config)
-        with ThreadPoolExecutor(max_workers=len(plan), thread_name_prefix="i2vd-load") as pool:
-            futures = [pool.submit(build) for _, build in plan]
-            errors = [future.exception() for future in futures]
-        loaded = [future.result() for future, error in zip(futures, errors, strict=True) if error is None]
-        failure = next((error for error in errors if error is not None), None)
-        if failure is not None:
-            for generator in loaded:
-                close_generator(generator, force=True)
-            raise failure
-        self._slots = [slot for slot, _ in plan]
-        self._generators = loaded
-        self._generator = loaded[0]
-        self._export_model_metrics()
-
-    def _export_model_metrics(self) -> None:
-        info = self._generators[0].info
-        load_seconds = max(generator.info.load_seconds for generator in self._generators)
-        self.metrics.model_load_seconds.set(load_seconds)
-        self.metrics.model_loaded.set(1)
-        for slot, generator in zip(self._slots, self._generators, strict=True):
-            self.metrics.watch_device_memory(slot.device, generator.memory_stats)
-        self.metrics.build_info.info(
-            {
-                "version": __version__,
-                "model": info.model_id,
-                "revision": info.revision or "",
-                "device": info.device,
-                "dtype": info.dtype,
-                "workers": str(len(self._generators)),
-                **{k.replace("-", "_"): v for k, v in info.library_versions.items()},
-            }
-        )
-        log.info(
-            "model_loaded",
-            model=info.model_id,
-            devices=[slot.device for slot in self._slots],
-            dtype=info.dtype,
-            seconds=round(load_seconds, 3),
-        )
-
-    def _start_workers(self) -> None:
-        for slot, generator in zip(self._slots, self._generators, strict=True):
-            worker = Worker(
-                self.config,
-                generator,
-                self.store,
-                self.queue,
-                self.metrics,
-                interrupt=self.interrupt,
-                on_status=lambda status: self.notifier.status(self._with_queue(status)),
-                name=slot.name,
-            )
-            thread = threading.Thread(target=worker.run, name=f"i2vd-worker-{slot.name}", daemon=True)
-            self._workers.append(worker)
-            self._worker_threads.append(thread)
-        self.metrics.watch_workers(self._worker_views)
-        for thread in self._worker_threads:
-            thread.start()
-
-    def _worker_views(self) -> Sequence[WorkerState]:
-        return [
-            _WorkerView(slot.name, slot.device, worker, thread, generator)
-            for slot, worker, thread, generator in zip(
-                self._slots, self._workers, self._worker_threads, self._generators, strict=True
-            )
-        ]
+        self.pool.load()
 
     def _start_watcher(self) -> None:
         watcher = InboxWatcher(self.config.inbox, self.config.intake.observer, on_hint=self._hint.set)
@@ -286,8 +210,8 @@ class Service:
         return {
             "watcher": self.once or (self._watcher is not None and self._watcher.is_alive()),
             "intake": self._intake_thread is not None and self._intake_thread.is_alive(),
-            "worker": bool(self._worker_threads) and all(thread.is_alive() for thread in self._worker_threads),
-            "model": self._generator is not None,
+            "worker": self.pool.all_alive(),
+            "model": self.pool.generator is not None,
         }
 
     def run_until_stopped(self) -> int:
@@ -309,8 +233,8 @@ class Service:
     def alive(self) -> bool:
         """Whether the watchdog may be pinged: worker and intake threads run and intake is not stuck in a poll."""
         stall = INTAKE_STALL_SECONDS + self.config.intake.rescan_seconds
-        threads = (*self._worker_threads, self._intake_thread)
-        running = bool(self._worker_threads) and all(t is not None and t.is_alive() for t in threads)
+        intake = self._intake_thread is not None and self._intake_thread.is_alive()
+        running = intake and self.pool.all_alive()
         return running and time.monotonic() - self._intake_beat < stall
 
     def _with_queue(self, status: str) -> str:
@@ -328,7 +252,7 @@ class Service:
         if self._metrics_server is not None and not self._metrics_server.is_alive():
             log.error("metrics_server_died")
             self._fail("metrics server thread died")
-        for name, thread in (*((t.name, t) for t in self._worker_threads), ("intake", self._intake_thread)):
+        for name, thread in (*((t.name, t) for t in self.pool.threads), ("intake", self._intake_thread)):
             if thread is not None and not thread.is_alive():
                 self._fail(f"{name} thread died")
         self._write_status("running")
@@ -340,7 +264,7 @@ class Service:
 
     def _drained(self) -> bool:
         last = self._last_intake
-        worker_idle = bool(self._workers) and not any(worker.busy.is_set() for worker in self._workers)
+        worker_idle = self.pool.idle()
         if self.queue.paused and worker_idle:
             return True  # `--once` while paused: nothing more will run; queued jobs stay claimed for a later start
         return (
@@ -367,44 +291,12 @@ class Service:
         if self._intake_thread is not None:
             self._intake_thread.join(timeout=timeout)
         self.queue.close()
-        self._stop_workers(timeout)
+        if not self.pool.stop(timeout):
+            self.exit_code = self.exit_code or 1
         if self._metrics_server is not None:
             self._metrics_server.stop()
         self._write_status("stopped")
         log.info("service_stopped", exit_code=self.exit_code)
-
-    def _stop_workers(self, timeout: float) -> None:
-        """Grace, interrupt, join; then close the generation processes and any ffmpeg still running."""
-        deadline = time.monotonic() + timeout
-        self._grace_for_running_jobs()
-        self.interrupt.set()
-        for thread in self._worker_threads:
-            while thread.is_alive() and time.monotonic() < deadline and not self.force.is_set():
-                thread.join(timeout=SUPERVISE_SECONDS)
-        if self.force.is_set():
-            log.warning("stop_forced")
-        for generator in self._generators:
-            close_generator(generator, force=self.force.is_set())
-        killed = kill_running()  # ffmpeg of finishing still running past the stop timeout: never outlives us
-        if killed:
-            log.warning("ffmpeg_killed_at_stop", processes=killed)
-        for thread in self._worker_threads:
-            thread.join(timeout=SUPERVISE_SECONDS if self.force.is_set() else 5.0)
-            if thread.is_alive():
-                log.error("worker_did_not_stop", worker=thread.name, timeout=timeout)
-                self.exit_code = self.exit_code or 1
-
-    def _grace_for_running_jobs(self) -> None:
-        """`worker.stop_grace_seconds`: let running jobs finish before interrupting them (a second signal ends it)."""
-        grace = self.config.worker.stop_grace_seconds
-        if grace <= 0 or not any(worker.current_job is not None for worker in self._workers):
-            return
-        log.info("stop_grace", seconds=grace)
-        self.notifier.status(f"stopping: letting running jobs finish (up to {grace:.0f} s)")
-        deadline = time.monotonic() + grace
-        while any(worker.current_job is not None for worker in self._workers):
-            if time.monotonic() >= deadline or self.force.wait(SUPERVISE_SECONDS):
-                return
 
     def _metrics_address(self) -> str | None:
         if self._metrics_server is not None:
@@ -413,8 +305,8 @@ class Service:
 
     def _write_status(self, state: str) -> None:
         """A small JSON file `i2vd status` reads: who runs, what it is doing. Best effort (never fails the loop)."""
-        generator = self._generator
-        running = [worker.current_job for worker in self._workers if worker.current_job is not None]
+        generator = self.pool.generator
+        running = self.pool.running_jobs()
         status = {
             "state": state,
             "pid": os.getpid(),
@@ -424,7 +316,7 @@ class Service:
             "queued": len(self.queue),
             "model": generator.info.model_id if generator is not None else None,
             "device": generator.info.device if generator is not None else None,
-            "workers": [view.describe() for view in self._worker_views() if isinstance(view, _WorkerView)],
+            "workers": [view.describe() for view in self.pool.views()],
             "metrics": self._metrics_address(),
             **self.controller.snapshot(generator.memory_stats() if generator is not None else {}),
         }
@@ -435,36 +327,3 @@ class Service:
             temp.replace(path)
         except OSError:
             log.warning("status_write_failed", exc_info=True)
-
-
-@dataclass(frozen=True)
-class _WorkerView:
-    """One worker as the per-worker metrics and `i2vd status` see it."""
-
-    name: str
-    device: str
-    worker: Worker
-    thread: threading.Thread
-    generator: Generator
-
-    def up(self) -> bool:
-        return self.thread.is_alive()
-
-    def busy(self) -> bool:
-        return self.worker.busy.is_set()
-
-    def restarts(self) -> int:
-        return int(getattr(self.generator, "restarts", 0))
-
-    def describe(self) -> dict[str, object]:
-        step, total = self.worker.progress or (0, 0)
-        return {
-            "name": self.name,
-            "device": self.device,
-            "up": self.up(),
-            "running_job": self.worker.current_job,
-            "step": step,
-            "steps": total,
-            "restarts": self.restarts(),
-            "pid": getattr(self.generator, "pid", None),
-        }

@@ -136,7 +136,7 @@ def test_two_cpu_worker_processes_share_the_queue(
     config = config_for(tmp_path, executor={"devices": ["cpu", "cpu"]})
     config.inbox.mkdir(parents=True)
     service = running(config)
-    pids = {view.generator.pid for view in service._worker_views()}  # type: ignore[attr-defined]
+    pids = {view.generator.pid for view in service.pool.views()}  # type: ignore[attr-defined]
     assert len(pids) == 2
     for index in range(8):
         drop(config.inbox, make_image, f"job{index}")
