@@ -22,6 +22,7 @@ import torch
 from daemon.config import BackendName, ModelConfig
 from daemon.errors import ConfigError, FatalError, JobInterrupted, TransientJobError
 from daemon.generate.base import GenerationRequest, GenerationResult, InterruptCheck, ModelInfo, StepCallback
+from daemon.generate.cuda_memory import device_memory_stats, peak_memory_bytes
 from daemon.generate.i2vgenxl import library_versions, resolve_device_dtype
 from daemon.generate.i2vgenxl_loop import synchronize, to_uint8
 
@@ -272,19 +273,11 @@ class DiffusersGenerator:
             torch.cuda.empty_cache()
 
     def _peak_memory(self) -> int:
-        return int(torch.cuda.max_memory_allocated(self._device)) if self._device.type == "cuda" else 0
+        return peak_memory_bytes(self._device)
 
     def memory_stats(self) -> dict[str, int]:
         """Device memory in bytes: `allocated`, `reserved` (torch's caching allocator), `total`, `free` (driver)."""
-        if self._device.type != "cuda":
-            return {}
-        free, total = torch.cuda.mem_get_info(self._device)
-        return {
-            "allocated": int(torch.cuda.memory_allocated(self._device)),
-            "reserved": int(torch.cuda.memory_reserved(self._device)),
-            "total": int(total),
-            "free": int(free),
-        }
+        return device_memory_stats(self._device)
 
     # ----- rungs shared by several backends ------------------------------------------------------------------------
     def vae_tiling_step(self) -> list[MemoryStep]:

@@ -34,6 +34,7 @@ from daemon.generate.base import (
     batch_key,
 )
 from daemon.generate.compile_cache import GuardedCompile
+from daemon.generate.cuda_memory import device_memory_stats, peak_memory_bytes
 from daemon.generate.loading import (
     embedded_tiny_dir,
     library_versions,
@@ -327,19 +328,11 @@ class I2VGenXLGenerator:
             torch.cuda.reset_peak_memory_stats(self._device)
 
     def _peak_memory(self) -> int:
-        return int(torch.cuda.max_memory_allocated(self._device)) if self._device.type == "cuda" else 0
+        return peak_memory_bytes(self._device)
 
     def memory_stats(self) -> dict[str, int]:
         """Device memory in bytes: `allocated`, `reserved` (torch's caching allocator), `total`, `free` (driver)."""
-        if self._device.type != "cuda":
-            return {}
-        free, total = torch.cuda.mem_get_info(self._device)
-        return {
-            "allocated": int(torch.cuda.memory_allocated(self._device)),
-            "reserved": int(torch.cuda.memory_reserved(self._device)),
-            "total": int(total),
-            "free": int(free),
-        }
+        return device_memory_stats(self._device)
 
 
 def _to_result(video: RenderedVideo) -> GenerationResult:
