@@ -7,11 +7,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from clocks import SteppingClock
 from pydantic import ValidationError
 
 from daemon.config import DaemonConfig, EncodeConfig, GenerationConfig
@@ -23,13 +24,7 @@ from daemon.store import ClaimedJob, JobStore, Pair
 SIDECAR = b"prompt: a cat\nseed: 7\n"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.value = datetime(2026, 11, 25, 8, 0, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        self.value += timedelta(seconds=1)
-        return self.value
+Clock = SteppingClock
 
 
 @pytest.fixture

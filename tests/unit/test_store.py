@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from clocks import SteppingClock
 
 from daemon.config import EncodeConfig, GenerationConfig
 from daemon.errors import JobRejected
@@ -18,13 +19,8 @@ from daemon.store import ClaimedJob, JobStore, Pair
 REASON_KEYS = {"input", "reason", "detail", "message", "attempts", "at"}
 
 
-class FakeNow:
-    def __init__(self) -> None:
-        self.value = datetime(2025, 11, 25, 8, 30, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        self.value += timedelta(seconds=1)
-        return self.value
+def FakeNow() -> SteppingClock:
+    return SteppingClock(datetime(2025, 11, 25, 8, 30, 0, tzinfo=UTC))
 
 
 @pytest.fixture

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from clocks import SteppingClock
 
 from daemon.store import JobStore, Pair
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.value = datetime(2026, 11, 25, 8, 0, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        self.value += timedelta(seconds=1)
-        return self.value
+Clock = SteppingClock
 
 
 @pytest.fixture
