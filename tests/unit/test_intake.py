@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from intake_helpers import FakeClock, image_bytes
 from PIL import Image
 from structlog.testing import capture_logs
 
@@ -45,23 +46,6 @@ IGNORED: tuple[str, ...] = (
 )
 IGNORED += ("desktop.ini", "~$cat.yaml", "failed", ".i2vd", "@eaDir", "cat.png~", ".nfs0000001", ".smbdelete01")
 UNPAIRED = ("b.png", "c.yml", "d.png", "d.jpg", "d.yaml", "e.yaml", "e.yml", "e.webp", "f.yaml", "g.png", "G.yaml")
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def image_bytes(size: tuple[int, int] = (64, 48), fmt: str = "PNG", mode: str = "RGB", **save: Any) -> bytes:
-    buffer = io.BytesIO()
-    Image.new(mode, size, color=0).save(buffer, fmt, **save)
-    return buffer.getvalue()
 
 
 def noise_png(size: tuple[int, int] = (64, 64)) -> bytes:
