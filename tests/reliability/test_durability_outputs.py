@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from publish_helpers import outbox_names, stage_files
 
 from daemon import fsio
 from daemon.errors import OutputLost, StorageFull, TransientJobError
@@ -36,20 +37,6 @@ def outbox(tmp_path: Path) -> Path:
 @pytest.fixture
 def publisher(outbox: Path) -> Publisher:
     return Publisher(outbox, now=lambda: FIXED)
-
-
-def stage(publisher: Publisher, contents: dict[str, bytes], job_id: str = "job1") -> list[tuple[Path, str]]:
-    directory = publisher.staging_dir(job_id)
-    files = []
-    for suffix, data in contents.items():
-        path = directory / f"out{suffix}"
-        path.write_bytes(data)
-        files.append((path, suffix))
-    return files
-
-
-def visible(outbox: Path) -> list[str]:
-    return sorted(entry.name for entry in outbox.iterdir() if entry.name != STAGING_DIR_NAME)
 
 
 class Recorder:
@@ -102,7 +89,7 @@ def test_final_names_appear_only_by_rename_after_fsync_and_before_dir_fsync(
     the outbox directory. Both the renameat2 path and the link fallback (NFS, FUSE) are checked."""
     if not noreplace:
         monkeypatch.setattr(fsio, "_renameat2", None)
-    files = stage(publisher, {".mp4": b"main video", ".first_frame.png": b"png"})
+    files = stage_files(publisher, {".mp4": b"main video", ".first_frame.png": b"png"})
     recorder = Recorder(monkeypatch, outbox)
     published = publisher.publish(BASE, files, {"job": "j"})
     events = recorder.events
@@ -130,7 +117,7 @@ def test_disk_full_while_publishing_leaves_nothing_and_raises_storage_full(
     `TransientJobError` that does not consume an attempt), removes the temp file and leaves no output in the
     outbox; the staged outputs stay for the retry, which succeeds once space returns. Injected (no root for a
     loopback fs)."""
-    files = stage(publisher, {".mp4": b"main"})
+    files = stage_files(publisher, {".mp4": b"main"})
     full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     real = {"write": os.write, "fsync": os.fsync, "close": os.close, "rename": fsio._rename_noreplace_syscall}
     manifest_fds: set[int] = set()
@@ -159,7 +146,7 @@ def test_disk_full_while_publishing_leaves_nothing_and_raises_storage_full(
         publisher.publish(BASE, files, {"job": "j"})
     assert isinstance(raised.value, TransientJobError)
     assert StorageFull.consumes_attempt is False
-    assert visible(outbox) == []
+    assert outbox_names(outbox) == []
     staging = outbox / STAGING_DIR_NAME
     assert not [p.name for p in staging.iterdir() if p.name.startswith(".manifest")]  # no temp manifest left
     assert files[0][0].read_bytes() == b"main"
@@ -173,7 +160,7 @@ def test_fsync_eio_on_the_manifest_rewrites_it_from_scratch_never_fsyncs_twice(
     """Checklist D29: the first fsync of the manifest fails with EIO. The publisher never calls fsync again on
     that file (fsyncgate: a second fsync may "succeed" with the data gone); it discards the file and writes a
     new one from scratch, which is what gets published."""
-    files = stage(publisher, {".mp4": b"main"})
+    files = stage_files(publisher, {".mp4": b"main"})
     real_fsync = os.fsync
     synced: list[str] = []  # the (unique temp) path of every file fsync was called on
     failed: list[str] = []
@@ -202,7 +189,7 @@ def test_fsync_eio_on_a_staged_output_discards_it_for_a_rewrite(
     """Checklist D29: an fsync EIO on a staged video means its pages may be gone: the file is deleted (not
     fsynced again) and `OutputLost` (transient) makes the job write it again from scratch; nothing is
     published."""
-    files = stage(publisher, {".mp4": b"main", ".gif": b"gif"})
+    files = stage_files(publisher, {".mp4": b"main", ".gif": b"gif"})
     calls: list[str] = []
     real_fsync = os.fsync
 
@@ -218,7 +205,7 @@ def test_fsync_eio_on_a_staged_output_discards_it_for_a_rewrite(
         publisher.publish(BASE, files, {})
     assert sum(name.endswith("out.gif") for name in calls) == 1
     assert not files[1][0].exists()
-    assert visible(outbox) == []
+    assert outbox_names(outbox) == []
 
 
 def test_atomic_state_write_rewrites_after_fsync_eio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -256,7 +243,7 @@ def test_nfs_rename_reported_failed_but_done_is_reconciled(
     """Checklist D32: simulated NFS retransmission (no NFS server here): the rename happens on the server but
     the client sees an error. Source gone + target holding the same bytes counts as done: published once, no
     duplicate `-2` set, no error."""
-    files = stage(publisher, {".mp4": b"main", ".gif": b"gif"})
+    files = stage_files(publisher, {".mp4": b"main", ".gif": b"gif"})
     real_rename = fsio._rename_noreplace_syscall
 
     def lossy_reply(src: Path, dst: Path) -> bool | None:
@@ -266,7 +253,7 @@ def test_nfs_rename_reported_failed_but_done_is_reconciled(
     monkeypatch.setattr(fsio, "_rename_noreplace_syscall", lossy_reply)
     published = publisher.publish(BASE, files, {"job": "j"})
     assert [p.name for p in published] == [f"{BASE}.mp4", f"{BASE}.gif", f"{BASE}.json"]
-    assert visible(outbox) == sorted(p.name for p in published)
+    assert outbox_names(outbox) == sorted(p.name for p in published)
     assert published[0].read_bytes() == b"main"
 
 
@@ -276,7 +263,7 @@ def test_nfs_link_fallback_reported_eexist_for_our_own_link_is_reconciled(
     """Checklist D32 on the link fallback (filesystems without RENAME_NOREPLACE): a retransmitted LINK answers
     EEXIST although the first one made our link; same inode under both names -> done, source unlinked."""
     monkeypatch.setattr(fsio, "_renameat2", None)
-    files = stage(publisher, {".mp4": b"main"})
+    files = stage_files(publisher, {".mp4": b"main"})
     real_link = os.link
 
     def link(src: Any, dst: Any, **kwargs: Any) -> None:
@@ -302,7 +289,7 @@ def test_a_failed_rename_whose_target_holds_other_bytes_is_not_mistaken_for_succ
 def test_sweep_staging_removes_what_a_crash_left(publisher: Publisher, outbox: Path) -> None:
     """Checklist C20 (store side, outbox half): half-written outputs and temp manifests of a killed run are swept
     at start, so nothing stale is ever published and the outbox holds no temp files."""
-    stage(publisher, {".mp4": b"half"}, job_id="killed-job")
+    stage_files(publisher, {".mp4": b"half"}, job_id="killed-job")
     (outbox / STAGING_DIR_NAME / ".manifest-x.tmp-1").write_bytes(b"{")
     assert publisher.sweep_staging() == 2
     assert list((outbox / STAGING_DIR_NAME).iterdir()) == []
@@ -352,7 +339,7 @@ def test_kill_9_at_every_publish_step_leaves_no_output_or_a_complete_one(tmp_pat
         outbox = tmp_path / f"kill{kill_at}"
         done = subprocess.run([sys.executable, "-c", KILL_CHILD, str(outbox), str(kill_at)], cwd=repo, timeout=60)
         assert done.returncode == -9
-        names = visible(outbox)
+        names = outbox_names(outbox)
         for name in names:
             data = (outbox / name).read_bytes()
             if name.endswith(".json"):

@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from publish_helpers import outbox_names, stage_files
 
 from daemon import fsio
 from daemon.errors import OutputLost, StorageFull
@@ -31,27 +32,12 @@ def publisher(outbox: Path) -> Publisher:
     return Publisher(outbox, now=lambda: FIXED)
 
 
-def stage(publisher: Publisher, job_id: str, contents: dict[str, bytes]) -> list[tuple[Path, str]]:
-    """Write staged files, one per final suffix (".mp4", ".vertical.mp4"...)."""
-    directory = publisher.staging_dir(job_id)
-    files = []
-    for suffix, data in contents.items():
-        path = directory / f"out{suffix}"
-        path.write_bytes(data)
-        files.append((path, suffix))
-    return files
-
-
-def outbox_names(outbox: Path) -> list[str]:
-    return sorted(entry.name for entry in outbox.iterdir() if entry.name != STAGING_DIR_NAME)
-
-
 def test_base_name_uses_clock_and_output_name(publisher: Publisher) -> None:
     assert publisher.reserve("cat")[1] == "video_20261125_083000_cat"
 
 
 def test_publish_names_outputs_and_manifest(publisher: Publisher, outbox: Path) -> None:
-    files = stage(publisher, "job1", {".mp4": b"main", ".vertical.mp4": b"vert", ".first_frame.png": b"png"})
+    files = stage_files(publisher, {".mp4": b"main", ".vertical.mp4": b"vert", ".first_frame.png": b"png"}, "job1")
     base = publisher.reserve("cat")[1]
     published = publisher.publish(base, files, {"job_id": "job1"})
     assert [path.name for path in published] == [
@@ -69,7 +55,7 @@ def test_clash_gets_counter_suffix(publisher: Publisher, outbox: Path) -> None:
     bases = []
     for job in ("a", "b", "c"):
         base = publisher.reserve("cat")[1]
-        publisher.publish(base, stage(publisher, job, {".mp4": job.encode()}), {"job": job})
+        publisher.publish(base, stage_files(publisher, {".mp4": job.encode()}, job), {"job": job})
         bases.append(base)
     assert bases == [
         "video_20261125_083000_cat",
@@ -91,7 +77,7 @@ def test_never_overwrites_a_file_created_after_reservation(publisher: Publisher,
     base = publisher.reserve("cat")[1]
     existing = outbox / f"{base}.mp4"
     existing.write_bytes(b"someone else's")  # appears between reserve and publish (a race)
-    published = publisher.publish(base, stage(publisher, "j", {".mp4": b"ours"}), lambda final: {"base": final})
+    published = publisher.publish(base, stage_files(publisher, {".mp4": b"ours"}, "j"), lambda final: {"base": final})
     assert existing.read_bytes() == b"someone else's"
     assert published[0].name == "video_20261125_083000_cat-2.mp4"
     assert published[0].read_bytes() == b"ours"
@@ -101,7 +87,7 @@ def test_never_overwrites_a_file_created_after_reservation(publisher: Publisher,
 def test_race_on_a_later_name_moves_the_whole_set(
     publisher: Publisher, outbox: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    files = stage(publisher, "j", {".mp4": b"main", ".vertical.mp4": b"vert"})
+    files = stage_files(publisher, {".mp4": b"main", ".vertical.mp4": b"vert"}, "j")
     base = publisher.reserve("cat")[1]
     real_rename = fsio._rename_noreplace_syscall
 
@@ -132,7 +118,7 @@ def test_manifest_is_written_last_and_is_valid_json(
         return done
 
     monkeypatch.setattr(fsio, "_rename_noreplace_syscall", recording_rename)
-    files = stage(publisher, "j", {".mp4": b"main", ".first_frame.png": b"png"})
+    files = stage_files(publisher, {".mp4": b"main", ".first_frame.png": b"png"}, "j")
     manifest = {"when": FIXED, "input": Path("/in/cat.png"), "ünïcode": "ok", "n": [1, 2.5]}
     published = publisher.publish("video_x_cat", files, manifest)
     assert order == ["video_x_cat.mp4", "video_x_cat.first_frame.png", "video_x_cat.json"]
@@ -142,7 +128,7 @@ def test_manifest_is_written_last_and_is_valid_json(
 
 
 def test_nothing_left_in_staging_after_publish(publisher: Publisher, outbox: Path) -> None:
-    files = stage(publisher, "job7", {".mp4": b"main", ".first_frame.png": b"png"})
+    files = stage_files(publisher, {".mp4": b"main", ".first_frame.png": b"png"}, "job7")
     publisher.publish("video_x_cat", files, {})
     staging_root = outbox / STAGING_DIR_NAME
     assert list(staging_root.iterdir()) == []
@@ -164,7 +150,7 @@ def test_staging_rejects_unsafe_job_ids(publisher: Publisher, bad: str) -> None:
 
 
 def test_discard_staging_removes_temp_files(publisher: Publisher, outbox: Path) -> None:
-    stage(publisher, "job1", {".mp4": b"partial"})
+    stage_files(publisher, {".mp4": b"partial"}, "job1")
     (publisher.staging_dir("job1") / "nested").mkdir()
     publisher.discard_staging("job1")
     assert not (outbox / STAGING_DIR_NAME / "job1").exists()
@@ -176,7 +162,7 @@ def test_discard_staging_removes_temp_files(publisher: Publisher, outbox: Path) 
 def test_failed_link_leaves_no_partial_file_in_outbox(
     publisher: Publisher, outbox: Path, monkeypatch: pytest.MonkeyPatch, fail_at: int
 ) -> None:
-    files = stage(publisher, "j", {".mp4": b"main", ".vertical.mp4": b"vert"})
+    files = stage_files(publisher, {".mp4": b"main", ".vertical.mp4": b"vert"}, "j")
     real_rename = fsio._rename_noreplace_syscall
     calls = 0
 
@@ -203,7 +189,7 @@ def test_failed_fsync_leaves_no_partial_file_in_outbox(
     publisher: Publisher, outbox: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An fsync EIO on a staged output discards it (written again from scratch by the retry), publishes nothing."""
-    files = stage(publisher, "j", {".mp4": b"main"})
+    files = stage_files(publisher, {".mp4": b"main"}, "j")
 
     def failing_fsync(fd: int) -> None:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
@@ -216,7 +202,7 @@ def test_failed_fsync_leaves_no_partial_file_in_outbox(
 
 
 def test_publish_rejects_duplicate_or_manifest_suffixes(publisher: Publisher) -> None:
-    files = stage(publisher, "j", {".mp4": b"a"})
+    files = stage_files(publisher, {".mp4": b"a"}, "j")
     with pytest.raises(ValueError, match="distinct"):
         publisher.publish("video_x", [files[0], files[0]], {})
     with pytest.raises(ValueError, match="distinct"):
