@@ -11,11 +11,18 @@ memory do not depend on the weights' values. Writes JSON to `--out`.
         [--steps N] [--frames N] [--repeats 1]           # GPU; wan-i2v (14B) only when asked for
     python bench/gpu_backends.py --out ... --backends wan-i2v --steps 10   # 14B: fewer steps fit a 10-minute slot
     python bench/gpu_backends.py --smoke --out /tmp/smoke.json   # tiny pipelines, CPU, seconds
+
+With `--points`, each backend is also run at its default and its `preview` preset size for `--point-steps` steps,
+recording the denoising peak and the decoding peak separately (peak statistics reset between the two stages), the
+resident weights and the stage times: the data of the backend's VRAM/time model (`daemon/generate/vram_stock.py`).
+`--fit FILE` fits the model from those points and writes it (the shipped file is `daemon/generate/vram_stock.json`;
+backends not measured in this run keep their entries from `--fit-base`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -33,6 +40,7 @@ import torch
 from PIL import Image
 
 from daemon.config import BackendName
+from daemon.generate import vram_stock
 from daemon.generate.base import GenerationRequest, ModelInfo
 from daemon.generate.diffusers_common import DiffusersGenerator
 from daemon.generate.i2vgenxl import library_versions
@@ -190,10 +198,15 @@ def build(backend: BackendName, smoke: bool, device: torch.device, dtype: torch.
     return GENERATORS[backend](pipe, info, device=device)
 
 
-def make_request(backend: BackendName, args: argparse.Namespace) -> GenerationRequest:
+def make_request(
+    backend: BackendName, args: argparse.Namespace, preset: str | None = None, steps: int | None = None
+) -> GenerationRequest:
     defaults = rules_for(backend).defaults
-    width, height = (32, 32) if args.smoke else (defaults.width or 512, defaults.height or 512)
-    frames = args.frames or (9 if args.smoke else defaults.num_frames or 16)
+    chosen = rules_for(backend).presets[preset] if preset else defaults  # type: ignore[index]
+    width, height = (32, 32) if args.smoke else (chosen.width or 512, chosen.height or 512)
+    frames = (None if preset else args.frames) or (9 if args.smoke else chosen.num_frames or 16)
+    if args.smoke and preset:  # a second, larger tiny point
+        width, height, frames = 64, 64, rules_for(backend).frames.nearest(13)
     options = {key: value for key in ("motion_bucket_id", "noise_aug_strength") if (value := getattr(defaults, key))}
     return GenerationRequest(
         image=Image.new("RGB", (width, height), (180, 120, 60)),
@@ -203,7 +216,7 @@ def make_request(backend: BackendName, args: argparse.Namespace) -> GenerationRe
         height=height,
         num_frames=frames,
         target_fps=defaults.target_fps or 8,
-        steps=args.steps or (2 if args.smoke else defaults.steps or 50),
+        steps=steps or args.steps or (2 if args.smoke else defaults.steps or 50),
         guidance_scale=defaults.guidance_scale or 5.0,
         seed=42,
         options=options,
@@ -224,6 +237,39 @@ def measure(run: Callable[[], np.ndarray], device: torch.device, repeats: int) -
             peak = max(peak, int(torch.cuda.max_memory_allocated(device)))
         seconds.append(time.perf_counter() - started)
     return statistics.median(seconds), peak, frames
+
+
+def measure_point(generator: DiffusersGenerator, request: GenerationRequest, device: torch.device) -> dict[str, Any]:
+    """One video with the peaks of denoising and decoding taken apart: `generate` resets the peak statistics at its
+    start; the step callback of the last denoising step reads them (the denoising peak) and resets them again, so
+    the peak after the call is the decoding peak (whether the backend or the pipeline decodes)."""
+    marks: dict[str, int] = {}
+
+    def on_step(done: int, total: int, seconds: float) -> None:
+        if done == total and device.type == "cuda":
+            torch.cuda.synchronize(device)
+            marks["denoise_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+            torch.cuda.reset_peak_memory_stats(device)
+
+    weights = int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else 0
+    result = generator.generate(request, on_step=on_step)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        marks["decode_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    chunk = int(request.options.get("decode_chunk_size", getattr(generator, "_decode_chunk_size", request.num_frames)))
+    point = vram_stock.Point(
+        width=request.width,
+        height=request.height,
+        num_frames=request.num_frames,
+        steps=request.steps,
+        decode_chunk=chunk,
+        weights_bytes=weights,
+        denoise_peak_bytes=marks.get("denoise_peak_bytes", 0),
+        decode_peak_bytes=marks.get("decode_peak_bytes", 0),
+        denoise_seconds=round(result.timings["denoise"], 3),
+        decode_seconds=round(result.timings["decode"], 3),
+    )
+    return dataclasses.asdict(point)
 
 
 def bench_backend(backend: BackendName, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
@@ -259,7 +305,29 @@ def bench_backend(backend: BackendName, args: argparse.Namespace, device: torch.
         common | {"mode": "stock", "s_per_video": round(stock_s, 3), "peak_vram_bytes": stock_peak},
         common | {"mode": "ours", "s_per_video": round(ours_s, 3), "peak_vram_bytes": ours_peak},
     ]
+    if args.points:
+        for preset in (None, "preview"):
+            point = measure_point(generator, make_request(backend, args, preset, args.point_steps), device)
+            rows.append({"backend": backend, "mode": "point", "dtype": generator.info.dtype} | point)
+            print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def write_fit(rows: list[dict[str, Any]], args: argparse.Namespace, gpu: str | None) -> None:
+    """Fit each measured backend's model from its points; keep the others' entries from `--fit-base`."""
+    models = dict(vram_stock.load_models(args.fit_base)) if args.fit_base.exists() else {}
+    fields = set(vram_stock.Point.__dataclass_fields__)
+    for backend in {row["backend"] for row in rows if row["mode"] == "point"}:
+        points = [
+            vram_stock.Point(**{k: v for k, v in row.items() if k in fields})
+            for row in rows
+            if row["mode"] == "point" and row["backend"] == backend
+        ]
+        dtype = next(row["dtype"] for row in rows if row["backend"] == backend)
+        when = datetime.now(UTC).date().isoformat()
+        source = f"bench/gpu_backends.py --points on {gpu or 'cpu'}, {dtype}, torch {torch.__version__}, {when}"
+        models[backend] = vram_stock.fit(backend, points, source)
+    args.fit.write_text(json.dumps(vram_stock.to_json(models), indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="override the published default steps (e.g. to fit a time limit)")
     parser.add_argument("--frames", type=int, help="override the published default frame count")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--points", action="store_true", help="also measure the VRAM/time model's points")
+    parser.add_argument("--point-steps", type=int, default=3, help="denoising steps of each point")
+    parser.add_argument("--fit", type=Path, help="write the fitted per-backend model here (needs --points)")
+    parser.add_argument("--fit-base", type=Path, default=vram_stock.MODEL_PATH, help="entries kept for the others")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -290,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.fit is not None:
+        write_fit(rows, args, result["gpu"])
     return 0
 
 

@@ -9,8 +9,12 @@ and what one GPU allows of issue 9: two workers sharing it, and the cost of a ki
    generation process of w0 is killed mid-job (`--kill-one`).
 
     python bench/gpu_daemon.py --out results.json [--steps 30] [--videos 3] [--jobs-per-worker 3]
+        [--workers 1,2] [--batch-sizes 1,4] [--reuse-model]
 
-Prints and writes one JSON object: bare s/video and videos/hour, the service's records, and their ratio.
+Each service record runs once per `--batch-sizes` entry (`worker.max_batch_size`; 1 isolates what the service's
+overlap of finishing, IO and bookkeeping with the GPU achieves, larger values add batching). Prints and writes one
+JSON object: bare s/video and videos/hour, the service's records, and their ratios to the bare generator, over the
+whole backlog (`ratio_to_bare`) and once the pipeline is full (`steady_ratio_to_bare`, see `scaling.steady_rate`).
 """
 
 from __future__ import annotations
@@ -89,11 +93,14 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=3)
     parser.add_argument("--jobs-per-worker", type=int, default=3)
     parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--batch-sizes", default="4", help="worker.max_batch_size values, one service run each")
+    parser.add_argument("--reuse-model", action="store_true", help="keep a model already saved in --model-dir")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     configure_logging("warning", "json")
     result: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "date": datetime.now(UTC).isoformat()}
-    result["save_seconds"] = round(save_model(args.configs, args.model_dir), 1)
+    reuse = args.reuse_model and (args.model_dir / "model_index.json").exists()
+    result["save_seconds"] = 0.0 if reuse else round(save_model(args.configs, args.model_dir), 1)
     result["bare"] = bare_generator(args.model_dir, args)
     print(json.dumps(result), flush=True)
     base = load_config(None)
@@ -108,12 +115,17 @@ def main() -> None:
         kill_one=False, with_variants=True,
     )  # fmt: skip
     result["service"] = []
+    bare_rate = result["bare"]["videos_per_hour"]
     for workers in (int(item) for item in args.workers.split(",")):
-        scaling.kill_one = workers > 1
-        record = measure(base, workers, scaling)
-        record["ratio_to_bare"] = round(record["videos_per_hour"] / result["bare"]["videos_per_hour"], 3)
-        result["service"].append(record)
-        print(json.dumps(record), flush=True)
+        for batch in (int(item) for item in args.batch_sizes.split(",")):
+            scaling.kill_one = workers > 1
+            scaling.max_batch_size = batch
+            record = measure(base, workers, scaling) | {"max_batch_size": batch}
+            record["ratio_to_bare"] = round(record["videos_per_hour"] / bare_rate, 3)
+            steady = record["steady_videos_per_hour"]
+            record["steady_ratio_to_bare"] = round(steady / bare_rate, 3) if steady else None
+            result["service"].append(record)
+            print(json.dumps(record), flush=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 

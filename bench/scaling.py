@@ -48,6 +48,8 @@ def build_config(base: DaemonConfig, root: Path, workers: int, args: argparse.Na
     data["intake"].update({"stable_seconds": 0.2, "rescan_seconds": 0.5})
     data["metrics"].update({"enabled": False})
     data["worker"].update({"retry_delay_seconds": 1.0})
+    if getattr(args, "max_batch_size", None):
+        data["worker"].update({"max_batch_size": args.max_batch_size})
     if args.executor == "ray":
         data["executor"] = {"kind": "ray", "ray": {**data["executor"]["ray"], "workers": workers, "detached": False}}
     elif args.devices:
@@ -83,8 +85,10 @@ def measure(base: DaemonConfig, workers: int, args: argparse.Namespace) -> dict[
         started = time.perf_counter()
         drop_backlog(config.inbox, total, args)
         kill = _kill_first_worker(service) if args.kill_one else None
+        published_at: list[float] = []  # when each manifest was first seen (0.1 s polling)
         while True:
             done = len(list(config.outbox.glob("video_*.json")))
+            published_at += [time.perf_counter() - started] * (done - len(published_at))
             failed = (
                 len(list((config.inbox / "failed").glob("*/reason.json"))) if (config.inbox / "failed").exists() else 0
             )
@@ -109,6 +113,8 @@ def measure(base: DaemonConfig, workers: int, args: argparse.Namespace) -> dict[
         "lost": total - done - failed,
         "seconds": round(elapsed, 2),
         "videos_per_hour": round(done / elapsed * 3600, 1) if elapsed > 0 else 0.0,
+        "steady_videos_per_hour": steady_rate(published_at),
+        "published_at_seconds": [round(t, 2) for t in published_at],
         "model_load_seconds": round(load_seconds, 2),
         "peak_vram_bytes": max((m.get("peak_vram_bytes") or 0 for m in manifests), default=0),
         "size": f"{args.width}x{args.height}x{args.frames}f x{args.steps} steps",
@@ -116,6 +122,17 @@ def measure(base: DaemonConfig, workers: int, args: argparse.Namespace) -> dict[
         "host": socket.gethostname(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def steady_rate(published_at: list[float]) -> float | None:
+    """Videos/hour once the pipeline is full: the videos published after the first publication moment over the time
+    from that moment to the last one. It leaves out what a backlog pays once (the stability window, the first
+    video's cold start in a fresh generation process, the last job's finishing), which a daemon that runs for days
+    amortises; a batch published at once counts as one moment."""
+    if len(published_at) < 2 or published_at[-1] <= published_at[0]:
+        return None
+    after_first = sum(1 for t in published_at if t > published_at[0])
+    return round(after_first / (published_at[-1] - published_at[0]) * 3600, 1)
 
 
 def _kill_first_worker(service: Service) -> dict[str, Any]:
@@ -153,6 +170,7 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=128)
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--max-batch-size", type=int, help="worker.max_batch_size (default: the config's)")
     parser.add_argument("--kill-one", action="store_true")
     parser.add_argument("--with-variants", action="store_true", help="jobs get the config's default variants")
     parser.add_argument("--timeout", type=float, default=3600.0)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import structlog
 import torch
 from PIL import Image
 
@@ -43,6 +44,8 @@ from daemon.generate.loading import (
     resolve_device_dtype,
 )
 from daemon.generate.tiny import tiny_revision
+
+log = structlog.get_logger(__name__)
 
 EMBEDDED_TINY = "embedded-tiny"
 DEFAULT_CLIP_SKIP: int | None = 1
@@ -101,7 +104,10 @@ def load_generator(config: ModelConfig, *, clip_skip: int | None = DEFAULT_CLIP_
         mode=config.mode,
         compile_mode=compile_mode,
     )
-    generator.warm_up(config.cache_dir)
+    warm = generator.warm_up(config.cache_dir)
+    if warm:
+        # Restart-to-READY is mostly this (BENCHMARKS.md, GPU): logged so a slow start can be told apart.
+        log.info("compile_warm_up", mode=compile_mode, **warm)
     return generator
 
 
@@ -312,7 +318,7 @@ class I2VGenXLGenerator:
         image = Image.new("RGB", (width, height), (128, 128, 128))
         self.render(GenerationRequest(image, "warm-up", "", width, height, num_frames, 16, 2, 9.0, 0))
         saved = compile_cache.save_artifacts(artefact) if not loaded and self.step_fn.active else 0
-        return {"loaded": loaded, "saved_bytes": saved, "seconds": time.perf_counter() - started}
+        return {"loaded": loaded, "saved_bytes": saved, "seconds": round(time.perf_counter() - started, 2)}
 
     def _budget(self) -> int:
         return int(self.memory_stats()["total"] * VRAM_BUDGET_FRACTION)
