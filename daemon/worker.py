@@ -116,12 +116,14 @@ class Worker:
         deadline = time.monotonic() + self._config.worker.batch_wait_seconds
         taken: list[ClaimedJob] = []
         while True:
-            for job in self._queue.take(lambda other: batch_key_of(other) == key, limit - 1 - len(taken)):
-                if self._backlog.acquire(blocking=False):
-                    taken.append(job)
-                else:  # no finishing room for it: back into the queue, in its place
-                    self._requeue_now(job)
+            candidates = self._queue.take(lambda other: batch_key_of(other) == key, limit - 1 - len(taken))
+            for index, job in enumerate(candidates):
+                if not self._backlog.acquire(blocking=False):
+                    # No finishing room: this job and every one taken after it go back into the queue, in place.
+                    for left in candidates[index:]:
+                        self._requeue_now(left)
                     return taken
+                taken.append(job)
             if len(taken) >= limit - 1 or time.monotonic() >= deadline:
                 return taken
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))

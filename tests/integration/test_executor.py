@@ -247,6 +247,37 @@ def test_compatible_queued_jobs_are_generated_as_one_batch(tmp_path: Path, make_
     assert seeds == {"b0.png": 1, "b1.png": 2, "b2.png": 3, "b3.png": 4}
 
 
+def test_a_backlog_larger_than_the_finishing_room_loses_no_job(
+    tmp_path: Path, make_image: Callable[..., Path]
+) -> None:
+    """Regression (found by bench/gpu_daemon.py: 10 jobs with max_batch_size 4 hung with 3 jobs claimed and out of
+    the queue): when the queue hands out more companions than the finishing backlog has room for, every companion
+    without room goes back into the queue, not only the first of them. Finishing room here is 2 jobs
+    (1 finisher + backlog 1), so batches hold at most 2 of the 10 jobs, and all 10 are published in order."""
+    from daemon.intake import Intake
+
+    config = config_for(tmp_path, encode={"max_concurrent_ffmpeg": 2, "finishing_backlog": 1})
+    config.inbox.mkdir(parents=True)
+    config.outbox.mkdir(parents=True)
+    store = JobStore(config.inbox, config.state_path)
+    queue: JobQueue[ClaimedJob] = JobQueue()
+    for index in range(10):
+        drop(config.inbox, make_image, f"q{index}", f"seed: {index}\n")
+    for job in sorted(Intake(config, store).poll().accepted, key=lambda j: j.stem):
+        queue.put(job, priority=0, sequence=job.sequence)
+    generator = fake_generators.BatchingGenerator(limit=4)
+    worker = Worker(config, generator, store, queue, DaemonMetrics(), interrupt=threading.Event())
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    wait_until(lambda: len(published(config)) == 10, 60)
+    queue.close()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert generator.calls == 10 and all(size <= 2 for size in generator.batches)
+    assert sorted(m["used"]["seed"] for m in published(config)) == list(range(10))
+    assert list((config.inbox / ".i2vd" / "jobs").iterdir()) == []  # nothing left claimed
+
+
 def test_a_degraded_video_is_published_with_what_it_really_is(tmp_path: Path, make_image: Callable[..., Path]) -> None:
     """The OOM degrade ladder's result (fewer frames) passes the frame-count sanity check, is encoded as it is, and
     the manifest records the steps taken and the frames used; `degraded_jobs_total` counts it."""
