@@ -113,7 +113,7 @@ def measure(base: DaemonConfig, workers: int, args: argparse.Namespace) -> dict[
         "lost": total - done - failed,
         "seconds": round(elapsed, 2),
         "videos_per_hour": round(done / elapsed * 3600, 1) if elapsed > 0 else 0.0,
-        "steady_videos_per_hour": steady_rate(published_at),
+        "steady_videos_per_hour": steady_rate(published_at, getattr(args, "max_batch_size", None) or 1),
         "published_at_seconds": [round(t, 2) for t in published_at],
         "model_load_seconds": round(load_seconds, 2),
         "peak_vram_bytes": max((m.get("peak_vram_bytes") or 0 for m in manifests), default=0),
@@ -124,15 +124,15 @@ def measure(base: DaemonConfig, workers: int, args: argparse.Namespace) -> dict[
     }
 
 
-def steady_rate(published_at: list[float]) -> float | None:
-    """Videos/hour once the pipeline is full: the videos published after the first publication moment over the time
-    from that moment to the last one. It leaves out what a backlog pays once (the stability window, the first
-    video's cold start in a fresh generation process, the last job's finishing), which a daemon that runs for days
-    amortises; a batch published at once counts as one moment."""
-    if len(published_at) < 2 or published_at[-1] <= published_at[0]:
+def steady_rate(published_at: list[float], first: int = 1) -> float | None:
+    """Videos/hour once the pipeline is full: the videos after the first `first` ones over the time from the
+    `first`-th publication to the last one. It leaves out what a backlog pays once (the stability window, the first
+    video's cold start in a fresh generation process, the last job's finishing is inside the window but overlapped
+    by nothing), which a daemon that runs for days amortises. With batching, `first` is the batch size: the first
+    batch is published at one moment, so the window must start after all of it."""
+    if len(published_at) <= first or published_at[-1] <= published_at[first - 1]:
         return None
-    after_first = sum(1 for t in published_at if t > published_at[0])
-    return round(after_first / (published_at[-1] - published_at[0]) * 3600, 1)
+    return round((len(published_at) - first) / (published_at[-1] - published_at[first - 1]) * 3600, 1)
 
 
 def _kill_first_worker(service: Service) -> dict[str, Any]:

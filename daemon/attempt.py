@@ -10,11 +10,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
 from daemon.finish import GeneratedJob
-from daemon.generate.base import GenerationRequest
+from daemon.generate.base import GenerationRequest, GenerationResult
 from daemon.jobspec import ResolvedJob
 from daemon.metrics import DaemonMetrics
 from daemon.store import ClaimedJob
@@ -40,6 +41,16 @@ class StageTimer:
             self.add(name, time.perf_counter() - started)
 
 
+@dataclass(frozen=True)
+class CheckedVideo:
+    """A generated video that passed its sanity checks, waiting in memory for its main MP4 (the CPU half writes
+    it, so the GPU goes on to the next job at once). `resolved` is what the video really is (after any degrade)."""
+
+    resolved: ResolvedJob
+    result: GenerationResult
+    sanity: dict[str, dict[str, Any]]
+
+
 @dataclass
 class Attempt:
     """One attempt of one job, carried from the GPU half into the finishing pool (per job: no shared state)."""
@@ -48,6 +59,8 @@ class Attempt:
     started: float
     timer: StageTimer
     peak_vram: int = 0
+    checked: CheckedVideo | None = None
+    """Set by the GPU half; the CPU half encodes it into `generated` (and drops the frames)."""
     generated: GeneratedJob | None = None
     published: list[Path] = field(default_factory=list)
 

@@ -76,17 +76,24 @@ def command_validate(args: argparse.Namespace) -> int:
     plan: dict[str, Any] = {"valid": True, **resolved.model_dump(mode="json")}
     plan["seed_source"] = "sidecar" if spec.seed is not None else "random (chosen at claim time)"
     plan["estimated_vram_gib"] = round(resolved.estimated_vram_bytes / 2**30, 2)
-    plan["estimated_gpu_seconds"] = round(_estimated_seconds(resolved), 1)
+    plan["estimated_gpu_seconds"] = round(_estimated_seconds(config.generation.backend, resolved), 1)
+    plan["estimates_measured_on"] = _measured_on(config.generation.backend)
     plan["duration_seconds"] = resolved.duration_seconds
     print(json.dumps(plan, indent=2))
     return EXIT_OK
 
 
-def _estimated_seconds(resolved: Any) -> float:
-    """Exact-mode seconds on the GPU the VRAM/time model was measured on (BENCHMARKS.md, GPU section)."""
-    from daemon.generate.vram import estimate_seconds
+def _estimated_seconds(backend: str, resolved: Any) -> float:
+    """Seconds on the GPU the backend's VRAM/time model was measured on (BENCHMARKS.md: GPU, Other backends)."""
+    from daemon.generate.estimates import job_seconds
 
-    return estimate_seconds(resolved.width, resolved.height, resolved.num_frames, resolved.steps)
+    return job_seconds(backend, resolved.width, resolved.height, resolved.num_frames, resolved.steps)
+
+
+def _measured_on(backend: str) -> str:
+    from daemon.generate.estimates import measured_on
+
+    return measured_on(backend)
 
 
 def _sidecar_bytes(args: argparse.Namespace, config: DaemonConfig) -> bytes:

@@ -226,7 +226,12 @@ class EncodeConfig(_Frozen):
     variants: dict[str, VariantSpec] = Field(default_factory=lambda: dict(DEFAULT_VARIANTS))
     default_variants: tuple[str, ...] = ("vertical", "fps30", "first_frame")
     max_concurrent_ffmpeg: Annotated[int, Field(ge=1, le=64)] = Field(
-        default=2, description="ffmpeg processes at once (main MP4 write included); finishing uses one less"
+        default=2, description="ffmpeg processes at once per worker (main MP4 write, variants and read-backs)"
+    )
+    nice: Annotated[int, Field(ge=0, le=19)] = Field(
+        default=10,
+        description="niceness of every ffmpeg process: finishing is background work and must not take the CPU "
+        "from the generation process that feeds the GPU (0: same priority as the daemon)",
     )
     finishing_backlog: Annotated[int, Field(ge=0, le=64)] = Field(
         default=2, description="generated jobs that may wait for finishing before the generator pauses"

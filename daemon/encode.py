@@ -65,6 +65,8 @@ def _find_setpriv() -> str | None:
 
 SETPRIV = _find_setpriv()
 """Used as `setpriv --pdeathsig KILL -- ffmpeg ...`; None where it is missing or too old."""
+NICE = shutil.which("nice")
+"""coreutils `nice`, for `encode.nice` (exec'd in place, so the death signal and the process group still hold)."""
 _running: set[subprocess.Popen[bytes]] = set()
 _running_lock = threading.Lock()
 
@@ -115,13 +117,19 @@ def _read_tail(handle: IO[bytes], limit: int) -> bytes:
     return handle.read()
 
 
-def _spawn(argv: list[str], *, stdin: int, stdout: IO[bytes], stderr: IO[bytes]) -> subprocess.Popen[bytes]:
-    """Start `argv` in its own session, under `setpriv --pdeathsig KILL` where available; track it."""
+def _spawn(
+    argv: list[str], *, stdin: int, stdout: IO[bytes], stderr: IO[bytes], niceness: int = 0
+) -> subprocess.Popen[bytes]:
+    """Start `argv` in its own session, under `setpriv --pdeathsig KILL` where available, at `niceness` (through
+    `nice`, where available); track it."""
     command = argv
+    if niceness and NICE is not None:
+        command = [NICE, "-n", str(niceness), *command]
+    wrapped = SETPRIV is not None or command is not argv
+    if wrapped and not os.access(argv[0], os.X_OK):  # setpriv and nice would report this as their exit status 127
+        raise FatalError(f"cannot run ffmpeg at {argv[0]}: not an executable file", detail={"ffmpeg": argv[0]})
     if SETPRIV is not None:
-        if not os.access(argv[0], os.X_OK):  # setpriv would report this as its own exit status 127
-            raise FatalError(f"cannot run ffmpeg at {argv[0]}: not an executable file", detail={"ffmpeg": argv[0]})
-        command = [SETPRIV, "--pdeathsig", "KILL", "--", *argv]
+        command = [SETPRIV, "--pdeathsig", "KILL", "--", *command]
     try:
         process = subprocess.Popen(command, stdin=stdin, stdout=stdout, stderr=stderr, start_new_session=True)
     except (FileNotFoundError, PermissionError) as exc:
@@ -140,13 +148,14 @@ def _run_process(
     what: str,
     stdin_data: memoryview | None = None,
     stderr_limit: int = STDERR_TAIL_BYTES,
+    niceness: int = 0,
 ) -> _Completed:
     """Run `argv` in a new session; stdout/stderr go to temporary files (no pipe can fill up and deadlock
     us), stdin is fed from a thread (so the timeout holds even if ffmpeg stops reading). On timeout the whole
     process group is killed and `TransientJobError` raised."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         stdin = subprocess.PIPE if stdin_data is not None else subprocess.DEVNULL
-        process = _spawn(argv, stdin=stdin, stdout=out, stderr=err)
+        process = _spawn(argv, stdin=stdin, stdout=out, stderr=err, niceness=niceness)
         feeder = None
         if stdin_data is not None and process.stdin is not None:
             feeder = threading.Thread(target=_feed_stdin, args=(process.stdin, stdin_data), daemon=True)
@@ -200,7 +209,9 @@ class Encoder:
 
     def _run(self, argv: list[str], what: str, stdin_data: memoryview | None = None) -> _Completed:
         with self._slot():
-            result = _run_process([self.ffmpeg, *argv], self.config.timeout_seconds, what, stdin_data)
+            result = _run_process(
+                [self.ffmpeg, *argv], self.config.timeout_seconds, what, stdin_data, niceness=self.config.nice
+            )
         if result.returncode != 0:
             last_line = result.stderr.strip().splitlines()[-1:] or ["(no output)"]
             status = f"killed by signal {-result.returncode}" if result.returncode < 0 else "failed"
@@ -294,7 +305,9 @@ class Encoder:
         ]
         timeout = self.config.timeout_seconds
         with self._slot():
-            result = _run_process([self.ffmpeg, *argv], timeout, f"probe {path.name}", None, _PROBE_STDERR_BYTES)
+            result = _run_process(
+                [self.ffmpeg, *argv], timeout, f"probe {path.name}", None, _PROBE_STDERR_BYTES, self.config.nice
+            )
         tail = result.stderr[-STDERR_TAIL_BYTES:]
         if result.returncode != 0:
             raise TransientJobError(

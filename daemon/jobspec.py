@@ -261,11 +261,14 @@ def tier_size(tier: TierName, image_size: tuple[int, int] | None) -> tuple[int, 
     return (long, short) if width >= height else (short, long)
 
 
-def estimate_vram_bytes(width: int, height: int, num_frames: int) -> int:
-    """Peak VRAM of the real I2VGen-XL in fp16 with batched CFG: the measured model in `daemon.generate.vram`."""
-    from daemon.generate.vram import job_peak_bytes
+def estimate_vram_bytes(
+    width: int, height: int, num_frames: int, backend: str = "i2vgen-xl", decode_chunk: int = 8
+) -> int:
+    """Peak VRAM of the configured model at its published size: the measured model of that backend
+    (`daemon.generate.estimates`; I2VGen-XL in fp16 with batched CFG, the others in their published dtype)."""
+    from daemon.generate.estimates import job_peak_bytes
 
-    return job_peak_bytes(width, height, num_frames)
+    return job_peak_bytes(backend, width, height, num_frames, decode_chunk)
 
 
 def resolve_job(
@@ -313,7 +316,9 @@ def resolve_job(
         variants=tuple(dict.fromkeys(variants)),
         priority=spec.priority,
         output_name=spec.output_name or output_name_for_stem(stem),
-        estimated_vram_bytes=estimate_vram_bytes(width, height, merged["num_frames"]),
+        estimated_vram_bytes=estimate_vram_bytes(
+            width, height, merged["num_frames"], generation.backend, int(model_options.get("decode_chunk_size", 8))
+        ),
         model_options=model_options,
         mode=merged.get("mode"),
     )

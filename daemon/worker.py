@@ -1,10 +1,12 @@
 """The GPU loop: take a claimed job, generate, check, encode; hand finishing to a pool; decide what a failure means.
 
-A job has two halves. The GPU half (this thread): load the image, generate, sanity-check the frames, write the main
-MP4 into staging. The CPU half (`daemon/finish.py`, on a pool of `encode.max_concurrent_ffmpeg - 1` threads):
-variants, verification, manifest, publication, input archival. `run()` starts job N+1's GPU half while job N is
-being finished, so the generator never waits for ffmpeg; at most `encode.finishing_backlog` generated jobs wait for
-a pool thread before the loop pauses (bounded staging). `process(job)` runs both halves in the caller's thread.
+A job has two halves. The GPU half (this thread): load the image, generate, sanity-check the frames. The CPU half
+(`daemon/finish.py`, on a pool of `encode.max_concurrent_ffmpeg` threads): the main MP4 into staging, variants,
+verification, manifest, publication, input archival. `run()` starts job N+1's GPU half while job N is being
+finished, so the generator never waits for ffmpeg (the main MP4 was written in this thread once, which left the GPU
+idle for its encode and read-back between jobs: BENCHMARKS.md, "The daemon on the GPU"); at most
+`encode.finishing_backlog` generated jobs (their frames in memory) wait for a pool thread before the loop pauses.
+`process(job)` runs both halves in the caller's thread.
 
 Per-job error policy (errors.py), the same in both halves: bad input is quarantined, transient failures are retried
 up to `worker.max_attempts` and then quarantined with their history, a sanity `fail` goes straight to failed/
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import structlog
 
-from daemon.attempt import Attempt, StageTimer, batch_key_of, generation_request
+from daemon.attempt import Attempt, CheckedVideo, StageTimer, batch_key_of, generation_request
 from daemon.config import DaemonConfig
 from daemon.encode import Encoder
 from daemon.errors import JobInterrupted, JobRejected, TransientJobError
@@ -67,7 +69,7 @@ class Worker:
         self._encoder = Encoder(config.encode)
         self._publisher = Publisher(config.outbox, daily_subfolders=config.publish.daily_subfolders)
         self._finisher = Finisher(config, self._encoder, self._publisher, store, generator.info)
-        finishers = max(1, config.encode.max_concurrent_ffmpeg - 1)  # one ffmpeg slot stays free for the main MP4
+        finishers = config.encode.max_concurrent_ffmpeg  # each finishing thread runs one ffmpeg at a time
         self._pool = ThreadPoolExecutor(max_workers=finishers, thread_name_prefix=f"i2vd-finish-{name}")
         self._backlog = threading.BoundedSemaphore(finishers + config.encode.finishing_backlog)
         self._in_flight = 0
@@ -217,7 +219,7 @@ class Worker:
                     outcomes[outcomes.index(attempt)] = self._settle(attempt, outcome)
                     continue
                 try:
-                    attempt.generated = self._after_generate(attempt, outcome)
+                    attempt.checked = self._after_generate(attempt, outcome)
                 except Exception as exc:
                     outcomes[outcomes.index(attempt)] = self._settle(attempt, exc)
         return outcomes
@@ -355,10 +357,9 @@ class Worker:
         timer.daemon = True
         timer.start()
 
-    def _after_generate(self, attempt: Attempt, result: GenerationResult) -> GeneratedJob:
-        """Sanity checks and the main MP4 (into staging) for one generated video."""
-        job, timer = attempt.job, attempt.timer
-        resolved = job.resolved
+    def _after_generate(self, attempt: Attempt, result: GenerationResult) -> CheckedVideo:
+        """Degrade bookkeeping and sanity checks for one generated video (the GPU half's last step)."""
+        resolved = attempt.job.resolved
         assert resolved is not None
         attempt.peak_vram = result.peak_vram_bytes
         if result.degradations:
@@ -371,18 +372,26 @@ class Worker:
             known = {key: value for key, value in result.used.items() if key in type(resolved).model_fields}
             resolved = resolved.model_copy(update=known)
         report = self._check_sanity(resolved, result)
-        staging = self._publisher.staging_dir(job.job_id)
+        return CheckedVideo(resolved, result, report.as_manifest())
+
+    def _encode_main(self, attempt: Attempt) -> GeneratedJob:
+        """The main MP4 into staging (the CPU half's first step); the frames are dropped once it is written."""
+        checked, job, timer = attempt.checked, attempt.job, attempt.timer
+        if checked is None:
+            raise RuntimeError("finishing an attempt that has not generated")
+        result = checked.result
         with timer.stage("encode"):
-            main_path = staging / "main.mp4"
-            main_info = self._encoder.write_video(result.frames, resolved.fps, main_path)
+            main_path = self._publisher.staging_dir(job.job_id) / "main.mp4"
+            main_info = self._encoder.write_video(result.frames, checked.resolved.fps, main_path)
+        attempt.checked = None
         return GeneratedJob(
             job=job,
-            resolved=resolved,
+            resolved=checked.resolved,
             main=StagedOutput(main_path, ".mp4", "main", main_info),
             timings=timer.timings,
             generate_timings=dict(result.timings),
             peak_vram_bytes=result.peak_vram_bytes,
-            sanity=report.as_manifest(),
+            sanity=checked.sanity,
             degradations=tuple(result.degradations),
         )
 
@@ -401,9 +410,8 @@ class Worker:
         return report
 
     def _finish_stages(self, attempt: Attempt) -> None:
-        generated, timer = attempt.generated, attempt.timer
-        if generated is None:
-            raise RuntimeError("finishing an attempt that has not generated")
+        generated = attempt.generated = attempt.generated or self._encode_main(attempt)
+        timer = attempt.timer
         with timer.stage("variants"):
             staged = [generated.main, *self._finisher.make_variants(generated)]
         with timer.stage("publish"):

@@ -1,0 +1,109 @@
+"""The stock backends' measured VRAM/time models (`daemon/generate/vram_stock.py`), their fit, and what
+`i2vd validate` shows for each backend (all torch-free)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from daemon.cli import EXIT_OK, main
+from daemon.generate import estimates, vram, vram_stock
+
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
+POINT_FILES = {
+    "svd": "gpu_backends-2026-12-01-svd-ltx.json",
+    "ltx-video": "gpu_backends-2026-12-01-ltx-points.json",
+    "wan-i2v": "gpu_backends-2026-12-01-wan.json",
+}
+BENCH_FILES = {"svd": POINT_FILES["svd"], "ltx-video": POINT_FILES["svd"], "wan-i2v": POINT_FILES["wan-i2v"]}
+
+
+def measured(backend: str, mode: str, files: dict[str, str]) -> list[dict[str, object]]:
+    rows = json.loads((RESULTS / files[backend]).read_text())["rows"]
+    return [row for row in rows if row["backend"] == backend and row["mode"] == mode]
+
+
+def test_latent_geometry_of_each_backend() -> None:
+    assert vram_stock.tokens("svd", 1024, 576, 25) == 25 * 72 * 128  # 8x VAE, no temporal compression
+    assert vram_stock.tokens("ltx-video", 704, 480, 161) == 21 * 15 * 22  # 32x32 pixels, 8 frames per latent
+    assert vram_stock.tokens("wan-i2v", 832, 480, 81) == 21 * 30 * 52  # 8x VAE, 4 frames, 2x2 patches
+    assert vram_stock.decoded_pixels("svd", 1024, 576, 25, 8) == 1024 * 576 * 8  # one chunk at a time
+    assert vram_stock.decoded_pixels("wan-i2v", 832, 480, 81, 8) == 832 * 480 * 81  # the whole video
+
+
+@pytest.mark.parametrize("backend", ["svd", "ltx-video", "wan-i2v"])
+def test_the_shipped_model_reproduces_the_gpu_points(backend: str) -> None:
+    """The coefficients are data fitted by `bench/gpu_backends.py --points --fit` on the GPU; they must still give
+    every measured point's peak within 2% (the fit passes through two points per backend)."""
+    model = vram_stock.model_for(backend)
+    points = measured(backend, "point", POINT_FILES)
+    assert len(points) >= 2
+    for point in points:
+        peak = max(int(point["denoise_peak_bytes"]), int(point["decode_peak_bytes"]))  # type: ignore[call-overload]
+        predicted = model.peak_bytes(point["width"], point["height"], point["num_frames"], point["decode_chunk"])  # type: ignore[arg-type]
+        assert predicted == pytest.approx(peak, rel=0.02), point
+
+
+@pytest.mark.parametrize("backend", ["svd", "ltx-video", "wan-i2v"])
+def test_the_estimate_matches_the_stock_pipelines_peak_at_the_published_size(backend: str) -> None:
+    """Against an independent measurement: the stock diffusers call's peak at the default size (same run)."""
+    [stock] = measured(backend, "stock", BENCH_FILES)
+    width, height = (int(side) for side in str(stock["size"]).split("x"))
+    predicted = estimates.job_peak_bytes(backend, width, height, int(stock["frames"]))  # type: ignore[call-overload]
+    assert predicted == pytest.approx(stock["peak_vram_bytes"], rel=0.03)
+
+
+def test_fit_recovers_known_coefficients() -> None:
+    """Points made from known coefficients (two sizes) give those coefficients back."""
+    backend, weights = "wan-i2v", 48 * 2**30
+
+    def point(width: int, height: int, frames: int) -> vram_stock.Point:
+        count = vram_stock.tokens(backend, width, height, frames)
+        pixels = width * height * frames
+        return vram_stock.Point(
+            width, height, frames, steps=4, decode_chunk=8, weights_bytes=weights,
+            denoise_peak_bytes=weights + 2**30 + 12_000 * count, decode_peak_bytes=weights + 2**31 + 20 * pixels,
+            denoise_seconds=4 * (1e-4 * count + 2e-9 * count**2), decode_seconds=1e-7 * pixels,
+        )  # fmt: skip
+
+    model = vram_stock.fit(backend, [point(832, 480, 81), point(832, 480, 33), point(1280, 720, 81)], "synthetic")
+    assert model.weights_bytes == weights
+    assert model.denoise_fixed_bytes == pytest.approx(2**30, rel=1e-6)
+    assert model.denoise_bytes_per_token == pytest.approx(12_000, rel=1e-6)
+    assert model.decode_bytes_per_pixel == pytest.approx(20, rel=1e-6)
+    assert model.step_seconds_per_token == pytest.approx(1e-4, rel=1e-6)
+    assert model.step_seconds_per_token_squared == pytest.approx(2e-9, rel=1e-6)
+    assert model.seconds(832, 480, 81, 50) == pytest.approx(
+        50 * (1e-4 * 32760 + 2e-9 * 32760**2) + 1e-7 * 832 * 480 * 81, rel=1e-6
+    )
+
+
+def test_fit_needs_points() -> None:
+    with pytest.raises(ValueError, match="no measured points"):
+        vram_stock.fit("svd", [], "nothing")
+
+
+def test_i2vgenxl_keeps_its_own_model() -> None:
+    assert estimates.job_peak_bytes("i2vgen-xl", 512, 512, 16) == vram.job_peak_bytes(512, 512, 16)
+    assert estimates.job_seconds("i2vgen-xl", 512, 512, 16, 50) == vram.estimate_seconds(512, 512, 16, 50)
+
+
+@pytest.mark.parametrize(
+    ("backend", "low_gib", "high_gib"),
+    [("i2vgen-xl", 6, 9), ("svd", 12, 15), ("ltx-video", 18, 22), ("wan-i2v", 50, 56)],
+)
+def test_validate_shows_the_configured_backends_estimate(
+    backend: str, low_gib: float, high_gib: float, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before this model, every backend showed I2VGen-XL's estimate (~7 GiB), also a 14B Wan."""
+    config = tmp_path / "daemon.yaml"
+    config.write_text(f"model:\n  backend: {backend}\n  source: /models/any\n")
+    sidecar = tmp_path / "job.yaml"
+    sidecar.write_text("prompt: a lighthouse at dusk\nseed: 1\n")
+    assert main(["validate", "--config", str(config), str(sidecar)]) == EXIT_OK
+    plan = json.loads(capsys.readouterr().out)
+    assert low_gib <= plan["estimated_vram_gib"] <= high_gib
+    assert plan["estimated_gpu_seconds"] > 0
+    assert "bench/gpu_" in plan["estimates_measured_on"]
