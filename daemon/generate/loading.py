@@ -88,17 +88,25 @@ def _transformers_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
-def load_components(directory: Path, device: torch.device, dtype: torch.dtype) -> loop.Components:
-    """Load every component with `from_pretrained` (the same path for real weights and the tiny model)."""
+def load_components(
+    directory: Path, device: torch.device, dtype: torch.dtype, *, direct: bool | None = None
+) -> loop.Components:
+    """Load every component with `from_pretrained` (the same path for real weights and the tiny model).
+
+    `direct` (default: on CUDA) has the libraries put the weights straight onto `device` (`device_map`) instead of
+    materialising them in host memory and copying them over: restart-to-READY is measured (bench/load_speed.py)."""
     from diffusers import AutoencoderKL, DDIMScheduler, I2VGenXLUNet
     from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
     check_model_dir(directory)
+    direct = device.type == "cuda" if direct is None else direct
+    placement: dict[str, Any] = {"device_map": str(device)} if direct else {}
+    text_kwargs = _transformers_dtype(dtype) | placement
     models = {
-        "unet": _load(I2VGenXLUNet, directory, "unet", torch_dtype=dtype),
-        "vae": _load(AutoencoderKL, directory, "vae", torch_dtype=dtype),
-        "text_encoder": _load(CLIPTextModel, directory, "text_encoder", **_transformers_dtype(dtype)),
-        "image_encoder": _load(CLIPVisionModelWithProjection, directory, "image_encoder", **_transformers_dtype(dtype)),
+        "unet": _load(I2VGenXLUNet, directory, "unet", torch_dtype=dtype, **placement),
+        "vae": _load(AutoencoderKL, directory, "vae", torch_dtype=dtype, **placement),
+        "text_encoder": _load(CLIPTextModel, directory, "text_encoder", **text_kwargs),
+        "image_encoder": _load(CLIPVisionModelWithProjection, directory, "image_encoder", **text_kwargs),
     }
     for model in models.values():
         model.to(device).eval()

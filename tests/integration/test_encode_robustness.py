@@ -236,3 +236,23 @@ def test_ffmpeg_does_not_outlive_a_daemon_killed_with_sigkill(tmp_path: Path) ->
             daemon.wait()
         if pid_file.exists() and process_alive(int(pid_file.read_text())):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("niceness", [0, 10])
+def test_ffmpeg_runs_at_the_configured_niceness(tmp_path: Path, niceness: int) -> None:
+    """`encode.nice`: every ffmpeg (writes and read-backs) runs at that niceness, so finishing on a loaded host
+    does not take the CPU from the generation process feeding the GPU (BENCHMARKS.md, the daemon on the GPU). The
+    stand-in records the niceness it runs at (field 19 of /proc/self/stat), then runs the real ffmpeg."""
+    record = tmp_path / "niceness.txt"
+    script = fake_ffmpeg(
+        tmp_path,
+        f"""\
+        cut -d' ' -f19 /proc/self/stat >> "{record}"
+        exec "{REAL_FFMPEG}" "$@"
+        """,
+    )
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    Encoder(EncodeConfig(ffmpeg=script, nice=niceness)).write_video(clip(), FPS, tmp_path / "out.mp4")
+    seen = [int(line) for line in record.read_text().split()]
+    assert len(seen) == 2  # the write and its read-back
+    assert all(value == min(19, base + niceness) for value in seen)
