@@ -1,5 +1,5 @@
-"""How long loading the full-size I2VGen-XL takes, weights straight onto the GPU (`device_map`, the default on
-CUDA) against host memory then `.to(device)` (what i2vd did before), each in a fresh process, alternating.
+"""How long loading the full-size I2VGen-XL takes, weights straight onto the GPU (`load_components(direct=True)`,
+`device_map`) against host memory then `.to(device)` (the default), each in a fresh process, alternating.
 
 Builds the model from the published configs with random weights and saves it in fp16 (`bench/gpu_daemon.py`'s
 `save_model`) unless `--model-dir` already holds one. Both ways read the same files from the same (warm) page

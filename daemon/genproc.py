@@ -302,10 +302,17 @@ class ProcessGenerator:
         raise WorkerCrashed(f"the generation process {how} while running the job", detail={"exitcode": code})
 
     def _receive(self, deadline: float, watch: Callable[[], None]) -> tuple[Any, ...] | None:
-        """Next message from the child, or None once it is dead; `_DeadlinePassed` past `deadline`."""
+        """Next message from the child, or None once it is dead; `_DeadlinePassed` past `deadline`.
+
+        `watch` (the interrupt check) and the deadline are looked at before every wait, not only when a wait timed
+        out: a child that reports steps faster than `POLL_SECONDS` (a small model, a fast GPU) must still be
+        interruptible between steps and still time out."""
         connection, process = self._connection, self._process
         assert connection is not None and process is not None
         while True:
+            watch()
+            if time.monotonic() > deadline:
+                raise _DeadlinePassed
             try:
                 if connection.poll(POLL_SECONDS):
                     message: tuple[Any, ...] = connection.recv()
@@ -317,9 +324,6 @@ class ProcessGenerator:
                 if connection.poll(0):  # a last message written just before exiting
                     continue
                 return None
-            watch()
-            if time.monotonic() > deadline:
-                raise _DeadlinePassed
 
 
 class _DeadlinePassed(Exception):

@@ -89,17 +89,17 @@ def _transformers_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:
 
 
 def load_components(
-    directory: Path, device: torch.device, dtype: torch.dtype, *, direct: bool | None = None
+    directory: Path, device: torch.device, dtype: torch.dtype, *, direct: bool = False
 ) -> loop.Components:
     """Load every component with `from_pretrained` (the same path for real weights and the tiny model).
 
-    `direct` (default: on CUDA) has the libraries put the weights straight onto `device` (`device_map`) instead of
-    materialising them in host memory and copying them over: restart-to-READY is measured (bench/load_speed.py)."""
+    `direct` has the libraries put the weights straight onto `device` (`device_map`) instead of materialising them
+    in host memory and moving them. Off: on an H200 it was not faster (14.5 s against 13.5 s for the full-size model,
+    bench/load_speed.py, BENCHMARKS.md "Restart to READY"); the option stays for re-measuring elsewhere."""
     from diffusers import AutoencoderKL, DDIMScheduler, I2VGenXLUNet
     from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
     check_model_dir(directory)
-    direct = device.type == "cuda" if direct is None else direct
     placement: dict[str, Any] = {"device_map": str(device)} if direct else {}
     text_kwargs = _transformers_dtype(dtype) | placement
     models = {

@@ -247,16 +247,14 @@ def test_compatible_queued_jobs_are_generated_as_one_batch(tmp_path: Path, make_
     assert seeds == {"b0.png": 1, "b1.png": 2, "b2.png": 3, "b3.png": 4}
 
 
-def test_a_backlog_larger_than_the_finishing_room_loses_no_job(
-    tmp_path: Path, make_image: Callable[..., Path]
-) -> None:
+def test_a_backlog_larger_than_the_finishing_room_loses_no_job(tmp_path: Path, make_image: Callable[..., Path]) -> None:
     """Regression (found by bench/gpu_daemon.py: 10 jobs with max_batch_size 4 hung with 3 jobs claimed and out of
     the queue): when the queue hands out more companions than the finishing backlog has room for, every companion
     without room goes back into the queue, not only the first of them. Finishing room here is 2 jobs
-    (1 finisher + backlog 1), so batches hold at most 2 of the 10 jobs, and all 10 are published in order."""
+    (1 finishing thread + backlog 1), so batches hold at most 2 of the 10 jobs, and all 10 are published."""
     from daemon.intake import Intake
 
-    config = config_for(tmp_path, encode={"max_concurrent_ffmpeg": 2, "finishing_backlog": 1})
+    config = config_for(tmp_path, encode={"max_concurrent_ffmpeg": 1, "finishing_backlog": 1})
     config.inbox.mkdir(parents=True)
     config.outbox.mkdir(parents=True)
     store = JobStore(config.inbox, config.state_path)

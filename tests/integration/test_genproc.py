@@ -85,6 +85,20 @@ def test_a_hung_job_is_killed_at_the_timeout_and_the_next_job_runs(tmp_path: Pat
         generator.close()
 
 
+def test_a_job_that_keeps_stepping_still_times_out() -> None:
+    """The job timeout is a wall-clock limit: steps arriving faster than the poll interval do not postpone it."""
+    generator = ProcessGenerator(
+        functools.partial(fake_generators.make_instant, 0.005), SETTINGS, job_timeout_seconds=1
+    )
+    try:
+        started = time.monotonic()
+        with pytest.raises(JobTimedOut):
+            generator.generate(request(steps=2000))  # ~10 s of steps
+        assert time.monotonic() - started < 5
+    finally:
+        generator.close()
+
+
 def test_errors_keep_their_family_across_the_pipe(tmp_path: Path) -> None:
     oom = start("oom_once", tmp_path / "marker")
     bug = start("bug")
@@ -100,8 +114,12 @@ def test_errors_keep_their_family_across_the_pipe(tmp_path: Path) -> None:
         bug.close()
 
 
-def test_interrupt_is_forwarded_between_steps() -> None:
-    loader = functools.partial(fake_generators.make_instant, 0.05)
+@pytest.mark.parametrize("step_seconds", [0.05, 0.005])
+def test_interrupt_is_forwarded_between_steps(step_seconds: float) -> None:
+    """Also when steps arrive faster than the parent's poll interval (0.005 s: a small model or a fast GPU). The
+    parent once looked at the interrupt only when a poll timed out, so such a job could not be cancelled or
+    stopped: found by the acceptance test's cancel of a 100-step tiny-model job."""
+    loader = functools.partial(fake_generators.make_instant, step_seconds)
     generator = ProcessGenerator(loader, SETTINGS, job_timeout_seconds=30)
     try:
         seen: list[int] = []
