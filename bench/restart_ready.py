@@ -32,6 +32,9 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+from latency_cpu import read_events  # noqa: E402  (the daemon's JSON log lines)
 
 
 def wait_for_ready(sock: socket.socket, process: subprocess.Popen[bytes], timeout: float) -> float | None:
@@ -48,18 +51,6 @@ def wait_for_ready(sock: socket.socket, process: subprocess.Popen[bytes], timeou
         if "READY=1" in message.splitlines():
             return time.perf_counter() - started
     return None
-
-
-def log_events(path: Path) -> list[dict[str, Any]]:
-    events = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            item = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(item, dict):
-            events.append(item)
-    return events
 
 
 def one_run(config_path: Path, root: Path, label: str, timeout: float) -> dict[str, Any]:
@@ -85,7 +76,7 @@ def one_run(config_path: Path, root: Path, label: str, timeout: float) -> dict[s
             code = process.wait()
         total = time.perf_counter() - started
     notify_path.unlink(missing_ok=True)
-    events = log_events(log_path)
+    events = read_events(log_path)
     wanted = ("model_loaded", "compile_warm_up", "worker_ready", "generator_ready")
     return {
         "run": label,

@@ -60,3 +60,20 @@ def test_published_sizes_build_on_the_meta_device() -> None:
     assert billions["svd"] == pytest.approx(1.52, abs=0.01)
     assert billions["ltx-video"] == pytest.approx(1.92, abs=0.01)
     assert billions["wan-i2v"] == pytest.approx(16.4, abs=0.05)
+
+
+def test_smoke_points_and_fit_write_a_loadable_model(tmp_path: Path) -> None:
+    """`--points --fit`: two points per backend (default and preview-shaped tiny sizes) and a model file that
+    `vram_stock.load_models` reads; a backend not measured keeps its entry from `--fit-base`."""
+    from daemon.generate import vram_stock
+
+    out, fit = tmp_path / "smoke.json", tmp_path / "fit.json"
+    argv = ["--smoke", "--device", "cpu", "--backends", "svd", "--points", "--out", str(out), "--fit", str(fit)]
+    assert load_script().main(argv) == 0
+    points = [row for row in json.loads(out.read_text())["rows"] if row["mode"] == "point"]
+    assert [(row["width"], row["num_frames"]) for row in points] == [(32, 9), (64, 13)]
+    assert all(row["denoise_seconds"] > 0 and row["decode_seconds"] > 0 for row in points)
+    models = vram_stock.load_models(fit)
+    assert set(models) == {"svd", "ltx-video", "wan-i2v"}  # svd fitted here, the others from the shipped file
+    assert models["svd"].step_seconds_per_token > 0 and "cpu" in models["svd"].source
+    assert models["wan-i2v"] == vram_stock.load_models()["wan-i2v"]
