@@ -26,18 +26,19 @@ from pathlib import Path
 
 import structlog
 
-from daemon.attempt import Attempt, CheckedVideo, StageTimer, batch_key_of, generation_request
+from daemon.attempt import Attempt, CheckedVideo, StageTimer, generation_request
+from daemon.batching import batch_limit, take_companions
 from daemon.config import DaemonConfig
 from daemon.encode import Encoder
 from daemon.errors import JobInterrupted, JobRejected, TransientJobError
-from daemon.finish import Finisher, GeneratedJob, StagedOutput
+from daemon.finish import Finisher
 from daemon.generate.base import GenerationRequest, GenerationResult, Generator
 from daemon.intake import load_image_rgb
 from daemon.jobqueue import JobQueue
-from daemon.jobspec import ResolvedJob
 from daemon.metrics import DaemonMetrics
 from daemon.publish import Publisher
-from daemon.sanity import SanityCheckFailed, SanityReport, check_frames
+from daemon.sanity import SanityCheckFailed
+from daemon.staging import check_generated, encode_main
 from daemon.store import ClaimedJob, JobStore
 
 log = structlog.get_logger(__name__)
@@ -109,39 +110,12 @@ class Worker:
             raise self._pool_error
 
     def _companions(self, first: ClaimedJob) -> list[ClaimedJob]:
-        """Queued jobs that can share a batch with `first` (same size, frames, steps), bounded by the generator's
-        VRAM budget, `worker.max_batch_size` and the free finishing backlog; waits `batch_wait_seconds` at most."""
-        limit = self._batch_limit(first)
+        """Queued jobs that can share a batch with `first` (`daemon/batching.py`)."""
+        limit = batch_limit(self._generator, self._config.worker.max_batch_size, first)
         if limit <= 1:
             return []
-        key = batch_key_of(first)
-        deadline = time.monotonic() + self._config.worker.batch_wait_seconds
-        taken: list[ClaimedJob] = []
-        while True:
-            candidates = self._queue.take(lambda other: batch_key_of(other) == key, limit - 1 - len(taken))
-            for index, job in enumerate(candidates):
-                if not self._backlog.acquire(blocking=False):
-                    # No finishing room: this job and every one taken after it go back into the queue, in place.
-                    for left in candidates[index:]:
-                        self._requeue_now(left)
-                    return taken
-                taken.append(job)
-            if len(taken) >= limit - 1 or time.monotonic() >= deadline:
-                return taken
-            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
-
-    def _batch_limit(self, job: ClaimedJob) -> int:
-        sizer = getattr(self._generator, "max_batch_size", None)
-        if self._config.worker.max_batch_size <= 1 or not callable(getattr(self._generator, "generate_batch", None)):
-            return 1
-        if job.resolved is None or not callable(sizer):
-            return 1
-        try:
-            allowed = int(sizer(generation_request(job.resolved, None)))
-        except Exception:
-            log.warning("batch_size_unknown", exc_info=True)
-            return 1
-        return max(1, min(self._config.worker.max_batch_size, allowed))
+        wait = self._config.worker.batch_wait_seconds
+        return take_companions(self._queue, self._backlog, first, limit, wait, self._requeue_now)
 
     def _start(self, jobs: list[ClaimedJob]) -> None:
         for _ in jobs:
@@ -359,59 +333,17 @@ class Worker:
 
     def _after_generate(self, attempt: Attempt, result: GenerationResult) -> CheckedVideo:
         """Degrade bookkeeping and sanity checks for one generated video (the GPU half's last step)."""
-        resolved = attempt.job.resolved
-        assert resolved is not None
+        assert attempt.job.resolved is not None
         attempt.peak_vram = result.peak_vram_bytes
-        if result.degradations:
-            # Out-of-memory degrade ladder: what the video really is (e.g. fewer frames) wins over what was asked,
-            # for the sanity checks, the encode and the manifest's `used`; the steps go into `degradations`.
-            self._metrics.degraded_jobs.inc()
-            for step in result.degradations:
-                self._metrics.degrade_steps.labels(rung=degrade_rung(step)).inc()
-            log.warning("job_degraded", steps=list(result.degradations), used=dict(result.used))
-            known = {key: value for key, value in result.used.items() if key in type(resolved).model_fields}
-            resolved = resolved.model_copy(update=known)
-        report = self._check_sanity(resolved, result)
-        return CheckedVideo(resolved, result, report.as_manifest())
-
-    def _encode_main(self, attempt: Attempt) -> GeneratedJob:
-        """The main MP4 into staging (the CPU half's first step); the frames are dropped once it is written."""
-        checked, job, timer = attempt.checked, attempt.job, attempt.timer
-        if checked is None:
-            raise RuntimeError("finishing an attempt that has not generated")
-        result = checked.result
-        with timer.stage("encode"):
-            main_path = self._publisher.staging_dir(job.job_id) / "main.mp4"
-            main_info = self._encoder.write_video(result.frames, checked.resolved.fps, main_path)
-        attempt.checked = None
-        return GeneratedJob(
-            job=job,
-            resolved=checked.resolved,
-            main=StagedOutput(main_path, ".mp4", "main", main_info),
-            timings=timer.timings,
-            generate_timings=dict(result.timings),
-            peak_vram_bytes=result.peak_vram_bytes,
-            sanity=checked.sanity,
-            degradations=tuple(result.degradations),
-        )
-
-    def _check_sanity(self, resolved: ResolvedJob, result: GenerationResult) -> SanityReport:
-        """Check the frames (sanity.py), count the results, warn or raise `SanityCheckFailed` per policy."""
-        expected = (resolved.num_frames, resolved.height, resolved.width)
-        report = check_frames(result.frames, expected, self._config.sanity, result.nonfinite_values)
-        for item in report.results:
-            if item.result != "off":
-                self._metrics.sanity_checks.labels(check=item.check, result=item.result).inc()
-        for item in report.warnings:
-            log.warning("sanity_warning", check=item.check, value=item.value, message=item.message)
-        if report.failed:
-            checks = ", ".join(f"{item.check} ({item.message})" for item in report.failed)
-            raise SanityCheckFailed(f"generated frames failed sanity checks: {checks}", detail=report.as_manifest())
-        return report
+        return check_generated(attempt.job.resolved, result, self._config.sanity, self._metrics)
 
     def _finish_stages(self, attempt: Attempt) -> None:
-        generated = attempt.generated = attempt.generated or self._encode_main(attempt)
-        timer = attempt.timer
+        if attempt.generated is None:
+            if attempt.checked is None:
+                raise RuntimeError("finishing an attempt that has not generated")
+            attempt.generated = encode_main(attempt.checked, attempt.job, self._encoder, self._publisher, attempt.timer)
+            attempt.checked = None  # the frames are not needed any more
+        generated, timer = attempt.generated, attempt.timer
         with timer.stage("variants"):
             staged = [generated.main, *self._finisher.make_variants(generated)]
         with timer.stage("publish"):
@@ -468,12 +400,3 @@ class Worker:
             steps=resolved.steps,
             timings={stage: round(value, 3) for stage, value in attempt.timer.timings.items()},
         )
-
-
-DEGRADE_RUNGS = ("decode_chunk", "vae_tiling", "vae_slicing", "cpu_offload", "num_frames", "tier")
-
-
-def degrade_rung(step: str) -> str:
-    """The bounded metric label of a ladder step such as `decode_chunk=4` (unknown steps count as `other`)."""
-    rung = step.split("=", 1)[0].strip()
-    return rung if rung in DEGRADE_RUNGS else "other"
