@@ -76,18 +76,19 @@ def command_validate(args: argparse.Namespace) -> int:
     plan: dict[str, Any] = {"valid": True, **resolved.model_dump(mode="json")}
     plan["seed_source"] = "sidecar" if spec.seed is not None else "random (chosen at claim time)"
     plan["estimated_vram_gib"] = round(resolved.estimated_vram_bytes / 2**30, 2)
-    plan["estimated_gpu_seconds"] = round(_estimated_seconds(config.generation.backend, resolved), 1)
+    mode = resolved.mode or config.model.mode
+    plan["estimated_gpu_seconds"] = round(_estimated_seconds(config.generation.backend, resolved, mode), 1)
     plan["estimates_measured_on"] = _measured_on(config.generation.backend)
     plan["duration_seconds"] = resolved.duration_seconds
     print(json.dumps(plan, indent=2))
     return EXIT_OK
 
 
-def _estimated_seconds(backend: str, resolved: Any) -> float:
+def _estimated_seconds(backend: str, resolved: Any, mode: str) -> float:
     """Seconds on the GPU the backend's VRAM/time model was measured on (BENCHMARKS.md: GPU, Other backends)."""
     from daemon.generate.estimates import job_seconds
 
-    return job_seconds(backend, resolved.width, resolved.height, resolved.num_frames, resolved.steps)
+    return job_seconds(backend, resolved.width, resolved.height, resolved.num_frames, resolved.steps, mode)
 
 
 def _measured_on(backend: str) -> str:

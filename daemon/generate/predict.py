@@ -15,29 +15,16 @@ Per-request guidance scales are a (B, 1, 1, 1, 1) tensor, so a batch of jobs kee
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from daemon.generate import gpu_speed
+from daemon.generate.fastmode import FastOptions as FastOptions  # re-exported: the generator's knob
 from daemon.generate.i2vgenxl_loop import Conditioning, Predictor
 
 StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 """`gpu_speed.step`'s signature minus the UNet: (sample, timestep, context, fps_emb, image_latents, deep)."""
-
-
-@dataclass(frozen=True)
-class FastOptions:
-    """The fast mode's knobs; the defaults are the measured choice (BENCHMARKS.md, GPU section)."""
-
-    cache_interval: int = 3
-    uncond_skip_fraction: float = 0.0
-    max_steps: int | None = 12
-    """Fewer effective steps: the DDIM schedule is cut to at most this many steps (recorded in `used`)."""
-
-    def steps_for(self, requested: int) -> int:
-        return requested if self.max_steps is None else min(requested, self.max_steps)
 
 
 class StepModule(torch.nn.Module):

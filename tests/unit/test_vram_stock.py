@@ -107,3 +107,21 @@ def test_validate_shows_the_configured_backends_estimate(
     assert low_gib <= plan["estimated_vram_gib"] <= high_gib
     assert plan["estimated_gpu_seconds"] > 0
     assert "bench/gpu_" in plan["estimates_measured_on"]
+
+
+def test_fast_mode_is_estimated_as_its_capped_exact_steps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """I2VGen-XL fast mode costs about its step cap in exact steps (BENCHMARKS.md, GPU); the `preview` preset
+    (25 steps, fast) is then estimated at 12 steps, not 25."""
+    capped = estimates.job_seconds("i2vgen-xl", 512, 512, 16, 12)
+    assert estimates.job_seconds("i2vgen-xl", 512, 512, 16, 25, "fast") == capped
+    assert estimates.job_seconds("i2vgen-xl", 512, 512, 16, 25, "exact") > capped
+    assert estimates.job_seconds("svd", 1024, 576, 25, 25, "fast") == estimates.job_seconds("svd", 1024, 576, 25, 25)
+    plans = []
+    for preset in ("preview", "standard"):
+        sidecar = tmp_path / f"{preset}.yaml"
+        sidecar.write_text(f"prompt: a lighthouse\npreset: {preset}\n")
+        assert main(["validate", str(sidecar)]) == EXIT_OK
+        plans.append(json.loads(capsys.readouterr().out))
+    preview, standard = plans
+    assert preview["mode"] == "fast" and preview["estimated_gpu_seconds"] == round(capped, 1)
+    assert standard["estimated_gpu_seconds"] > 3 * preview["estimated_gpu_seconds"]
