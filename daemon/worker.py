@@ -1,4 +1,4 @@
-"""The GPU loop: take a claimed job, generate, check, encode; hand finishing to a pool; decide what a failure means.
+"""The GPU loop: take a claimed job, generate, check; hand encoding and finishing to a pool; decide what failures mean.
 
 A job has two halves. The GPU half (this thread): load the image, generate, sanity-check the frames. The CPU half
 (`daemon/finish.py`, on a pool of `encode.max_concurrent_ffmpeg` threads): the main MP4 into staging, variants,
