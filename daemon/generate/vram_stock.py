@@ -116,7 +116,8 @@ class Point:
 
 
 def _line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
-    """Least-squares intercept and slope; with one distinct x, the line through the origin's direction."""
+    """Least-squares intercept and slope; with a single distinct x (one size measured), the line through the
+    origin and that point."""
     n = len(xs)
     mean_x, mean_y = sum(xs) / n, sum(ys) / n
     spread = sum((x - mean_x) ** 2 for x in xs)
