@@ -125,3 +125,13 @@ def test_fast_mode_is_estimated_as_its_capped_exact_steps(tmp_path: Path, capsys
     preview, standard = plans
     assert preview["mode"] == "fast" and preview["estimated_gpu_seconds"] == round(capped, 1)
     assert standard["estimated_gpu_seconds"] > 3 * preview["estimated_gpu_seconds"]
+
+
+def test_fit_from_one_size_puts_everything_in_the_per_token_term() -> None:
+    """Two runs of one size cannot separate fixed and per-token bytes: the fit attributes all to the size term,
+    which over-estimates small jobs rather than under-estimating large ones."""
+    count = vram_stock.tokens("svd", 1024, 576, 25)
+    point = vram_stock.Point(1024, 576, 25, 3, 8, 4 * 2**30, 4 * 2**30 + 100 * count, 4 * 2**30, 1.0, 1.0)
+    model = vram_stock.fit("svd", [point, point], "one size")
+    assert model.denoise_fixed_bytes == 0 and model.denoise_bytes_per_token == pytest.approx(100)
+    assert model.peak_bytes(1024, 576, 25) == pytest.approx(4 * 2**30 + 100 * count, rel=1e-9)
