@@ -38,6 +38,7 @@ from daemon.jobqueue import JobQueue
 from daemon.metrics import DaemonMetrics, MetricsServer
 from daemon.mounts import check_mounts
 from daemon.publish import Publisher
+from daemon.statelock import StateLock
 from daemon.store import ClaimedJob, JobStore
 from daemon.systemd import SystemdNotifier, watchdog_interval_seconds
 from daemon.watch import InboxWatcher
@@ -93,12 +94,14 @@ class Service:
         self._intake_beat = time.monotonic()
         self.controller = Controller(config.state_path, self.queue, self.store, self.metrics, lambda: self.pool.workers)
         self.exit_code = 0
+        self._lock = StateLock(config.state_path)
 
     # ----- start -----------------------------------------------------------------------------------------
     def start(self) -> None:
         check_mounts(self.config.require_mounts)  # before anything is created in a mount point (checklist D33)
         for directory in (self.config.inbox, self.config.outbox, self.config.state_path):
             directory.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()  # before recovery: a second daemon must not take the first one's claimed jobs
         self._start_metrics_server()
         self._recover_claimed_jobs()
         self.controller.apply_pause()
@@ -296,6 +299,7 @@ class Service:
         if self._metrics_server is not None:
             self._metrics_server.stop()
         self._write_status("stopped")
+        self._lock.release()
         log.info("service_stopped", exit_code=self.exit_code)
 
     def _metrics_address(self) -> str | None:
