@@ -141,8 +141,13 @@ def test_two_cpu_worker_processes_share_the_queue(
     for index in range(8):
         drop(config.inbox, make_image, f"job{index}")
     wait_until(lambda: len(published(config)) == 8)
-    per_worker = [sample(service, "i2vd_worker_jobs_total", worker=w, outcome="succeeded") for w in ("w0", "w1")]
-    assert sum(per_worker) == 8 and min(per_worker) >= 1, per_worker
+
+    def per_worker() -> list[float]:
+        return [sample(service, "i2vd_worker_jobs_total", worker=w, outcome="succeeded") for w in ("w0", "w1")]
+
+    # The counters move just after the manifest appears (publication first, bookkeeping after): wait for them.
+    wait_until(lambda: sum(per_worker()) == 8)
+    assert min(per_worker()) >= 1, per_worker()
     assert sorted(m["input"]["image"] for m in published(config)) == sorted(f"job{i}.png" for i in range(8))
     assert sample(service, "i2vd_worker_up", worker="w1", device="cpu") == 1
 
