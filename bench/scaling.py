@@ -126,10 +126,10 @@ def measure(base: DaemonConfig, workers: int, args: argparse.Namespace) -> dict[
 
 def steady_rate(published_at: list[float], first: int = 1) -> float | None:
     """Videos/hour once the pipeline is full: the videos after the first `first` ones over the time from the
-    `first`-th publication to the last one. It leaves out what a backlog pays once (the stability window, the first
-    video's cold start in a fresh generation process, the last job's finishing is inside the window but overlapped
-    by nothing), which a daemon that runs for days amortises. With batching, `first` is the batch size: the first
-    batch is published at one moment, so the window must start after all of it."""
+    `first`-th publication to the last one. It leaves out what a backlog pays once (the stability window and the
+    first video's cold start in a fresh generation process), which a daemon that runs for days amortises; the last
+    job's finishing, which nothing overlaps, stays inside the window. With batching, `first` is the batch size: the
+    first batch is published at one moment, so the window must start after all of it."""
     if len(published_at) <= first or published_at[-1] <= published_at[first - 1]:
         return None
     return round((len(published_at) - first) / (published_at[-1] - published_at[first - 1]) * 3600, 1)

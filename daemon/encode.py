@@ -122,14 +122,11 @@ def _spawn(
 ) -> subprocess.Popen[bytes]:
     """Start `argv` in its own session, under `setpriv --pdeathsig KILL` where available, at `niceness` (through
     `nice`, where available); track it."""
-    command = argv
-    if niceness and NICE is not None:
-        command = [NICE, "-n", str(niceness), *command]
-    wrapped = SETPRIV is not None or command is not argv
-    if wrapped and not os.access(argv[0], os.X_OK):  # setpriv and nice would report this as their exit status 127
+    deathsig = [SETPRIV, "--pdeathsig", "KILL", "--"] if SETPRIV is not None else []
+    nice = [NICE, "-n", str(niceness)] if niceness and NICE is not None else []
+    if (deathsig or nice) and not os.access(argv[0], os.X_OK):  # a wrapper would report it as its exit status 127
         raise FatalError(f"cannot run ffmpeg at {argv[0]}: not an executable file", detail={"ffmpeg": argv[0]})
-    if SETPRIV is not None:
-        command = [SETPRIV, "--pdeathsig", "KILL", "--", *command]
+    command = [*deathsig, *nice, *argv]
     try:
         process = subprocess.Popen(command, stdin=stdin, stdout=stdout, stderr=stderr, start_new_session=True)
     except (FileNotFoundError, PermissionError) as exc:
