@@ -25,6 +25,7 @@ BackendName = Literal["i2vgen-xl", "svd", "ltx-video", "wan-i2v"]
 MAX_FRAMES = 257
 """The widest frame count any backend accepts (LTX-Video); each backend's own range is in daemon/modelrules.py."""
 VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+CUDA_GRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
 
 
 class _Frozen(BaseModel):
@@ -108,6 +109,29 @@ class ModelConfig(_Frozen):
     compile: Literal["off", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"] = Field(
         default="off", description="torch.compile mode for the UNet step on CUDA (cache kept in cache_dir/compile)"
     )
+    compile_scope: Literal["auto", "blocks", "step"] = Field(
+        default="auto",
+        description="'blocks': each UNet/VAE-decoder layer is its own graph (half the warm-up, same speed); "
+        "'step': the whole UNet step is one graph (what CUDA graphs need); 'auto': 'step' for the CUDA-graph "
+        "modes, else 'blocks'",
+    )
+
+    @model_validator(mode="after")
+    def _scope_fits_mode(self) -> ModelConfig:
+        if self.compile_scope == "blocks" and self.compile in CUDA_GRAPH_MODES:
+            raise ValueError(
+                f"model.compile: {self.compile!r} (CUDA graphs) needs model.compile_scope 'step' or 'auto'; with "
+                "'blocks' use 'default' or 'max-autotune-no-cudagraphs' (CUDA graphs over the 83 layer graphs of a "
+                'step were slower and unstable, BENCHMARKS.md "Compile scope")'
+            )
+        return self
+
+    @property
+    def resolved_compile_scope(self) -> str:
+        """'auto' made concrete: CUDA graphs need the step as one graph; everything else compiles per layer."""
+        if self.compile_scope != "auto":
+            return self.compile_scope
+        return "step" if self.compile in CUDA_GRAPH_MODES else "blocks"
 
     @field_validator("device")
     @classmethod

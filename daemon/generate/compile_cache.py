@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,29 @@ log = logging.getLogger(__name__)
 
 CompileMode = str
 """'off', 'default', 'reduce-overhead' (CUDA graphs), 'max-autotune-no-cudagraphs' or 'max-autotune'."""
+
+CompileScope = str
+"""'step': the whole UNet step is one graph; 'blocks': every layer of `REGION_CLASSES` is its own graph."""
+
+REGION_CLASSES = frozenset(
+    {
+        "ResnetBlock2D",
+        "TemporalConvLayer",
+        "Transformer2DModel",
+        "TransformerTemporalModel",
+        "Downsample2D",
+        "Upsample2D",
+    }
+)
+"""The layers a block-scope compile compiles (diffusers' "regional compilation", `compile_repeated_blocks`). The
+I2VGen-XL UNet calls them 83 times per step with 33 distinct (class, weight shapes, input shapes): dynamo traces
+each distinct one once and reuses it for the other instances, and the glue between them (concatenations, reshapes)
+stays eager. The shallow (fast mode) pass is made of the same layers, so it needs no graph of its own."""
+
+REGION_CACHE_LIMIT = 256
+"""Every compiled layer runs through `nn.Module._call_impl`, so all layer graphs share one code object's cache,
+which dynamo limits to 8 entries by default (then it silently runs the rest eager). One batch size needs 33 for
+the UNet and about 10 for the VAE decoder; each further batch size or resolution its own set."""
 
 
 def cache_root(cache_dir: Path) -> Path:
@@ -78,31 +101,99 @@ def save_artifacts(path: Path) -> int:
         return 0
 
 
-class GuardedCompile:
-    """A compiled callable that turns into its eager original at the first compile failure."""
+Backend = str | Callable[..., Any]
+"""torch.compile's backend: 'inductor', or e.g. 'eager' / a callable in tests."""
 
-    def __init__(self, eager: Callable[..., Any], mode: CompileMode) -> None:
+
+def compile_regions(
+    models: Sequence[torch.nn.Module], mode: CompileMode, backend: Backend = "inductor"
+) -> list[torch.nn.Module]:
+    """Compile every `REGION_CLASSES` layer of `models` in place (`nn.Module.compile`); returns them."""
+    import torch._dynamo
+
+    limits = torch._dynamo.config
+    name = "recompile_limit" if hasattr(limits, "recompile_limit") else "cache_size_limit"
+    setattr(limits, name, max(getattr(limits, name), REGION_CACHE_LIMIT))
+    limits.accumulated_cache_size_limit = max(limits.accumulated_cache_size_limit, 4 * REGION_CACHE_LIMIT)
+    regions = [module for model in models for module in model.modules() if type(module).__name__ in REGION_CLASSES]
+    for module in regions:
+        module.compile(**_compile_kwargs(mode, backend))
+    return regions
+
+
+def _compile_kwargs(mode: CompileMode, backend: Backend) -> dict[str, Any]:
+    """Static shapes, graph breaks allowed; the mode only means something to inductor."""
+    kwargs: dict[str, Any] = {"fullgraph": False, "dynamic": False, "backend": backend}
+    if backend == "inductor" and mode != "default":
+        kwargs["mode"] = mode
+    return kwargs
+
+
+def uncompile_regions(regions: list[torch.nn.Module]) -> None:
+    """Undo `compile_regions`: the layers run their eager `forward` again."""
+    for module in regions:
+        module._compiled_call_impl = None
+
+
+class GuardedCompile:
+    """A compiled callable that turns into its eager original at the first compile failure.
+
+    `scope` 'step' compiles `eager` itself; 'blocks' compiles the layers of `regions` (`compile_regions`) and calls
+    `eager`, which runs them; `run` puts other work that goes through those layers (the VAE decode) under the same
+    fallback. `backend` is torch.compile's (tests use 'eager' to check the wiring on the CPU)."""
+
+    def __init__(
+        self,
+        eager: Callable[..., Any],
+        mode: CompileMode,
+        *,
+        scope: CompileScope = "step",
+        regions: Sequence[torch.nn.Module] = (),
+        backend: Backend = "inductor",
+    ) -> None:
         self.eager = eager
         self.mode = mode
+        self.scope = scope
         self.compiled: Callable[..., Any] | None = None
         self.failure: str | None = None
-        if mode != "off":
-            chosen = None if mode == "default" else mode
-            self.compiled = torch.compile(eager, fullgraph=False, dynamic=False, mode=chosen)
+        self._regions: list[torch.nn.Module] = []
+        if mode == "off":
+            return
+        if scope == "blocks":
+            if not regions:
+                raise ValueError("a 'blocks' compile needs the models whose layers it compiles")
+            self._regions = compile_regions(regions, mode, backend)
+            self.compiled = eager
+        else:
+            self.compiled = torch.compile(eager, **_compile_kwargs(mode, backend))
 
     @property
     def active(self) -> bool:
         return self.compiled is not None
 
+    @property
+    def regions(self) -> int:
+        """How many layers are compiled (0 with scope 'step' or after a fallback)."""
+        return len(self._regions)
+
     def __call__(self, *args: Any) -> Any:
         if self.compiled is None:
             return self.eager(*args)
+        return self.run(self.compiled, *args, eager=self.eager)
+
+    def run(self, function: Callable[..., Any], *args: Any, eager: Callable[..., Any] | None = None) -> Any:
+        """`function(*args)`; after a compile failure inside it, everything runs eager from then on (`eager`, or
+        `function` again once the layers are uncompiled). Out-of-memory errors pass through for the ladder."""
+        if self.compiled is None:
+            return (eager or function)(*args)
         try:
-            return self.compiled(*args)
+            return function(*args)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as exc:
             self.failure = f"{type(exc).__name__}: {exc}"[:500]
             log.warning("torch.compile (%s) failed, running eager from now on: %s", self.mode, self.failure)
             self.compiled = None
-            return self.eager(*args)
+            uncompile_regions(self._regions)
+            self._regions = []
+            return (eager or function)(*args)

@@ -103,12 +103,27 @@ def load_generator(config: ModelConfig, *, clip_skip: int | None = DEFAULT_CLIP_
         clip_skip=clip_skip,
         mode=config.mode,
         compile_mode=compile_mode,
+        compile_scope=config.resolved_compile_scope,
     )
     warm = generator.warm_up(config.cache_dir)
     if warm:
         # Restart-to-READY is mostly this (BENCHMARKS.md, GPU): logged so a slow start can be told apart.
-        log.info("compile_warm_up", mode=compile_mode, **warm)
+        log.info("compile_warm_up", mode=compile_mode, scope=generator.step_fn.scope, **warm)
+        freeze_heap()
     return generator
+
+
+def freeze_heap() -> float:
+    """Move every object alive now (the model, and dynamo's graphs, guards and compiled code) out of the garbage
+    collector's sight (`gc.freeze`); returns the seconds of the collection before it.
+
+    Why: after a compile the heap holds millions of long-lived objects, and the full `gc.collect()` that releases a
+    job's memory walked all of them: 0.4-1.5 s per video on the GPU, outside every stage timing (BENCHMARKS.md,
+    "Compile scope"). Frozen objects are still freed by reference counting; only cycles among them stay."""
+    started = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    return time.perf_counter() - started
 
 
 class _StageClock:
@@ -149,6 +164,7 @@ class I2VGenXLGenerator:
         clip_skip: int | None = DEFAULT_CLIP_SKIP,
         mode: str = "exact",
         compile_mode: str = "off",
+        compile_scope: str = "step",
         fast_options: pred.FastOptions | None = None,
         channels_last: bool = False,
     ) -> None:
@@ -163,7 +179,9 @@ class I2VGenXLGenerator:
             gpu_speed.install_padded_attention(parts.unet)
             if channels_last:
                 gpu_speed.to_channels_last(parts.unet)
-        self.step_fn = GuardedCompile(pred.StepModule(parts.unet), compile_mode)
+        self.step_fn = GuardedCompile(
+            pred.StepModule(parts.unet), compile_mode, scope=compile_scope, regions=(parts.unet, parts.vae.decoder)
+        )
 
     @property
     def info(self) -> ModelInfo:
@@ -255,8 +273,9 @@ class I2VGenXLGenerator:
         should_interrupt: InterruptCheck | None,
     ) -> list[RenderedVideo]:
         latents: torch.Tensor | None = None
-        # On the CPU a single exact job keeps the stock UNet call (the reference path the equality tests pin).
-        prepared_path = self._device.type == "cuda" or len(requests) > 1 or fast is not None
+        # On the CPU a single exact job keeps the stock UNet call (the reference path the equality tests pin),
+        # unless the layers are compiled: their failures are caught only inside the guarded step.
+        prepared_path = self._device.type == "cuda" or len(requests) > 1 or fast is not None or self.step_fn.active
         step_fn = self.step_fn if prepared_path else None
         while True:
             clock = _StageClock(self._device, self._offloader(plan))
@@ -275,7 +294,7 @@ class I2VGenXLGenerator:
                         should_interrupt,
                     )
                 with clock("decode"):
-                    videos = batch_render.decode(self._parts.vae, latents, plan)
+                    videos = self.step_fn.run(batch_render.decode, self._parts.vae, latents, plan)
             except torch.cuda.OutOfMemoryError as exc:
                 stage = clock.current
                 self._release()
@@ -311,7 +330,9 @@ class I2VGenXLGenerator:
         artefacts the first time (`compile_cache`). A no-op without compile."""
         if not self.step_fn.active:
             return {}
-        key = compile_cache.artifact_key(self._parts.unet.config, self.step_fn.mode, f"{width}x{height}x{num_frames}")
+        shape = f"{width}x{height}x{num_frames}"
+        extra = shape if self.step_fn.scope == "step" else f"{self.step_fn.scope}:{shape}"
+        key = compile_cache.artifact_key(self._parts.unet.config, self.step_fn.mode, extra)
         artefact = compile_cache.cache_root(cache_dir) / f"mega-{key}.bin"
         loaded = compile_cache.load_artifacts(artefact)
         started = time.perf_counter()

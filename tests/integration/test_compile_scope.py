@@ -1,0 +1,150 @@
+"""The per-layer ('blocks') compile scope on the embedded tiny model on the CPU: which layers it compiles, that the
+compiled generator gives the eager frames, that a compiler failure anywhere (UNet step or VAE decode) turns the
+whole generator back to eager for good, and the configuration rules. Dynamo is real here; the backend is
+torch.compile's 'eager' (inductor's code generation is what the GPU benchmarks and `tests/gpu` measure)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from daemon.config import ModelConfig
+from daemon.errors import ConfigError
+from daemon.generate import compile_cache
+from daemon.generate import predict as pred
+from daemon.generate.base import GenerationRequest
+from daemon.generate.compile_cache import GuardedCompile
+from daemon.generate.i2vgenxl import I2VGenXLGenerator, load_generator
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def eager(tmp_path_factory: pytest.TempPathFactory) -> I2VGenXLGenerator:
+    return load_generator(ModelConfig(device="cpu", cache_dir=tmp_path_factory.mktemp("cache")))
+
+
+def fresh_copy(eager: I2VGenXLGenerator, backend: Any) -> I2VGenXLGenerator:
+    """A generator on deep copies of the eager one's UNet and VAE, compiled per layer with `backend`."""
+    import copy
+    import dataclasses
+
+    parts = dataclasses.replace(
+        eager.components, unet=copy.deepcopy(eager.components.unet), vae=copy.deepcopy(eager.components.vae)
+    )
+    generator = I2VGenXLGenerator(parts, eager.info, device=torch.device("cpu"), decode_chunk_size=4)
+    generator.step_fn = GuardedCompile(
+        pred.StepModule(parts.unet), "default", scope="blocks", regions=(parts.unet, parts.vae.decoder), backend=backend
+    )
+    return generator
+
+
+def request(mode: str = "exact") -> GenerationRequest:
+    pixels = np.random.default_rng(3).integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+    return GenerationRequest(Image.fromarray(pixels), "a red kite", "", 64, 64, 8, 8, 3, 9.0, 5, mode=mode)
+
+
+def layer_count(*models: torch.nn.Module) -> int:
+    return sum(type(m).__name__ in compile_cache.REGION_CLASSES for model in models for m in model.modules())
+
+
+@pytest.mark.slow
+def test_blocks_scope_compiles_every_layer_and_keeps_the_frames(eager: I2VGenXLGenerator) -> None:
+    generator = fresh_copy(eager, "eager")
+    parts = generator.components
+    expected = layer_count(parts.unet, parts.vae.decoder)
+    assert generator.step_fn.regions == expected > 20
+    assert all(m._compiled_call_impl is not None for m in parts.unet.modules() if type(m).__name__ == "ResnetBlock2D")
+    for mode in ("exact", "fast"):
+        want = eager.render_batch([request(mode)], mode=mode)[0].frames
+        got = generator.render_batch([request(mode)], mode=mode)[0].frames
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert generator.step_fn.active and generator.step_fn.failure is None
+
+
+def broken_backend(graph: Any, example_inputs: Any) -> Any:
+    raise RuntimeError("inductor: no working C compiler")
+
+
+@pytest.mark.slow
+def test_a_compiler_failure_in_a_layer_turns_everything_back_to_eager(eager: I2VGenXLGenerator) -> None:
+    """The failure surfaces inside the UNet step (the first compiled layer called); the job still gets the eager
+    frames, every layer is uncompiled (the VAE decoder's too), and later jobs never try again."""
+    generator = fresh_copy(eager, broken_backend)
+    want = eager.render(request()).frames
+    got = generator.render(request()).frames
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert not generator.step_fn.active and generator.step_fn.regions == 0
+    assert "no working C compiler" in (generator.step_fn.failure or "")
+    parts = generator.components
+    layers = [m for model in (parts.unet, parts.vae.decoder) for m in model.modules()]
+    assert all(m._compiled_call_impl is None for m in layers if type(m).__name__ in compile_cache.REGION_CLASSES)
+    np.testing.assert_allclose(generator.render(request()).frames, want, atol=1e-5)
+
+
+def test_run_guards_other_work_and_lets_out_of_memory_through() -> None:
+    """`run` is how the VAE decode goes under the same fallback as the step."""
+    guarded = GuardedCompile(lambda x: x, "default", scope="blocks", regions=(torch.nn.Linear(2, 2),), backend="eager")
+    calls: list[int] = []
+
+    def decode_failing_once(x: int) -> int:
+        calls.append(x)
+        if len(calls) == 1:
+            raise RuntimeError("triton: compilation failed")
+        return x * 2
+
+    assert guarded.run(decode_failing_once, 3) == 6 and calls == [3, 3]
+    assert not guarded.active and "triton" in (guarded.failure or "")
+
+    def out_of_memory(x: int) -> int:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    guarded = GuardedCompile(lambda x: x, "default", scope="blocks", regions=(torch.nn.Linear(2, 2),), backend="eager")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        guarded.run(out_of_memory, 1)
+    assert guarded.active
+
+
+def test_a_blocks_compile_needs_models() -> None:
+    with pytest.raises(ValueError, match="needs the models"):
+        GuardedCompile(lambda x: x, "default", scope="blocks")
+
+
+def test_the_layer_cache_limit_is_raised() -> None:
+    import torch._dynamo
+
+    compile_cache.compile_regions([torch.nn.Linear(2, 2)], "default", backend="eager")
+    limits = torch._dynamo.config
+    limit = getattr(limits, "recompile_limit", None) or limits.cache_size_limit
+    assert limit >= compile_cache.REGION_CACHE_LIMIT
+
+
+@pytest.mark.parametrize(
+    ("mode", "scope", "resolved"),
+    [
+        ("default", "auto", "blocks"),
+        ("max-autotune-no-cudagraphs", "auto", "blocks"),
+        ("reduce-overhead", "auto", "step"),
+        ("max-autotune", "auto", "step"),
+        ("reduce-overhead", "step", "step"),
+        ("default", "step", "step"),
+        ("off", "auto", "blocks"),
+    ],
+)
+def test_compile_scope_resolution(mode: str, scope: str, resolved: str) -> None:
+    assert ModelConfig(compile=mode, compile_scope=scope).resolved_compile_scope == resolved  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_cuda_graph_modes_are_refused_per_layer(tmp_path: Path, mode: str) -> None:
+    from daemon.config import load_config
+
+    path = tmp_path / "daemon.yaml"
+    path.write_text(f"model:\n  compile: {mode}\n  compile_scope: blocks\n")
+    with pytest.raises(ConfigError, match=r"needs model\.compile_scope"):
+        load_config(path)
