@@ -60,6 +60,7 @@ def one_run(config_path: Path, root: Path, label: str, timeout: float) -> dict[s
         sock.bind(str(notify_path))
         env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "PYTHONUNBUFFERED": "1"}
         started = time.perf_counter()
+        started_wall = datetime.now(UTC).isoformat()
         process = subprocess.Popen(
             [sys.executable, "-m", "daemon", "run", "--config", str(config_path)],
             cwd=REPO,
@@ -78,12 +79,15 @@ def one_run(config_path: Path, root: Path, label: str, timeout: float) -> dict[s
     notify_path.unlink(missing_ok=True)
     events = read_events(log_path)
     wanted = ("model_loaded", "compile_warm_up", "worker_ready", "generator_ready")
+    timeline = [(event.get("timestamp"), event.get("event")) for event in events]
     return {
         "run": label,
         "ready_seconds": round(ready, 2) if ready is not None else None,
         "exit_code": code,
         "seconds_to_exit": round(total, 2),
         "events": [event for event in events if event.get("event") in wanted],
+        "started_at": started_wall,
+        "timeline": timeline,
         "log_tail": log_path.read_text(errors="replace").splitlines()[-5:] if ready is None else [],
     }
 

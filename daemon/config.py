@@ -116,6 +116,12 @@ class ModelConfig(_Frozen):
         "modes, else 'blocks'",
     )
 
+    compile_vae: bool = Field(
+        default=True,
+        description="with compile_scope 'blocks', compile the VAE decoder's layers too (faster decode, longer "
+        'warm-up; BENCHMARKS.md "Compile scope")',
+    )
+
     @model_validator(mode="after")
     def _scope_fits_mode(self) -> ModelConfig:
         if self.compile_scope == "blocks" and self.compile in CUDA_GRAPH_MODES:

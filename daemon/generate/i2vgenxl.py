@@ -104,6 +104,7 @@ def load_generator(config: ModelConfig, *, clip_skip: int | None = DEFAULT_CLIP_
         mode=config.mode,
         compile_mode=compile_mode,
         compile_scope=config.resolved_compile_scope,
+        compile_vae=config.compile_vae,
     )
     warm = generator.warm_up(config.cache_dir)
     if warm:
@@ -165,6 +166,7 @@ class I2VGenXLGenerator:
         mode: str = "exact",
         compile_mode: str = "off",
         compile_scope: str = "step",
+        compile_vae: bool = True,
         fast_options: pred.FastOptions | None = None,
         channels_last: bool = False,
     ) -> None:
@@ -179,9 +181,8 @@ class I2VGenXLGenerator:
             gpu_speed.install_padded_attention(parts.unet)
             if channels_last:
                 gpu_speed.to_channels_last(parts.unet)
-        self.step_fn = GuardedCompile(
-            pred.StepModule(parts.unet), compile_mode, scope=compile_scope, regions=(parts.unet, parts.vae.decoder)
-        )
+        regions = (parts.unet, parts.vae.decoder) if compile_vae else (parts.unet,)
+        self.step_fn = GuardedCompile(pred.StepModule(parts.unet), compile_mode, scope=compile_scope, regions=regions)
 
     @property
     def info(self) -> ModelInfo:
@@ -331,7 +332,7 @@ class I2VGenXLGenerator:
         if not self.step_fn.active:
             return {}
         shape = f"{width}x{height}x{num_frames}"
-        extra = shape if self.step_fn.scope == "step" else f"{self.step_fn.scope}:{shape}"
+        extra = shape if self.step_fn.scope == "step" else f"{self.step_fn.scope}:{self.step_fn.regions}:{shape}"
         key = compile_cache.artifact_key(self._parts.unet.config, self.step_fn.mode, extra)
         artefact = compile_cache.cache_root(cache_dir) / f"mega-{key}.bin"
         loaded = compile_cache.load_artifacts(artefact)

@@ -155,3 +155,21 @@ def test_compiled_step_matches_eager(cache: Path) -> None:
     assert compiled.step_fn.failure is None and compiled.step_fn.active
     assert psnr(first, eager) >= 40.0
     np.testing.assert_allclose(compiled.render(request).frames, first, atol=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_per_layer_compile_matches_eager_in_both_modes(cache: Path) -> None:
+    """The shipped way to compile (`compile: default`, scope auto -> blocks, the VAE decoder's layers too): same
+    video as eager within fp16 in exact and fast mode, no fallback, and the heap frozen after the warm-up."""
+    import gc
+
+    compiled = load_generator(ModelConfig(device="cuda", dtype="float16", cache_dir=cache, compile="default"))
+    assert compiled.step_fn.scope == "blocks" and compiled.step_fn.regions > 20
+    assert gc.get_freeze_count() > 0
+    eager = load_generator(ModelConfig(device="cuda", dtype="float16", cache_dir=cache))
+    for mode in ("exact", "fast"):
+        request = make_request(31, width=512, height=512, num_frames=16, mode=mode)
+        want = eager.render_batch([request], mode=mode)[0].frames
+        got = compiled.render_batch([request], mode=mode)[0].frames
+        assert psnr(got, want) >= 40.0, mode
+    assert compiled.step_fn.failure is None and compiled.step_fn.active
