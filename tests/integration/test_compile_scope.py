@@ -148,3 +148,30 @@ def test_cuda_graph_modes_are_refused_per_layer(tmp_path: Path, mode: str) -> No
     path.write_text(f"model:\n  compile: {mode}\n  compile_scope: blocks\n")
     with pytest.raises(ConfigError, match=r"needs model\.compile_scope"):
         load_config(path)
+
+
+def test_loading_pauses_automatic_collections_and_restores_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+
+    from daemon.generate import i2vgenxl
+
+    seen: list[bool] = []
+    real = i2vgenxl.load_components
+
+    def spying(*args: Any, **kwargs: Any) -> Any:
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(i2vgenxl, "load_components", spying)
+    assert gc.isenabled()
+    load_generator(ModelConfig(device="cpu", cache_dir=tmp_path))
+    assert seen == [False] and gc.isenabled()
+    gc.disable()
+    try:
+        with i2vgenxl.collector_paused():
+            pass
+        assert not gc.isenabled()  # a caller's own choice is left as it was
+    finally:
+        gc.enable()
