@@ -201,6 +201,7 @@ class Bench:
                 torch.float16,
                 compile_mode=self.args.compile,
                 compile_scope=self.args.compile_scope,
+                compile_vae=self.args.compile_vae,
                 channels_last=self.args.channels_last,
             )
             self.ours.render(request("512p", 16, 2))  # compiles (if asked) and warms up
@@ -253,6 +254,7 @@ def run_exact_case(b: Bench, tier: str, frames: int, repeats: int, stock: np.nda
         "vs_stock_psnr_db": _psnr_or_none(video.frames, stock),
         "timings": {stage: round(value, 3) for stage, value in video.timings.items()},
         "compile_scope": b.args.compile_scope,
+        "compile_vae": b.args.compile_vae,
         "compile": b.args.compile,
         "channels_last": b.args.channels_last,
     }
@@ -489,6 +491,7 @@ def main() -> None:
     parser.add_argument("--phases", default="ref,stock,exact,fast,batch")
     parser.add_argument("--compile", default="off")
     parser.add_argument("--compile-scope", default="auto", choices=("auto", "blocks", "step"))
+    parser.add_argument("--compile-vae", action="store_true", help="blocks scope: the VAE decoder's layers too")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--fast-variants", default="3,0,50;5,0,50;3,0.3,50;3,0,25")
     parser.add_argument("--creep-jobs", type=int, default=100)

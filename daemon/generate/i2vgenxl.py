@@ -135,17 +135,16 @@ def _load_generator(config: ModelConfig, clip_skip: int | None) -> I2VGenXLGener
     return generator
 
 
-def freeze_heap() -> float:
+def freeze_heap() -> None:
     """Move every object alive now (the model, and dynamo's graphs, guards and compiled code) out of the garbage
-    collector's sight (`gc.freeze`); returns the seconds of the collection before it.
+    collector's sight (`gc.freeze`), right after the warm-up.
 
     Why: after a compile the heap holds millions of long-lived objects, and the full `gc.collect()` that releases a
-    job's memory walked all of them: 0.4-1.5 s per video on the GPU, outside every stage timing (BENCHMARKS.md,
-    "Compile scope"). Frozen objects are still freed by reference counting; only cycles among them stay."""
-    started = time.perf_counter()
-    gc.collect()
+    job's memory walked all of them: with the compiled step, 0.4-1.5 s per video on the GPU outside every stage
+    timing (BENCHMARKS.md, "Compile scope"). No collection here: the warm-up's render has just ended with one
+    (`_release`); a second full pass over the compiled heap cost ~3 s of restart-to-READY on the GPU machine.
+    Frozen objects are still freed by reference counting; only cycles among them would stay."""
     gc.freeze()
-    return time.perf_counter() - started
 
 
 class _StageClock:
@@ -187,7 +186,7 @@ class I2VGenXLGenerator:
         mode: str = "exact",
         compile_mode: str = "off",
         compile_scope: str = "step",
-        compile_vae: bool = True,
+        compile_vae: bool = False,
         fast_options: pred.FastOptions | None = None,
         channels_last: bool = False,
     ) -> None:

@@ -158,13 +158,17 @@ def test_compiled_step_matches_eager(cache: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-def test_per_layer_compile_matches_eager_in_both_modes(cache: Path) -> None:
-    """The shipped way to compile (`compile: default`, scope auto -> blocks, the VAE decoder's layers too): same
-    video as eager within fp16 in exact and fast mode, no fallback, and the heap frozen after the warm-up."""
+@pytest.mark.parametrize("compile_vae", [False, True])
+def test_per_layer_compile_matches_eager_in_both_modes(cache: Path, compile_vae: bool) -> None:
+    """The shipped way to compile (`compile: default`, scope auto -> blocks; with and without the VAE decoder's
+    layers): same video as eager within fp16 in exact and fast mode, no fallback, the heap frozen after the warm-up."""
     import gc
 
-    compiled = load_generator(ModelConfig(device="cuda", dtype="float16", cache_dir=cache, compile="default"))
-    assert compiled.step_fn.scope == "blocks" and compiled.step_fn.regions > 20
+    config = ModelConfig(device="cuda", dtype="float16", cache_dir=cache, compile="default", compile_vae=compile_vae)
+    compiled = load_generator(config)
+    unet_layers = sum(type(m).__name__ in compile_cache.REGION_CLASSES for m in compiled.components.unet.modules())
+    assert compiled.step_fn.scope == "blocks"
+    assert (compiled.step_fn.regions > unet_layers) == compile_vae
     assert gc.get_freeze_count() > 0
     eager = load_generator(ModelConfig(device="cuda", dtype="float16", cache_dir=cache))
     for mode in ("exact", "fast"):
