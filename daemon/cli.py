@@ -65,7 +65,14 @@ def command_validate(args: argparse.Namespace) -> int:
         if args.image:
             with load_image_rgb(Path(args.image), config.intake.max_image_pixels) as image:
                 image_size = image.size
-        resolved = resolve_job(spec, config.generation, config.encode, stem=sidecar.stem, image_size=image_size)
+        resolved = resolve_job(
+            spec,
+            config.generation,
+            config.encode,
+            stem=sidecar.stem,
+            image_size=image_size,
+            decode_chunk=config.model.decode_chunk_size,
+        )
     except JobRejected as exc:
         print(json.dumps({"valid": False, "reason": exc.reason, "message": exc.message, "detail": exc.detail}))
         print(f"invalid: {exc.message}", file=sys.stderr)

@@ -68,6 +68,7 @@ def validate_claimed(job: ClaimedJob, config: DaemonConfig, known: Inspection | 
             stem=job.stem,
             image_size=inspection.image_size,
             seed=seed,
+            decode_chunk=config.model.decode_chunk_size,
         )
     except JobRejected as exc:
         message = f"The sidecar {job.sidecar_name} asks for something this daemon cannot do: {exc.message}"

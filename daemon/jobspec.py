@@ -279,8 +279,11 @@ def resolve_job(
     stem: str,
     image_size: tuple[int, int] | None = None,
     seed: int | None = None,
+    decode_chunk: int = 8,
 ) -> ResolvedJob:
-    """Apply precedence sidecar > preset > config defaults > seed defaults, and check the result against limits."""
+    """Apply precedence sidecar > preset > config defaults > seed defaults, and check the result against limits.
+    `decode_chunk` is `model.decode_chunk_size`, the generator's chunk when the job does not set its own (it moves
+    the estimated peak of backends that decode in chunks)."""
     layers = modelrules.settings_layers(generation, spec.preset, image_size)
     layers.append(spec.settings())
     merged = _merge(layers)
@@ -317,7 +320,11 @@ def resolve_job(
         priority=spec.priority,
         output_name=spec.output_name or output_name_for_stem(stem),
         estimated_vram_bytes=estimate_vram_bytes(
-            width, height, merged["num_frames"], generation.backend, int(model_options.get("decode_chunk_size", 8))
+            width,
+            height,
+            merged["num_frames"],
+            generation.backend,
+            int(model_options.get("decode_chunk_size", decode_chunk)),
         ),
         model_options=model_options,
         mode=merged.get("mode"),

@@ -19,12 +19,14 @@ def job_peak_bytes(backend: str, width: int, height: int, num_frames: int, decod
 
 
 def job_seconds(backend: str, width: int, height: int, num_frames: int, steps: int, mode: str | None = None) -> float:
-    """Wall seconds of one video on the GPU its model was measured on. I2VGen-XL's fast mode is counted as its
-    capped number of exact steps: measured so (H200, compiled: 2.26 s at 12 fast steps, 8.05 s at 50 exact, i.e.
-    0.42 s + 12 x 0.153 s = 2.25 s; BENCHMARKS.md, GPU), the feature reuse adding little once the step is compiled."""
+    """Wall seconds of one video on the GPU its model was measured on. I2VGen-XL's fast mode runs its capped number
+    of steps, of which the shallow ones cost `shallow_step_fraction` of a full one (measured 0.47 on an H200 with
+    the per-layer compile; BENCHMARKS.md, "Compile scope")."""
     if backend == "i2vgen-xl":
         if mode == "fast":
-            steps = FastOptions().steps_for(steps)
+            options = FastOptions()
+            capped = options.steps_for(steps)
+            return vram.estimate_seconds(width, height, num_frames, capped, shallow_steps=options.shallow_steps(capped))
         return vram.estimate_seconds(width, height, num_frames, steps)
     return vram_stock.model_for(backend).seconds(width, height, num_frames, steps)
 

@@ -17,3 +17,9 @@ class FastOptions:
 
     def steps_for(self, requested: int) -> int:
         return requested if self.max_steps is None else min(requested, self.max_steps)
+
+    def shallow_steps(self, steps: int) -> int:
+        """How many of `steps` reuse the deep feature: every `cache_interval`-th step (0, k, 2k, ...) is full, as in
+        `predict.fast_predictor`."""
+        interval = max(1, self.cache_interval)
+        return steps - -(-steps // interval)

@@ -36,6 +36,8 @@ class VramModel:
     seconds_per_position_step: float
     """Exact mode, compiled, per latent position (batch x frames x H/8 x W/8) per denoising step."""
     fixed_seconds: float
+    shallow_step_fraction: float
+    """A fast-mode shallow step (DeepCache: only the highest-resolution blocks run) as a fraction of a full one."""
     source: str
 
 
@@ -72,10 +74,14 @@ def job_peak_bytes(width: int, height: int, num_frames: int, batch: int = 1, dec
     return estimate_peak_bytes(width, height, num_frames, batch, chunk)
 
 
-def estimate_seconds(width: int, height: int, num_frames: int, steps: int, batch: int = 1) -> float:
-    """Predicted wall seconds of one batch in exact mode on the GPU the model was fitted on."""
+def estimate_seconds(
+    width: int, height: int, num_frames: int, steps: int, batch: int = 1, shallow_steps: int = 0
+) -> float:
+    """Predicted wall seconds of one batch on the GPU the model was fitted on; `shallow_steps` of the `steps` are
+    fast-mode shallow passes (0: exact mode)."""
     model = load_model()
-    return model.fixed_seconds + model.seconds_per_position_step * steps * latent_positions(
+    full_equivalent = steps - shallow_steps + model.shallow_step_fraction * shallow_steps
+    return model.fixed_seconds + model.seconds_per_position_step * full_equivalent * latent_positions(
         width, height, num_frames, batch
     )
 
