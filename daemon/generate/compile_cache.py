@@ -179,21 +179,31 @@ class GuardedCompile:
     def __call__(self, *args: Any) -> Any:
         if self.compiled is None:
             return self.eager(*args)
-        return self.run(self.compiled, *args, eager=self.eager)
+        try:
+            return self.compiled(*args)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            self._fall_back(exc)
+            return self.eager(*args)
 
-    def run(self, function: Callable[..., Any], *args: Any, eager: Callable[..., Any] | None = None) -> Any:
-        """`function(*args)`; after a compile failure inside it, everything runs eager from then on (`eager`, or
-        `function` again once the layers are uncompiled). Out-of-memory errors pass through for the ladder."""
-        if self.compiled is None:
-            return (eager or function)(*args)
+    def run(self, function: Callable[..., Any], *args: Any) -> Any:
+        """`function(*args)`, which may go through compiled layers: after a compile failure inside it, every layer
+        is uncompiled and it runs again eager. Without compiled layers a plain call (its errors are its own).
+        Out-of-memory errors pass through for the degrade ladder."""
+        if not self._regions:
+            return function(*args)
         try:
             return function(*args)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as exc:
-            self.failure = f"{type(exc).__name__}: {exc}"[:500]
-            log.warning("torch.compile (%s) failed, running eager from now on: %s", self.mode, self.failure)
-            self.compiled = None
-            uncompile_regions(self._regions)
-            self._regions = []
-            return (eager or function)(*args)
+            self._fall_back(exc)
+            return function(*args)
+
+    def _fall_back(self, exc: Exception) -> None:
+        self.failure = f"{type(exc).__name__}: {exc}"[:500]
+        log.warning("torch.compile (%s) failed, running eager from now on: %s", self.mode, self.failure)
+        self.compiled = None
+        uncompile_regions(self._regions)
+        self._regions = []

@@ -87,9 +87,16 @@ def test_a_compiler_failure_in_a_layer_turns_everything_back_to_eager(eager: I2V
     np.testing.assert_allclose(generator.render(request()).frames, want, atol=1e-5)
 
 
+def one_layer() -> tuple[torch.nn.Module, ...]:
+    from diffusers.models.upsampling import Upsample2D
+
+    return (Upsample2D(2),)
+
+
 def test_run_guards_other_work_and_lets_out_of_memory_through() -> None:
-    """`run` is how the VAE decode goes under the same fallback as the step."""
-    guarded = GuardedCompile(lambda x: x, "default", scope="blocks", regions=(torch.nn.Linear(2, 2),), backend="eager")
+    """`run` is how the VAE decode goes under the same fallback as the step, when layers are compiled."""
+    guarded = GuardedCompile(lambda x: x, "default", scope="blocks", regions=one_layer(), backend="eager")
+    assert guarded.regions == 1
     calls: list[int] = []
 
     def decode_failing_once(x: int) -> int:
@@ -99,15 +106,27 @@ def test_run_guards_other_work_and_lets_out_of_memory_through() -> None:
         return x * 2
 
     assert guarded.run(decode_failing_once, 3) == 6 and calls == [3, 3]
-    assert not guarded.active and "triton" in (guarded.failure or "")
+    assert not guarded.active and guarded.regions == 0 and "triton" in (guarded.failure or "")
 
     def out_of_memory(x: int) -> int:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    guarded = GuardedCompile(lambda x: x, "default", scope="blocks", regions=(torch.nn.Linear(2, 2),), backend="eager")
+    guarded = GuardedCompile(lambda x: x, "default", scope="blocks", regions=one_layer(), backend="eager")
     with pytest.raises(torch.cuda.OutOfMemoryError):
         guarded.run(out_of_memory, 1)
     assert guarded.active
+
+
+def test_run_without_compiled_layers_is_a_plain_call() -> None:
+    """With the whole step compiled, a decode error is the decode's own: it propagates and the step stays compiled."""
+    guarded = GuardedCompile(lambda x: x, "default", scope="step", backend="eager")
+
+    def broken_decode(x: int) -> int:
+        raise RuntimeError("cuDNN error")
+
+    with pytest.raises(RuntimeError, match="cuDNN"):
+        guarded.run(broken_decode, 1)
+    assert guarded.active and guarded.failure is None
 
 
 def test_a_blocks_compile_needs_models() -> None:
