@@ -111,11 +111,10 @@ class ModelConfig(_Frozen):
     )
     compile_scope: Literal["auto", "blocks", "step"] = Field(
         default="auto",
-        description="'blocks': each UNet/VAE-decoder layer is its own graph (half the warm-up, same speed); "
-        "'step': the whole UNet step is one graph (what CUDA graphs need); 'auto': 'step' for the CUDA-graph "
-        "modes, else 'blocks'",
+        description="'blocks': each UNet layer (and the VAE decoder's, with compile_vae) is its own graph (half "
+        "the warm-up, same speed); 'step': the whole UNet step is one graph (what CUDA graphs need); 'auto': "
+        "'step' for the CUDA-graph modes, else 'blocks'",
     )
-
     compile_vae: bool = Field(
         default=False,
         description="with compile_scope 'blocks', compile the VAE decoder's layers too: decode 0.28 -> 0.17 s at "
