@@ -102,18 +102,36 @@ class Service:
         for directory in (self.config.inbox, self.config.outbox, self.config.state_path):
             directory.mkdir(parents=True, exist_ok=True)
         self._lock.acquire()  # before recovery: a second daemon must not take the first one's claimed jobs
-        self._start_metrics_server()
-        self._recover_claimed_jobs()
-        self.controller.apply_pause()
-        self._load_model()
-        self.pool.start()
-        if not self.once:
-            self._start_watcher()
-        self._intake_thread = threading.Thread(target=self._intake_loop, name="i2vd-intake", daemon=True)
-        self._intake_thread.start()
+        try:
+            self._start_metrics_server()
+            self._recover_claimed_jobs()
+            self.controller.apply_pause()
+            self._load_model()
+            self.pool.start()
+            if not self.once:
+                self._start_watcher()
+            self._intake_thread = threading.Thread(target=self._intake_loop, name="i2vd-intake", daemon=True)
+            self._intake_thread.start()
+        except BaseException:
+            self._abandon_start()
+            raise
         self._write_status("ready")
         self.notifier.ready(self._with_queue("ready"))
         log.info("service_ready", inbox=str(self.config.inbox), outbox=str(self.config.outbox), once=self.once)
+
+    def _abandon_start(self) -> None:
+        """Undo a start that failed half-way (a model that does not load, a port in use): the metrics port, the
+        generation processes and the state-dir lock are given back, so an in-process caller can build another
+        Service on the same folders. A daemon process exits anyway; this is for embedding callers and tests."""
+        self._stop_intake.set()
+        if self._watcher is not None:
+            self._watcher.stop()
+        self.queue.close()
+        self.pool.stop(self.config.worker.stop_timeout_seconds)
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+            self._metrics_server = None
+        self._lock.release()
 
     def _start_metrics_server(self) -> None:
         settings = self.config.metrics

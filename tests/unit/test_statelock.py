@@ -44,3 +44,33 @@ def test_a_symlinked_lock_file_is_not_followed(tmp_path: Path) -> None:
     with pytest.raises(FatalError, match="cannot open the lock file"):
         StateLock(tmp_path).acquire()
     assert (tmp_path / "elsewhere").read_text() == "x"
+
+
+def test_a_start_that_fails_half_way_gives_back_the_lock_and_the_metrics_port(tmp_path: Path) -> None:
+    """The model does not load (after the lock, the metrics server and recovery): `start` raises, and an
+    in-process caller can start another Service on the same folders and port at once."""
+    import socket
+
+    from daemon.config import DaemonConfig
+    from daemon.service import Service
+
+    def no_model(config: DaemonConfig) -> object:
+        raise FatalError("model directory /nowhere does not exist")
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = DaemonConfig(
+        inbox=tmp_path / "inbox",
+        outbox=tmp_path / "outbox",
+        metrics={"port": port},  # type: ignore[arg-type]
+    )
+    for _ in range(2):  # the second start would fail on the lock (or the port) if the first had kept them
+        service = Service(config, generator_factory=no_model)  # type: ignore[arg-type]
+        with pytest.raises(FatalError, match="does not exist"):
+            service.start()
+    lock = StateLock(config.state_path)
+    lock.acquire()
+    lock.release()
+    with socket.socket() as probe:  # the metrics port is free again
+        probe.bind(("127.0.0.1", port))
