@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -187,6 +188,7 @@ class I2VGenXLGenerator:
         compile_mode: str = "off",
         compile_scope: str = "step",
         compile_vae: bool = False,
+        compile_backend: compile_cache.Backend = "inductor",
         fast_options: pred.FastOptions | None = None,
         channels_last: bool = False,
     ) -> None:
@@ -201,8 +203,11 @@ class I2VGenXLGenerator:
             gpu_speed.install_padded_attention(parts.unet)
             if channels_last:
                 gpu_speed.to_channels_last(parts.unet)
+        self._vae_compiled = compile_vae and compile_scope == "blocks" and compile_mode != "off"
         regions = (parts.unet, parts.vae.decoder) if compile_vae else (parts.unet,)
-        self.step_fn = GuardedCompile(pred.StepModule(parts.unet), compile_mode, scope=compile_scope, regions=regions)
+        self.step_fn = GuardedCompile(
+            pred.StepModule(parts.unet), compile_mode, scope=compile_scope, regions=regions, backend=compile_backend
+        )
 
     @property
     def info(self) -> ModelInfo:
@@ -315,7 +320,9 @@ class I2VGenXLGenerator:
                         should_interrupt,
                     )
                 with clock("decode"):
-                    videos = self.step_fn.run(batch_render.decode, self._parts.vae, latents, plan)
+                    # Under the compile's fallback only when it compiled the decoder (a plain decode error is its own).
+                    decode = self.step_fn.run if self._vae_compiled else _call
+                    videos = decode(batch_render.decode, self._parts.vae, latents, plan)
             except torch.cuda.OutOfMemoryError as exc:
                 stage = clock.current
                 self._release()
@@ -381,6 +388,10 @@ class I2VGenXLGenerator:
     def memory_stats(self) -> dict[str, int]:
         """Device memory in bytes: `allocated`, `reserved` (torch's caching allocator), `total`, `free` (driver)."""
         return device_memory_stats(self._device)
+
+
+def _call(function: Callable[..., Any], *args: Any) -> Any:
+    return function(*args)
 
 
 def _to_result(video: RenderedVideo) -> GenerationResult:

@@ -16,7 +16,6 @@ from PIL import Image
 from daemon.config import ModelConfig
 from daemon.errors import ConfigError
 from daemon.generate import compile_cache
-from daemon.generate import predict as pred
 from daemon.generate.base import GenerationRequest
 from daemon.generate.compile_cache import GuardedCompile
 from daemon.generate.i2vgenxl import I2VGenXLGenerator, load_generator
@@ -29,7 +28,7 @@ def eager(tmp_path_factory: pytest.TempPathFactory) -> I2VGenXLGenerator:
     return load_generator(ModelConfig(device="cpu", cache_dir=tmp_path_factory.mktemp("cache")))
 
 
-def fresh_copy(eager: I2VGenXLGenerator, backend: Any) -> I2VGenXLGenerator:
+def fresh_copy(eager: I2VGenXLGenerator, backend: Any, compile_vae: bool = True) -> I2VGenXLGenerator:
     """A generator on deep copies of the eager one's UNet and VAE, compiled per layer with `backend`."""
     import copy
     import dataclasses
@@ -37,11 +36,16 @@ def fresh_copy(eager: I2VGenXLGenerator, backend: Any) -> I2VGenXLGenerator:
     parts = dataclasses.replace(
         eager.components, unet=copy.deepcopy(eager.components.unet), vae=copy.deepcopy(eager.components.vae)
     )
-    generator = I2VGenXLGenerator(parts, eager.info, device=torch.device("cpu"), decode_chunk_size=4)
-    generator.step_fn = GuardedCompile(
-        pred.StepModule(parts.unet), "default", scope="blocks", regions=(parts.unet, parts.vae.decoder), backend=backend
+    return I2VGenXLGenerator(
+        parts,
+        eager.info,
+        device=torch.device("cpu"),
+        decode_chunk_size=4,
+        compile_mode="default",
+        compile_scope="blocks",
+        compile_vae=compile_vae,
+        compile_backend=backend,
     )
-    return generator
 
 
 def request(mode: str = "exact") -> GenerationRequest:
@@ -85,6 +89,35 @@ def test_a_compiler_failure_in_a_layer_turns_everything_back_to_eager(eager: I2V
     layers = [m for model in (parts.unet, parts.vae.decoder) for m in model.modules()]
     assert all(m._compiled_call_impl is None for m in layers if type(m).__name__ in compile_cache.REGION_CLASSES)
     np.testing.assert_allclose(generator.render(request()).frames, want, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compile_vae", [True, False])
+def test_a_failure_inside_the_decode_falls_back_only_when_the_decoder_is_compiled(
+    eager: I2VGenXLGenerator, monkeypatch: pytest.MonkeyPatch, compile_vae: bool
+) -> None:
+    """With the decoder's layers compiled, an error inside the decode is taken for a compile failure: everything is
+    uncompiled and the decode runs again eager. Without them, a decode error is the decode's own and propagates."""
+    from daemon.generate import batch_render
+
+    generator = fresh_copy(eager, "eager", compile_vae=compile_vae)
+    real, calls = batch_render.decode, []
+
+    def decode_failing_once(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("inductor: C++ compile error")
+        return real(*args)
+
+    monkeypatch.setattr(batch_render, "decode", decode_failing_once)
+    if not compile_vae:
+        with pytest.raises(RuntimeError, match="C\\+\\+ compile error"):
+            generator.render(request())
+        assert generator.step_fn.active and generator.step_fn.failure is None
+        return
+    np.testing.assert_allclose(generator.render(request()).frames, eager.render(request()).frames, atol=1e-5)
+    assert len(calls) == 3  # failed, again eager, then the eager generator's own
+    assert not generator.step_fn.active and generator.step_fn.regions == 0
 
 
 def one_layer() -> tuple[torch.nn.Module, ...]:
