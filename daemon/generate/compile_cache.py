@@ -139,8 +139,8 @@ class GuardedCompile:
     """A compiled callable that turns into its eager original at the first compile failure.
 
     `scope` 'step' compiles `eager` itself; 'blocks' compiles the layers of `regions` (`compile_regions`) and calls
-    `eager`, which runs them; `run` puts other work that goes through those layers (the VAE decode) under the same
-    fallback. `backend` is torch.compile's (tests use 'eager' to check the wiring on the CPU)."""
+    `eager`, which runs them; `run` puts other work that goes through one of those models (the VAE decode) under
+    the same fallback. `backend` is torch.compile's (tests use 'eager' to check the wiring on the CPU)."""
 
     def __init__(
         self,
@@ -157,12 +157,14 @@ class GuardedCompile:
         self.compiled: Callable[..., Any] | None = None
         self.failure: str | None = None
         self._regions: list[torch.nn.Module] = []
+        self._compiled_models: tuple[torch.nn.Module, ...] = ()
         if mode == "off":
             return
         if scope == "blocks":
             if not regions:
                 raise ValueError("a 'blocks' compile needs the models whose layers it compiles")
             self._regions = compile_regions(regions, mode, backend)
+            self._compiled_models = tuple(regions)
             self.compiled = eager
         else:
             self.compiled = torch.compile(eager, **_compile_kwargs(mode, backend))
@@ -187,11 +189,11 @@ class GuardedCompile:
             self._fall_back(exc)
             return self.eager(*args)
 
-    def run(self, function: Callable[..., Any], *args: Any) -> Any:
-        """`function(*args)`, which may go through compiled layers: after a compile failure inside it, every layer
-        is uncompiled and it runs again eager. Without compiled layers a plain call (its errors are its own).
-        Out-of-memory errors pass through for the degrade ladder."""
-        if not self._regions:
+    def run(self, function: Callable[..., Any], *args: Any, through: torch.nn.Module) -> Any:
+        """`function(*args)`, which goes through the model `through`: when that model's layers are compiled, a
+        failure inside it uncompiles every layer and it runs again eager. Otherwise a plain call (its errors are
+        its own). Out-of-memory errors pass through for the degrade ladder."""
+        if not any(through is model for model in self._compiled_models):
             return function(*args)
         try:
             return function(*args)
@@ -207,3 +209,4 @@ class GuardedCompile:
         self.compiled = None
         uncompile_regions(self._regions)
         self._regions = []
+        self._compiled_models = ()

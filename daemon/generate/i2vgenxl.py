@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -203,7 +202,6 @@ class I2VGenXLGenerator:
             gpu_speed.install_padded_attention(parts.unet)
             if channels_last:
                 gpu_speed.to_channels_last(parts.unet)
-        self._vae_compiled = compile_vae and compile_scope == "blocks" and compile_mode != "off"
         regions = (parts.unet, parts.vae.decoder) if compile_vae else (parts.unet,)
         self.step_fn = GuardedCompile(
             pred.StepModule(parts.unet), compile_mode, scope=compile_scope, regions=regions, backend=compile_backend
@@ -320,9 +318,8 @@ class I2VGenXLGenerator:
                         should_interrupt,
                     )
                 with clock("decode"):
-                    # Under the compile's fallback only when it compiled the decoder (a plain decode error is its own).
-                    decode = self.step_fn.run if self._vae_compiled else _call
-                    videos = decode(batch_render.decode, self._parts.vae, latents, plan)
+                    vae = self._parts.vae
+                    videos = self.step_fn.run(batch_render.decode, vae, latents, plan, through=vae.decoder)
             except torch.cuda.OutOfMemoryError as exc:
                 stage = clock.current
                 self._release()
@@ -388,10 +385,6 @@ class I2VGenXLGenerator:
     def memory_stats(self) -> dict[str, int]:
         """Device memory in bytes: `allocated`, `reserved` (torch's caching allocator), `total`, `free` (driver)."""
         return device_memory_stats(self._device)
-
-
-def _call(function: Callable[..., Any], *args: Any) -> Any:
-    return function(*args)
 
 
 def _to_result(video: RenderedVideo) -> GenerationResult:

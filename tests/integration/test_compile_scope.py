@@ -128,7 +128,8 @@ def one_layer() -> tuple[torch.nn.Module, ...]:
 
 def test_run_guards_other_work_and_lets_out_of_memory_through() -> None:
     """`run` is how the VAE decode goes under the same fallback as the step, when layers are compiled."""
-    guarded = GuardedCompile(lambda x: x, "default", scope="blocks", regions=one_layer(), backend="eager")
+    layers = one_layer()
+    guarded = GuardedCompile(lambda x: x, "default", scope="blocks", regions=layers, backend="eager")
     assert guarded.regions == 1
     calls: list[int] = []
 
@@ -138,15 +139,16 @@ def test_run_guards_other_work_and_lets_out_of_memory_through() -> None:
             raise RuntimeError("triton: compilation failed")
         return x * 2
 
-    assert guarded.run(decode_failing_once, 3) == 6 and calls == [3, 3]
+    assert guarded.run(decode_failing_once, 3, through=layers[0]) == 6 and calls == [3, 3]
     assert not guarded.active and guarded.regions == 0 and "triton" in (guarded.failure or "")
 
     def out_of_memory(x: int) -> int:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    guarded = GuardedCompile(lambda x: x, "default", scope="blocks", regions=one_layer(), backend="eager")
+    layers = one_layer()
+    guarded = GuardedCompile(lambda x: x, "default", scope="blocks", regions=layers, backend="eager")
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        guarded.run(out_of_memory, 1)
+        guarded.run(out_of_memory, 1, through=layers[0])
     assert guarded.active
 
 
@@ -158,7 +160,7 @@ def test_run_without_compiled_layers_is_a_plain_call() -> None:
         raise RuntimeError("cuDNN error")
 
     with pytest.raises(RuntimeError, match="cuDNN"):
-        guarded.run(broken_decode, 1)
+        guarded.run(broken_decode, 1, through=torch.nn.Linear(2, 2))
     assert guarded.active and guarded.failure is None
 
 
