@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from daemon.config import resolve_compile_scope
 from daemon.generate import i2vgenxl_loop as loop
 from daemon.generate import predict as pred
 from daemon.generate.base import GenerationRequest, ModelInfo
@@ -503,8 +504,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "i2vd")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu_bench.jsonl")
     args = parser.parse_args()
-    if args.compile_scope == "auto":  # as `ModelConfig.resolved_compile_scope`
-        args.compile_scope = "step" if args.compile in ("reduce-overhead", "max-autotune") else "blocks"
+    args.compile_scope = resolve_compile_scope(args.compile, args.compile_scope)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     from daemon.generate import compile_cache
 

@@ -28,6 +28,13 @@ VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 CUDA_GRAPH_MODES = frozenset({"reduce-overhead", "max-autotune"})
 
 
+def resolve_compile_scope(mode: str, scope: str) -> str:
+    """'auto' made concrete: CUDA graphs need the step as one graph; everything else compiles per layer."""
+    if scope != "auto":
+        return scope
+    return "step" if mode in CUDA_GRAPH_MODES else "blocks"
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -133,10 +140,7 @@ class ModelConfig(_Frozen):
 
     @property
     def resolved_compile_scope(self) -> str:
-        """'auto' made concrete: CUDA graphs need the step as one graph; everything else compiles per layer."""
-        if self.compile_scope != "auto":
-            return self.compile_scope
-        return "step" if self.compile in CUDA_GRAPH_MODES else "blocks"
+        return resolve_compile_scope(self.compile, self.compile_scope)
 
     @field_validator("device")
     @classmethod
