@@ -123,14 +123,7 @@ class Service:
         """Undo a start that failed half-way (a model that does not load, a port in use): the metrics port, the
         generation processes and the state-dir lock are given back, so an in-process caller can build another
         Service on the same folders. A daemon process exits anyway; this is for embedding callers and tests."""
-        self._stop_intake.set()
-        if self._watcher is not None:
-            self._watcher.stop()
-        self.queue.close()
-        self.pool.stop(self.config.worker.stop_timeout_seconds)
-        if self._metrics_server is not None:
-            self._metrics_server.stop()
-            self._metrics_server = None
+        self._stop_parts(self.config.worker.stop_timeout_seconds)
         self._lock.release()
 
     def _start_metrics_server(self) -> None:
@@ -304,6 +297,15 @@ class Service:
         timeout = timeout if timeout is not None else self.config.worker.stop_timeout_seconds
         self.notifier.stopping("stopping")
         log.info("service_stopping")
+        if not self._stop_parts(timeout):
+            self.exit_code = self.exit_code or 1
+        self._write_status("stopped")
+        self._lock.release()
+        log.info("service_stopped", exit_code=self.exit_code)
+
+    def _stop_parts(self, timeout: float) -> bool:
+        """Stop whatever of intake, watcher, queue, workers and metrics server has been started, in that order;
+        False if a worker thread did not stop in time."""
         self._stop_intake.set()
         self._hint.set()
         if self._watcher is not None:
@@ -312,13 +314,10 @@ class Service:
         if self._intake_thread is not None:
             self._intake_thread.join(timeout=timeout)
         self.queue.close()
-        if not self.pool.stop(timeout):
-            self.exit_code = self.exit_code or 1
+        stopped = self.pool.stop(timeout)
         if self._metrics_server is not None:
             self._metrics_server.stop()
-        self._write_status("stopped")
-        self._lock.release()
-        log.info("service_stopped", exit_code=self.exit_code)
+        return stopped
 
     def _metrics_address(self) -> str | None:
         if self._metrics_server is not None:
