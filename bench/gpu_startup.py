@@ -72,7 +72,6 @@ def child_load(model_dir: Path) -> dict[str, Any]:
 
 
 def child_compile(model_dir: Path, cache: Path, scope: str, mode: str, vae: bool) -> dict[str, Any]:
-    import numpy as np
     import torch
     from gpu_bench import psnr
     from gpu_bench import request as make_request
@@ -142,7 +141,6 @@ def child_compile(model_dir: Path, cache: Path, scope: str, mode: str, vae: bool
         record["exact_vae_compiled_timings"] = {k: round(v, 3) for k, v in again.timings.items()}
         record["vae_compiled_psnr_vs_eager_db"] = round(psnr(again.frames, exact.frames), 2)
     record["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-    del np
     return record
 
 
