@@ -71,14 +71,14 @@ def one_run(config_path: Path, root: Path, label: str, timeout: float) -> dict[s
         ready = wait_for_ready(sock, process, timeout)
         process.send_signal(signal.SIGTERM)
         try:
-            code = process.wait(timeout=120)
+            code = process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
             code = process.wait()
         total = time.perf_counter() - started
     notify_path.unlink(missing_ok=True)
     events = read_events(log_path)
-    wanted = ("model_loaded", "compile_warm_up", "worker_ready", "generator_ready")
+    wanted = ("model_loaded", "compile_warm_up", "generation_process_ready")
     timeline = [(event.get("timestamp"), event.get("event")) for event in events]
     return {
         "run": label,
@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--runs", default="cold,warm,warm", help="cold: empty model.cache_dir first; warm: keep it")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--logs", type=Path, help="keep each run's daemon log in this folder")
     args = parser.parse_args()
     config = yaml.safe_load(args.config.read_text())
     cache_dir = Path(config.get("model", {}).get("cache_dir", ".cache/i2vd"))
@@ -111,14 +112,21 @@ def main() -> None:
             record = one_run(args.config, root, f"{index}-{kind}", args.timeout)
             records.append(record)
             print(json.dumps(record), flush=True)
+            if args.logs:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                shutil.copy(root / f"daemon-{record['run']}.log", args.logs)
+            write_result(args.out, config, records)  # after every run: a killed bench keeps what it measured
+
+
+def write_result(out: Path, config: dict[str, Any], records: list[dict[str, Any]]) -> None:
     result = {
         "benchmark": "restart_ready",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": config.get("model"),
         "runs": records,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

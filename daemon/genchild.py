@@ -121,6 +121,8 @@ def child_main(
         connection.send(("load_failed", to_wire(exc).message))
         return
     can_batch = callable(getattr(generator, "generate_batch", None))
+    # The child's own end of restart-to-READY (the parent's `model_loaded` follows once every worker is ready).
+    log.info("generation_process_ready", pid=os.getpid())
     connection.send(("ready", generator.info, can_batch, dict(generator.memory_stats())))
     _serve(connection, generator, interrupt, log)
 

@@ -32,11 +32,14 @@ as tokenizer.json; the published repo ships vocab.json + merges.txt)."""
 
 
 def library_versions() -> dict[str, str]:
-    """Versions recorded in ModelInfo, since outputs depend on them."""
+    """Versions recorded in ModelInfo, since outputs depend on them. Plain `str`: `torch.__version__` is a
+    `TorchVersion`, and unpickling one in the daemon's process (ModelInfo travels from the generation process)
+    imported torch there, ~3 s of restart-to-READY on the GPU machine (BENCHMARKS.md) for nothing."""
     import diffusers
     import transformers
 
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+    versions = (torch.__version__, diffusers.__version__, transformers.__version__)
+    return dict(zip(("torch", "diffusers", "transformers"), map(str, versions), strict=True))
 
 
 def resolve_device_dtype(config: ModelConfig) -> tuple[torch.device, torch.dtype]:

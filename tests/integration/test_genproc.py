@@ -8,7 +8,10 @@ process supervision, not a model; `test_tiny_model_in_a_child_process` runs the 
 from __future__ import annotations
 
 import functools
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -199,3 +202,49 @@ def test_a_closed_generator_starts_no_replacement(tmp_path: Path) -> None:
     assert first is not None
     with pytest.raises(ProcessLookupError):
         os.kill(first, 0)
+
+
+DAEMON_SIDE_SCRIPT = """
+import functools, json, sys
+from pathlib import Path
+from PIL import Image
+from daemon.config import load_config
+from daemon.generate import load_generator
+from daemon.generate.base import GenerationRequest
+from daemon.genproc import ChildSettings, ProcessGenerator
+
+def main():
+    model = load_config(None).model.model_copy(update={"cache_dir": Path(sys.argv[1]), "device": "cpu"})
+    settings = ChildSettings(name="w0", device_label="cpu", env={"OMP_NUM_THREADS": "1"}, log_format="json")
+    generator = ProcessGenerator(functools.partial(load_generator, model), settings, job_timeout_seconds=300)
+    try:
+        after_load = sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules)
+        job = GenerationRequest(Image.new("RGB", (64, 64)), "a cat", "", 64, 64, 4, 16, 2, 9.0, 3)
+        generator.generate(job, on_step=lambda *_: None)
+        after_job = sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules)
+        print(json.dumps({"after_load": after_load, "after_job": after_job, "info": generator.info.library_versions}))
+    finally:
+        generator.close()
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_the_daemon_side_never_imports_torch(tmp_path: Path) -> None:
+    """What the generation process sends back (its ModelInfo, steps, results) unpickles without torch, diffusers
+    or transformers in the daemon's process: `torch.__version__` sent as a `TorchVersion` imported torch there,
+    which delayed READY by the import (0.84 s here, ~3 s on the GPU machine). Run in a fresh interpreter, since
+    this test process has torch loaded already."""
+    script = tmp_path / "daemon_side.py"
+    script.write_text(DAEMON_SIDE_SCRIPT)
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "cache")], capture_output=True, text=True, env=env, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["after_load"] == [], report
+    assert report["after_job"] == [], report
+    assert set(report["info"]) == {"torch", "diffusers", "transformers"}
