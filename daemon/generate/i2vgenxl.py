@@ -142,7 +142,7 @@ def freeze_heap() -> None:
     Why: after a compile the heap holds millions of long-lived objects, and the full `gc.collect()` that releases a
     job's memory walked all of them: with the compiled step, 0.4-1.5 s per video on the GPU outside every stage
     timing (BENCHMARKS.md, "Compile scope"). No collection here: the warm-up's render has just ended with one
-    (`_release`); a second full pass over the compiled heap cost ~3 s of restart-to-READY on the GPU machine.
+    (`_release`), and another full pass would walk the whole compiled heap once more before READY.
     Frozen objects are still freed by reference counting; only cycles among them would stay."""
     gc.freeze()
 
