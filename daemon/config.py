@@ -127,6 +127,13 @@ class ModelConfig(_Frozen):
         description="with compile_scope 'blocks', compile the VAE decoder's layers too: decode 0.28 -> 0.17 s at "
         '512x512x16 on an H200, ~6 s more restart-to-READY (BENCHMARKS.md "Compile scope")',
     )
+    warm_up_batch_sizes: tuple[Annotated[int, Field(ge=1, le=64)], ...] = Field(
+        default=(1,),
+        min_length=1,
+        description="with compile, the batch sizes the warm-up renders before READY; a batch size first met later "
+        "compiles its layer graphs then (a one-time pause: about 10 s with a warm compile cache, over a minute "
+        "cold). Each extra size adds that to restart-to-READY; list up to worker.max_batch_size to pay it at start",
+    )
 
     @model_validator(mode="after")
     def _scope_fits_mode(self) -> ModelConfig:
@@ -137,6 +144,11 @@ class ModelConfig(_Frozen):
                 'step were slower and unstable, BENCHMARKS.md "Compile scope")'
             )
         return self
+
+    @field_validator("warm_up_batch_sizes")
+    @classmethod
+    def _sorted_sizes(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(sorted(set(value)))
 
     @property
     def resolved_compile_scope(self) -> str:
@@ -420,6 +432,12 @@ class DaemonConfig(BaseSettings):
         from daemon.modelrules import check_generation_config
 
         check_generation_config(self.generation)
+        largest = max(self.model.warm_up_batch_sizes)
+        if largest > self.worker.max_batch_size:
+            raise ValueError(
+                f"model.warm_up_batch_sizes: {largest} is larger than worker.max_batch_size "
+                f"{self.worker.max_batch_size}, so no batch of that size is ever formed"
+            )
         return self
 
     @property

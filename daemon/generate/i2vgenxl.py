@@ -127,7 +127,7 @@ def _load_generator(config: ModelConfig, clip_skip: int | None) -> I2VGenXLGener
         compile_scope=config.resolved_compile_scope,
         compile_vae=config.compile_vae,
     )
-    warm = generator.warm_up(config.cache_dir)
+    warm = generator.warm_up(config.cache_dir, batch_sizes=config.warm_up_batch_sizes)
     if warm:
         # Restart-to-READY is mostly this (BENCHMARKS.md, GPU): logged so a slow start can be told apart.
         log.info("compile_warm_up", mode=compile_mode, scope=generator.step_fn.scope, **warm)
@@ -350,21 +350,38 @@ class I2VGenXLGenerator:
     def _restore_placement(self) -> None:
         offload.restore(self._parts, self._device)
 
-    def warm_up(self, cache_dir: Path, width: int = 512, height: int = 512, num_frames: int = 16) -> dict[str, object]:
-        """Compile before READY: load the saved compile artefacts, run a 2-step video of the usual shape, save the
-        artefacts the first time (`compile_cache`). A no-op without compile."""
+    def warm_up(
+        self,
+        cache_dir: Path,
+        width: int = 512,
+        height: int = 512,
+        num_frames: int = 16,
+        batch_sizes: Sequence[int] = (1,),
+    ) -> dict[str, object]:
+        """Compile before READY: load the saved compile artefacts, run a 2-step video of the usual shape in each of
+        `batch_sizes` (every batch size is its own set of static-shape graphs), save the artefacts the first time
+        (`compile_cache`). A no-op without compile."""
         if not self.step_fn.active:
             return {}
         shape = f"{width}x{height}x{num_frames}"
+        if tuple(batch_sizes) != (1,):
+            shape += ":b" + ",".join(map(str, batch_sizes))
         extra = shape if self.step_fn.scope == "step" else f"{self.step_fn.scope}:{self.step_fn.regions}:{shape}"
         key = compile_cache.artifact_key(self._parts.unet.config, self.step_fn.mode, extra)
         artefact = compile_cache.cache_root(cache_dir) / f"mega-{key}.bin"
         loaded = compile_cache.load_artifacts(artefact)
         started = time.perf_counter()
         image = Image.new("RGB", (width, height), (128, 128, 128))
-        self.render(GenerationRequest(image, "warm-up", "", width, height, num_frames, 16, 2, 9.0, 0))
+        request = GenerationRequest(image, "warm-up", "", width, height, num_frames, 16, 2, 9.0, 0)
+        for size in batch_sizes:
+            self.render_batch([dataclasses.replace(request, seed=seed) for seed in range(size)])
         saved = compile_cache.save_artifacts(artefact) if not loaded and self.step_fn.active else 0
-        return {"loaded": loaded, "saved_bytes": saved, "seconds": round(time.perf_counter() - started, 2)}
+        return {
+            "loaded": loaded,
+            "saved_bytes": saved,
+            "seconds": round(time.perf_counter() - started, 2),
+            "batch_sizes": list(batch_sizes),
+        }
 
     def _budget(self) -> int:
         return int(self.memory_stats()["total"] * VRAM_BUDGET_FRACTION)

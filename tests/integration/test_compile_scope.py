@@ -229,3 +229,38 @@ def test_loading_pauses_automatic_collections_and_restores_them(
         assert not gc.isenabled()  # a caller's own choice is left as it was
     finally:
         gc.enable()
+
+
+@pytest.mark.slow
+def test_the_warm_up_compiles_every_listed_batch_size_before_ready(eager: I2VGenXLGenerator, tmp_path: Path) -> None:
+    """Every batch size is its own set of static-shape layer graphs: after a warm-up over sizes 1 and 2, a batch
+    of two jobs compiles nothing more (dynamo counts its compiled frames), while a size left out (3) still does."""
+    from torch._dynamo.utils import counters
+
+    generator = fresh_copy(eager, "eager", compile_vae=False)
+    warm = generator.warm_up(tmp_path, width=64, height=64, num_frames=8, batch_sizes=(1, 2))
+    assert warm["batch_sizes"] == [1, 2]
+
+    def compiled_frames() -> int:
+        return int(sum(counters["frames"].values()))
+
+    def batch(size: int) -> list[GenerationRequest]:
+        return [
+            GenerationRequest(Image.new("RGB", (64, 64)), "a kite", "", 64, 64, 8, 8, 2, 9.0, s) for s in range(size)
+        ]
+
+    before = compiled_frames()
+    generator.render_batch(batch(2))
+    assert compiled_frames() == before
+    generator.render_batch(batch(3))
+    assert compiled_frames() > before
+
+
+def test_warm_up_batch_sizes_are_sorted_and_must_fit_the_batch_limit() -> None:
+    from daemon.config import DaemonConfig
+
+    assert ModelConfig(warm_up_batch_sizes=(4, 1, 2, 1)).warm_up_batch_sizes == (1, 2, 4)
+    with pytest.raises(ValueError, match=r"larger than worker\.max_batch_size"):
+        DaemonConfig(model={"warm_up_batch_sizes": [1, 8]}, worker={"max_batch_size": 4})
+    with pytest.raises(ValueError):
+        ModelConfig(warm_up_batch_sizes=())
