@@ -28,8 +28,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.stop_requested = threading.Event()
         self.force_requested = threading.Event()
-        self._reader: threading.Thread | None = None
-        self._previous_wakeup_fd: int | None = None
+        self._previous_wakeup_fd = -1
 
     def install(self) -> None:
         """Install handlers and start the reader thread; only possible from the main thread."""
@@ -38,14 +37,13 @@ class StopSignals:
         self._previous_wakeup_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
         for signum in STOP_SIGNALS:
             signal.signal(signum, _noted_by_wakeup_fd)
-        self._reader = threading.Thread(target=self._read, args=(read_end,), name="i2vd-signals", daemon=True)
-        self._reader.start()
+        threading.Thread(target=self._read, args=(read_end,), name="i2vd-signals", daemon=True).start()
 
     def uninstall(self) -> None:
         """Default handlers and the previous wakeup fd again (in-process callers, tests)."""
         for signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
-        write_end = signal.set_wakeup_fd(self._previous_wakeup_fd if self._previous_wakeup_fd is not None else -1)
+        write_end = signal.set_wakeup_fd(self._previous_wakeup_fd)
         if write_end >= 0:
             with contextlib.suppress(OSError):
                 os.close(write_end)  # the reader sees end of file and ends

@@ -38,8 +38,11 @@ def library_versions() -> dict[str, str]:
     import diffusers
     import transformers
 
-    versions = (torch.__version__, diffusers.__version__, transformers.__version__)
-    return dict(zip(("torch", "diffusers", "transformers"), map(str, versions), strict=True))
+    return {
+        "torch": str(torch.__version__),
+        "diffusers": str(diffusers.__version__),
+        "transformers": str(transformers.__version__),
+    }
 
 
 def resolve_device_dtype(config: ModelConfig) -> tuple[torch.device, torch.dtype]:
