@@ -127,6 +127,11 @@ class ModelConfig(_Frozen):
         description="with compile_scope 'blocks', compile the VAE decoder's layers too: decode 0.28 -> 0.17 s at "
         '512x512x16 on an H200, ~6 s more restart-to-READY (BENCHMARKS.md "Compile scope")',
     )
+    precompile_layers: bool = Field(
+        default=True,
+        description="with compile_scope 'blocks', save each layer's compiled graph whole (torch's ahead-of-time "
+        "compile) in cache_dir/compile, so a restart loads it instead of tracing every layer again with dynamo",
+    )
     warm_up_batch_sizes: tuple[Annotated[int, Field(ge=1, le=64)], ...] = Field(
         default=(1,),
         min_length=1,

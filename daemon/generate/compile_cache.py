@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from daemon.generate import precompile
+
 log = logging.getLogger(__name__)
 
 CompileMode = str
@@ -106,9 +108,13 @@ Backend = str | Callable[..., Any]
 
 
 def compile_regions(
-    models: Sequence[torch.nn.Module], mode: CompileMode, backend: Backend = "inductor"
+    models: Sequence[torch.nn.Module],
+    mode: CompileMode,
+    backend: Backend = "inductor",
+    layer_graphs: precompile.LayerGraphs | None = None,
 ) -> list[torch.nn.Module]:
-    """Compile every `REGION_CLASSES` layer of `models` in place (`nn.Module.compile`); returns them."""
+    """Compile every `REGION_CLASSES` layer of `models` in place; returns them. With `layer_graphs` each layer runs
+    saved ahead-of-time compiled graphs (`precompile`), else `nn.Module.compile` (dynamo at every start)."""
     import torch._dynamo
 
     limits = torch._dynamo.config
@@ -116,6 +122,9 @@ def compile_regions(
     setattr(limits, name, max(getattr(limits, name), REGION_CACHE_LIMIT))
     limits.accumulated_cache_size_limit = max(limits.accumulated_cache_size_limit, 4 * REGION_CACHE_LIMIT)
     regions = [module for model in models for module in model.modules() if type(module).__name__ in REGION_CLASSES]
+    if layer_graphs is not None:
+        layer_graphs.install(regions)
+        return regions
     for module in regions:
         module.compile(**_compile_kwargs(mode, backend))
     return regions
@@ -140,7 +149,8 @@ class GuardedCompile:
 
     `scope` 'step' compiles `eager` itself; 'blocks' compiles the layers of `regions` (`compile_regions`) and calls
     `eager`, which runs them; `run` puts other work that goes through one of those models (the VAE decode) under
-    the same fallback. `backend` is torch.compile's (tests use 'eager' to check the wiring on the CPU)."""
+    the same fallback. `backend` is torch.compile's (tests use 'eager' to check the wiring on the CPU). With
+    `layer_graphs` (scope 'blocks' only) the layers' compiled graphs are saved whole and loaded at the next start."""
 
     def __init__(
         self,
@@ -150,6 +160,7 @@ class GuardedCompile:
         scope: CompileScope = "step",
         regions: Sequence[torch.nn.Module] = (),
         backend: Backend = "inductor",
+        layer_graphs: precompile.LayerGraphs | None = None,
     ) -> None:
         self.eager = eager
         self.mode = mode
@@ -158,12 +169,13 @@ class GuardedCompile:
         self.failure: str | None = None
         self._regions: list[torch.nn.Module] = []
         self._compiled_models: tuple[torch.nn.Module, ...] = ()
+        self.layer_graphs = layer_graphs if scope == "blocks" and mode != "off" else None
         if mode == "off":
             return
         if scope == "blocks":
             if not regions:
                 raise ValueError("a 'blocks' compile needs the models whose layers it compiles")
-            self._regions = compile_regions(regions, mode, backend)
+            self._regions = compile_regions(regions, mode, backend, self.layer_graphs)
             self._compiled_models = tuple(regions)
             self.compiled = eager
         else:
@@ -210,3 +222,4 @@ class GuardedCompile:
         uncompile_regions(self._regions)
         self._regions = []
         self._compiled_models = ()
+        self.layer_graphs = None

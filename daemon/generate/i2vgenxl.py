@@ -23,7 +23,7 @@ from PIL import Image
 
 from daemon.config import ModelConfig
 from daemon.errors import TransientJobError
-from daemon.generate import batch_render, compile_cache, gpu_speed, ladder, offload, vram
+from daemon.generate import batch_render, compile_cache, gpu_speed, ladder, offload, precompile, vram
 from daemon.generate import i2vgenxl_loop as loop
 from daemon.generate import predict as pred
 from daemon.generate.base import (
@@ -126,6 +126,7 @@ def _load_generator(config: ModelConfig, clip_skip: int | None) -> I2VGenXLGener
         compile_mode=compile_mode,
         compile_scope=config.resolved_compile_scope,
         compile_vae=config.compile_vae,
+        precompiled_dir=_precompiled_dir(config, parts) if compile_mode != "off" else None,
     )
     warm = generator.warm_up(config.cache_dir, batch_sizes=config.warm_up_batch_sizes)
     if warm:
@@ -133,6 +134,15 @@ def _load_generator(config: ModelConfig, clip_skip: int | None) -> I2VGenXLGener
         log.info("compile_warm_up", mode=compile_mode, scope=generator.step_fn.scope, **warm)
         freeze_heap()
     return generator
+
+
+def _precompiled_dir(config: ModelConfig, parts: loop.Components) -> Path | None:
+    """Where this model's ahead-of-time compiled layer graphs live (`precompile`), when they are wanted and this
+    torch can load them; the name covers the model, the compile mode, torch and the GPU."""
+    if not config.precompile_layers or not precompile.available():
+        return None
+    key = compile_cache.artifact_key(parts.unet.config, config.compile, "precompiled-layers")
+    return compile_cache.cache_root(config.cache_dir) / f"layers-{key}"
 
 
 def freeze_heap() -> None:
@@ -190,6 +200,7 @@ class I2VGenXLGenerator:
         compile_backend: compile_cache.Backend = "inductor",
         fast_options: pred.FastOptions | None = None,
         channels_last: bool = False,
+        precompiled_dir: Path | None = None,
     ) -> None:
         self._parts = parts
         self._info = info
@@ -203,8 +214,16 @@ class I2VGenXLGenerator:
             if channels_last:
                 gpu_speed.to_channels_last(parts.unet)
         regions = (parts.unet, parts.vae.decoder) if compile_vae else (parts.unet,)
+        layer_graphs = None
+        if precompiled_dir is not None and compile_scope == "blocks":
+            layer_graphs = precompile.LayerGraphs(precompiled_dir, compile_mode, compile_backend)
         self.step_fn = GuardedCompile(
-            pred.StepModule(parts.unet), compile_mode, scope=compile_scope, regions=regions, backend=compile_backend
+            pred.StepModule(parts.unet),
+            compile_mode,
+            scope=compile_scope,
+            regions=regions,
+            backend=compile_backend,
+            layer_graphs=layer_graphs,
         )
 
     @property
@@ -369,19 +388,25 @@ class I2VGenXLGenerator:
         extra = shape if self.step_fn.scope == "step" else f"{self.step_fn.scope}:{self.step_fn.regions}:{shape}"
         key = compile_cache.artifact_key(self._parts.unet.config, self.step_fn.mode, extra)
         artefact = compile_cache.cache_root(cache_dir) / f"mega-{key}.bin"
+        started = time.perf_counter()
         loaded = compile_cache.load_artifacts(artefact)
+        load_seconds = time.perf_counter() - started
         started = time.perf_counter()
         image = Image.new("RGB", (width, height), (128, 128, 128))
         request = GenerationRequest(image, "warm-up", "", width, height, num_frames, 16, 2, 9.0, 0)
         for size in batch_sizes:
             self.render_batch([dataclasses.replace(request, seed=seed) for seed in range(size)])
         saved = compile_cache.save_artifacts(artefact) if not loaded and self.step_fn.active else 0
-        return {
+        summary: dict[str, object] = {
             "loaded": loaded,
+            "load_seconds": round(load_seconds, 2),
             "saved_bytes": saved,
             "seconds": round(time.perf_counter() - started, 2),
             "batch_sizes": list(batch_sizes),
         }
+        if self.step_fn.layer_graphs is not None:
+            summary["precompiled_layers"] = self.step_fn.layer_graphs.stats.as_dict()
+        return summary
 
     def _budget(self) -> int:
         return int(self.memory_stats()["total"] * VRAM_BUDGET_FRACTION)

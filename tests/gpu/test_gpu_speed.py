@@ -157,6 +157,23 @@ def test_compiled_step_matches_eager(cache: Path) -> None:
     np.testing.assert_allclose(compiled.render(request).frames, first, atol=1e-3)
 
 
+def test_a_restart_takes_every_layer_graph_from_disk(cache: Path) -> None:
+    """The per-layer compile saves each layer's graph whole (`precompile`): a second load of the same model with
+    the same cache compiles nothing, falls back to dynamo nowhere, and renders what eager renders within fp16."""
+    config = ModelConfig(device="cuda", dtype="float16", cache_dir=cache, compile="default")
+    first = load_generator(config)
+    assert first.step_fn.layer_graphs is not None and first.step_fn.failure is None
+    again = load_generator(config)
+    graphs = again.step_fn.layer_graphs
+    assert graphs is not None
+    assert (graphs.stats.compiled, graphs.stats.discarded, graphs.stats.dynamo_fallbacks) == (0, 0, 0)
+    assert graphs.stats.loaded > 20
+    request = make_request(32, width=512, height=512, num_frames=16)
+    eager = load_generator(ModelConfig(device="cuda", dtype="float16", cache_dir=cache))
+    assert psnr(again.render(request).frames, eager.render(request).frames) >= 40.0
+    assert again.step_fn.failure is None and graphs.stats.compiled == 0
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("compile_vae", [False, True])
 def test_per_layer_compile_matches_eager_in_both_modes(cache: Path, compile_vae: bool) -> None:
