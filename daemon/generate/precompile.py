@@ -54,7 +54,9 @@ class UnsupportedCall(Exception):
 
 def available() -> bool:
     """Whether this torch can save and load ahead-of-time compiled functions (experimental since torch 2.9)."""
-    return hasattr(torch.compiler, "load_compiled_function")
+    import torch._dynamo
+
+    return hasattr(torch.compiler, "load_compiled_function") and hasattr(torch._dynamo.config, "enable_aot_compile")
 
 
 def value_signature(value: object) -> Hashable:
@@ -161,9 +163,12 @@ class LayerGraphs:
             from torch._inductor import list_mode_options
 
             options.update(list_mode_options(self.mode))
-        compiled: Any = torch.compile(
-            type(layer).forward, fullgraph=True, dynamic=False, backend=self.backend, options=options
-        )
+        # The `aot_compile` entry point exists only when this flag is on at `torch.compile` time (off by default
+        # in torch 2.11, on from 2.13).
+        with torch._dynamo.config.patch(enable_aot_compile=True):
+            compiled: Any = torch.compile(
+                type(layer).forward, fullgraph=True, dynamic=False, backend=self.backend, options=options
+            )
         function = compiled.aot_compile(((layer, *args), dict(kwargs)))
         function.disable_guard_check()
         self.stats.compiled += 1

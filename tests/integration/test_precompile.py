@@ -136,6 +136,21 @@ def test_same_shaped_layers_share_a_graph_unless_their_constants_differ(tmp_path
     assert not torch.equal(want[0], want[1])
 
 
+def test_it_works_where_torch_leaves_the_entry_point_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch 2.11 ships `enable_aot_compile = False`, without which `torch.compile(fn)` has no `aot_compile`."""
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "enable_aot_compile", False)
+    layer, x, temb = resnet(1.0, 1), torch.randn(1, 8, 6, 6), torch.randn(1, 16)
+    graphs = precompile.LayerGraphs(tmp_path, "default", "aot_eager")
+    graphs.install([layer])
+    with torch.inference_mode():
+        want = layer._call_impl(x, temb)
+        torch.testing.assert_close(layer(x, temb), want)
+    assert (graphs.stats.compiled, graphs.stats.dynamo_fallbacks) == (1, 0)
+    assert precompile.available()
+
+
 def test_a_broken_artefact_is_deleted_and_compiled_again(tmp_path: Path) -> None:
     layer, x, temb = resnet(1.0, 1), torch.randn(1, 8, 6, 6), torch.randn(1, 16)
     with torch.inference_mode():
