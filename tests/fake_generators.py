@@ -119,6 +119,15 @@ def make_misbehaving(behaviour: str, marker: str | None = None, step_seconds: fl
     return InstantGenerator(step_seconds, behaviour, Path(marker) if marker else None)
 
 
+def make_with_lingering_thread() -> InstantGenerator:
+    """A generator whose loading left a non-daemon thread that never ends (as a library's worker pool can): an
+    interpreter teardown would wait for it forever."""
+    import threading
+
+    threading.Thread(target=threading.Event().wait, name="lingering", daemon=False).start()
+    return InstantGenerator(0.0)
+
+
 def make_batching(limit: int = 4) -> BatchingGenerator:
     return BatchingGenerator(limit)
 

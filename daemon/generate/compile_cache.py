@@ -57,10 +57,18 @@ def cache_root(cache_dir: Path) -> Path:
 
 
 def point_caches_at(cache_dir: Path) -> None:
-    """Inductor and Triton keep their caches under the model cache dir unless the environment already says where."""
+    """Inductor and Triton keep their caches under the model cache dir unless the operator's environment says where.
+
+    Importing diffusers already asks inductor for its cache directory, which writes torch's default
+    (`/tmp/torchinductor_<user>`) into `TORCHINDUCTOR_CACHE_DIR`; that value is taken for unset, or the cache would
+    live in the unit's private /tmp (`PrivateTmp=yes`) and be gone at every restart."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     root = cache_root(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
     os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
 
 

@@ -5,6 +5,7 @@ torch.compile's 'eager' (inductor's code generation is what the GPU benchmarks a
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -264,3 +265,21 @@ def test_warm_up_batch_sizes_are_sorted_and_must_fit_the_batch_limit() -> None:
         DaemonConfig(model={"warm_up_batch_sizes": [1, 8]}, worker={"max_batch_size": 4})
     with pytest.raises(ValueError):
         ModelConfig(warm_up_batch_sizes=())
+
+
+def test_inductor_caches_go_to_the_model_cache_even_after_diffusers_set_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Importing diffusers writes torch's default (/tmp/torchinductor_<user>) into TORCHINDUCTOR_CACHE_DIR; under
+    the unit's PrivateTmp that cache would vanish at each restart. A directory the operator chose is kept."""
+    import diffusers  # noqa: F401  (the import that sets the default)
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    compile_cache.point_caches_at(tmp_path)
+    assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) == compile_cache.cache_root(tmp_path) / "inductor"
+    assert Path(os.environ["TRITON_CACHE_DIR"]) == compile_cache.cache_root(tmp_path) / "triton"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "operator"))
+    compile_cache.point_caches_at(tmp_path)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "operator")

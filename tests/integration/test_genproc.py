@@ -177,6 +177,21 @@ def test_tiny_model_in_a_child_process(tmp_path: Path) -> None:
     assert difference.max() <= 1, difference.max()
 
 
+def test_the_child_exits_at_stop_even_with_a_thread_left_running() -> None:
+    """`close` sends `stop`; the child ends itself (exit 0) at once instead of waiting in the interpreter's
+    teardown for a thread that never ends, which would get it killed when the grace runs out."""
+    from daemon.genproc import KILL_GRACE_SECONDS
+
+    generator = ProcessGenerator(fake_generators.make_with_lingering_thread, SETTINGS, job_timeout_seconds=30)
+    generator.generate(request())
+    process = generator._process
+    assert process is not None
+    started = time.monotonic()
+    generator.close()
+    assert time.monotonic() - started < KILL_GRACE_SECONDS / 2
+    assert process.exitcode == 0  # not -9: it was not killed
+
+
 def test_a_closed_generator_starts_no_replacement(tmp_path: Path) -> None:
     """During a stop, the child killed under a running call is not replaced: a replacement would outlive the
     daemon's stop (and multiprocessing's exit handler would wait for it, since children ignore SIGTERM)."""
