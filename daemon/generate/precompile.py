@@ -192,7 +192,9 @@ class LayerGraphs:
 
 class PrecompiledLayer:
     """One layer's compiled call: picks (once per signature) the store's function for it and calls it with the
-    layer. Hooks on the layer would be skipped by a compiled `forward`, so a hooked layer runs its normal call."""
+    layer. Hooks would be skipped by a compiled `forward`, so while the layer or every module has hooks (torch's
+    flop counter and module tracker install global ones) the call runs its normal, eager way, and nothing about
+    the signature is decided then."""
 
     def __init__(self, layer: torch.nn.Module, store: LayerGraphs) -> None:
         self.layer = layer
@@ -204,7 +206,7 @@ class PrecompiledLayer:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         layer = self.layer
-        if layer._forward_hooks or layer._forward_pre_hooks:
+        if layer._forward_hooks or layer._forward_pre_hooks or _global_hooks():
             normal_call: Callable[..., Any] = layer._call_impl
             return normal_call(*args, **kwargs)
         try:
@@ -240,3 +242,9 @@ class PrecompiledLayer:
                 kwargs_for_compile["mode"] = self.store.mode
             self._dynamo = torch.compile(self.layer._call_impl, **kwargs_for_compile)
         return self._dynamo(*args, **kwargs)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as nn_module
+
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)

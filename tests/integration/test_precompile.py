@@ -136,15 +136,14 @@ def test_same_shaped_layers_share_a_graph_unless_their_constants_differ(tmp_path
     assert not torch.equal(want[0], want[1])
 
 
-def test_it_works_where_torch_leaves_the_entry_point_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_it_works_where_torch_leaves_the_entry_point_off(tmp_path: Path) -> None:
     """torch 2.11 ships `enable_aot_compile = False`, without which `torch.compile(fn)` has no `aot_compile`."""
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "enable_aot_compile", False)
     layer, x, temb = resnet(1.0, 1), torch.randn(1, 8, 6, 6), torch.randn(1, 16)
     graphs = precompile.LayerGraphs(tmp_path, "default", "aot_eager")
     graphs.install([layer])
-    with torch.inference_mode():
+    with torch._dynamo.config.patch(enable_aot_compile=False), torch.inference_mode():
         want = layer._call_impl(x, temb)
         torch.testing.assert_close(layer(x, temb), want)
     assert (graphs.stats.compiled, graphs.stats.dynamo_fallbacks) == (1, 0)
@@ -206,6 +205,28 @@ def test_a_hooked_layer_keeps_its_hooks(tmp_path: Path) -> None:
     with torch.inference_mode():
         layer(x, temb)
     assert seen == [1]
+
+
+def test_global_hooks_get_the_normal_call_and_decide_nothing(tmp_path: Path) -> None:
+    """torch's flop counter registers global module hooks; under them the layer runs eager with the hooks, and the
+    same call without them still gets its precompiled graph (measured: a bench that counted FLOPs at a new shape
+    had bound that shape to the dynamo fallback for good)."""
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    layer, x, temb = resnet(1.0, 1), torch.randn(1, 8, 6, 6), torch.randn(1, 16)
+    graphs = precompile.LayerGraphs(tmp_path, "default", "aot_eager")
+    graphs.install([layer])
+    seen: list[str] = []
+    handle = register_module_forward_pre_hook(lambda module, args: seen.append(type(module).__name__))
+    try:
+        with torch.inference_mode():
+            want = layer(x, temb)
+    finally:
+        handle.remove()
+    assert "ResnetBlock2D" in seen and graphs.stats.compiled == graphs.stats.dynamo_fallbacks == 0
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x, temb), want)
+    assert (graphs.stats.compiled, graphs.stats.dynamo_fallbacks) == (1, 0)
 
 
 def test_inductor_code_is_saved_and_loaded(tmp_path: Path) -> None:

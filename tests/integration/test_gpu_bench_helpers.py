@@ -1,0 +1,40 @@
+"""Helpers of `bench/gpu_bench.py` that decide what a benchmark row measures, on the CPU: the stock pipeline and
+the flop counter must see the plain layers even after ours installed compiled calls on the shared UNet."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from diffusers.models.resnet import ResnetBlock2D
+
+from daemon.generate import precompile
+
+pytestmark = pytest.mark.integration
+
+BENCH = Path(__file__).parents[2] / "bench"
+
+
+@pytest.fixture(scope="module")
+def gpu_bench() -> ModuleType:
+    sys.path.insert(0, str(BENCH))  # the script imports its sibling modules
+    spec = importlib.util.spec_from_file_location("gpu_bench", BENCH / "gpu_bench.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eager_layers_takes_compiled_calls_away_and_gives_them_back(gpu_bench: ModuleType, tmp_path: Path) -> None:
+    model = torch.nn.ModuleList([ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=None, groups=4)])
+    precompile.LayerGraphs(tmp_path, "default", "aot_eager").install([model[0]])
+    installed = model[0]._compiled_call_impl
+    with gpu_bench.eager_layers(model):
+        assert model[0]._compiled_call_impl is None
+        model[0](torch.randn(1, 8, 4, 4), None)
+    assert model[0]._compiled_call_impl is installed
+    assert not list(tmp_path.iterdir())  # the call inside compiled nothing
