@@ -1,9 +1,10 @@
 """`torch.compile` for the UNet step, with a fallback to eager and a compile cache that survives restarts.
 
 Why: compiling the full-size UNet costs minutes (185 s measured with stock settings) and would be paid at every
-start. Two layers keep it off the restart path: inductor's and Triton's on-disk caches are pointed into the model
-cache directory (`<cache_dir>/compile/`), and after the first compiled run the "mega-cache"
-(`torch.compiler.save_cache_artifacts`) is written there too and loaded before the next start compiles. A compile
+start. Three layers keep it off the restart path: inductor's and Triton's on-disk caches are pointed into the model
+cache directory (`<cache_dir>/compile/`); after the first compiled run the "mega-cache"
+(`torch.compiler.save_cache_artifacts`) is written there too and loaded before the next start compiles; and with
+the per-layer scope each layer's graph is saved whole (`precompile`), so a restart does not even trace them. A compile
 that fails (unsupported op, missing compiler toolchain) must never fail a job: the step falls back to eager for
 the rest of the process and says so once; only out-of-memory errors pass through, for the degrade ladder.
 """

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from compiled_copies import compiled_copy
 from PIL import Image
 
 from daemon.config import ModelConfig
@@ -31,22 +32,7 @@ def eager(tmp_path_factory: pytest.TempPathFactory) -> I2VGenXLGenerator:
 
 def fresh_copy(eager: I2VGenXLGenerator, backend: Any, compile_vae: bool = True) -> I2VGenXLGenerator:
     """A generator on deep copies of the eager one's UNet and VAE, compiled per layer with `backend`."""
-    import copy
-    import dataclasses
-
-    parts = dataclasses.replace(
-        eager.components, unet=copy.deepcopy(eager.components.unet), vae=copy.deepcopy(eager.components.vae)
-    )
-    return I2VGenXLGenerator(
-        parts,
-        eager.info,
-        device=torch.device("cpu"),
-        decode_chunk_size=4,
-        compile_mode="default",
-        compile_scope="blocks",
-        compile_vae=compile_vae,
-        compile_backend=backend,
-    )
+    return compiled_copy(eager, backend, compile_vae=compile_vae)
 
 
 def request(mode: str = "exact") -> GenerationRequest:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from compiled_copies import compiled_copy
 from diffusers.models.resnet import ResnetBlock2D
 from PIL import Image
 
@@ -45,23 +46,7 @@ def request() -> GenerationRequest:
 
 def precompiled_copy(eager: I2VGenXLGenerator, directory: Path, backend: Any = "aot_eager") -> I2VGenXLGenerator:
     """A generator on deep copies of the eager one's UNet and VAE, its layers running precompiled graphs."""
-    import copy
-    import dataclasses
-
-    parts = dataclasses.replace(
-        eager.components, unet=copy.deepcopy(eager.components.unet), vae=copy.deepcopy(eager.components.vae)
-    )
-    return I2VGenXLGenerator(
-        parts,
-        eager.info,
-        device=torch.device("cpu"),
-        decode_chunk_size=4,
-        compile_mode="default",
-        compile_scope="blocks",
-        compile_vae=True,
-        compile_backend=backend,
-        precompiled_dir=directory,
-    )
+    return compiled_copy(eager, backend, precompiled_dir=directory)
 
 
 RESTART = """
