@@ -135,6 +135,26 @@ def test_it_works_where_torch_leaves_the_entry_point_off(tmp_path: Path) -> None
     assert precompile.available()
 
 
+def test_two_workers_sharing_the_cache_never_spoil_each_others_graphs(tmp_path: Path) -> None:
+    """Two generation processes on one cache dir may compile the same layer call at once: each writes through a
+    temp file and a rename under a name taken from the content, so whatever both leave loads at the next start."""
+    x, temb = torch.randn(1, 8, 6, 6), torch.randn(1, 16)
+    # Made outside inference mode, as the daemon loads its models (weights made inside it are inference tensors:
+    # their guards differ, so they would get a graph of their own).
+    first, second, restarted = resnet(1.0, 1), resnet(1.0, 1), resnet(1.0, 1)
+    with torch.inference_mode():
+        want = first._call_impl(x, temb)
+        for layer in (first, second):
+            precompile.LayerGraphs(tmp_path, "default", "aot_eager").install([layer])
+            torch.testing.assert_close(layer(x, temb), want)
+        saved = list(tmp_path.glob(f"*{precompile.SUFFIX}"))
+        assert 1 <= len(saved) <= 2 and not list(tmp_path.glob(".tmp-*"))
+        graphs = precompile.LayerGraphs(tmp_path, "default", "aot_eager")
+        graphs.install([restarted])
+        torch.testing.assert_close(restarted(x, temb), want)
+    assert (graphs.stats.loaded, graphs.stats.compiled) == (len(saved), 0)
+
+
 def test_a_broken_artefact_is_deleted_and_compiled_again(tmp_path: Path) -> None:
     layer, x, temb = resnet(1.0, 1), torch.randn(1, 8, 6, 6), torch.randn(1, 16)
     with torch.inference_mode():
