@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from memory_peak import peak_growth_mib, reset_peak_rss_mib
 from PIL import Image
 
 from daemon.config import DaemonConfig
@@ -107,26 +108,10 @@ def test_flood_of_pairs_all_reach_a_terminal_state_once(tmp_path: Path) -> None:
     succeeded = sample(service, "i2vd_jobs_total", {"outcome": "succeeded"})
     assert received == succeeded == PAIRS
     assert sample(service, "i2vd_jobs_pending") == 0 and sample(service, "i2vd_jobs_in_progress") == 0
-    growth_mib = status_mib("VmHWM") - rss_before_mib
+    growth_mib = peak_growth_mib(rss_before_mib)
     print(f"RSS before the flood {rss_before_mib:.0f} MiB, peak growth during it {growth_mib:.0f} MiB")
     assert growth_mib < FLOOD_RSS_GROWTH_MIB, f"peak RSS grew {growth_mib:.0f} MiB during the flood"
 
 
 FLOOD_RSS_GROWTH_MIB = 128
 """Measured alone: 4 MiB for the 40 pairs (the model is an instant double; ffmpeg runs in its own processes)."""
-
-
-def status_mib(field: str) -> float:
-    """A `/proc/self/status` memory field (kB there) in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
-def reset_peak_rss_mib() -> float:
-    """Reset this process's RSS high-water mark (`VmHWM`; Linux: 5 into clear_refs) and return the RSS now: the
-    peak afterwards is the flood's own, not that of whatever ran earlier in the same pytest process (the process'
-    lifetime peak, `ru_maxrss`, counted the model tests run before it)."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return status_mib("VmRSS")

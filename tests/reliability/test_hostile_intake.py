@@ -10,7 +10,6 @@ import io
 import json
 import os
 import re
-import resource
 import socket
 import stat
 import struct
@@ -21,6 +20,7 @@ from typing import Any
 import pytest
 import structlog
 from intake_helpers import SIDECAR, Harness, image_bytes, noise_image, png_header_only, reasons
+from memory_peak import peak_growth_mib, reset_peak_rss_mib
 from PIL import Image, ImageFile
 
 from daemon.config import DaemonConfig, GenerationConfig, IntakeConfig
@@ -47,10 +47,6 @@ def jpeg_with_header_size(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-def max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 # ----- E34 --------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "data",
@@ -64,10 +60,10 @@ def test_e34_decompression_bomb_is_rejected_from_the_header_with_bounded_memory(
     assert len(data) < 100_000
     harness = Harness(tmp_path / "inbox")
     harness.drop_pair(image=data)
-    before = max_rss_bytes()
+    before = reset_peak_rss_mib()
     result = harness.settle()
     assert reasons(result) == [("cat", "decompression_bomb")]
-    assert max_rss_bytes() - before < 100 * 2**20
+    assert peak_growth_mib(before) < 100
     assert rejected_reason(harness) == ("decompression_bomb", "cat.png")
 
 
