@@ -15,14 +15,16 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from daemon.generate import precompile
+from daemon.fsio import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from daemon.generate import precompile
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +104,7 @@ def save_artifacts(path: Path) -> int:
             return 0
         data = saved[0]
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(temp, path)
+        atomic_write_bytes(path, data)
         return len(data)
     except Exception as exc:
         log.warning("compile cache %s not saved: %s", path, exc)
@@ -135,11 +134,11 @@ def compile_regions(
         layer_graphs.install(regions)
         return regions
     for module in regions:
-        module.compile(**_compile_kwargs(mode, backend))
+        module.compile(**dynamo_compile_kwargs(mode, backend))
     return regions
 
 
-def _compile_kwargs(mode: CompileMode, backend: Backend) -> dict[str, Any]:
+def dynamo_compile_kwargs(mode: CompileMode, backend: Backend) -> dict[str, Any]:
     """Static shapes, graph breaks allowed; the mode only means something to inductor."""
     kwargs: dict[str, Any] = {"fullgraph": False, "dynamic": False, "backend": backend}
     if backend == "inductor" and mode != "default":
@@ -188,7 +187,7 @@ class GuardedCompile:
             self._compiled_models = tuple(regions)
             self.compiled = eager
         else:
-            self.compiled = torch.compile(eager, **_compile_kwargs(mode, backend))
+            self.compiled = torch.compile(eager, **dynamo_compile_kwargs(mode, backend))
 
     @property
     def active(self) -> bool:

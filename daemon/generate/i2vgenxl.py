@@ -215,7 +215,7 @@ class I2VGenXLGenerator:
                 gpu_speed.to_channels_last(parts.unet)
         regions = (parts.unet, parts.vae.decoder) if compile_vae else (parts.unet,)
         layer_graphs = None
-        if precompiled_dir is not None and compile_scope == "blocks":
+        if precompiled_dir is not None:  # used with scope 'blocks' only (`GuardedCompile` decides)
             layer_graphs = precompile.LayerGraphs(precompiled_dir, compile_mode, compile_backend)
         self.step_fn = GuardedCompile(
             pred.StepModule(parts.unet),

@@ -30,8 +30,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
@@ -40,12 +38,14 @@ from typing import Any
 import torch
 from torch._dynamo.exc import BackendCompilerFailed
 
+from daemon.fsio import atomic_write_bytes
+from daemon.generate.compile_cache import Backend, dynamo_compile_kwargs
+
 log = logging.getLogger(__name__)
 
 SUFFIX = ".aot"
 THROUGH_DYNAMO = object()
 """What a layer call that cannot be precompiled is bound to: an ordinary dynamo compile of the layer."""
-Backend = str | Callable[..., Any]
 
 
 class UnsupportedCall(Exception):
@@ -181,11 +181,7 @@ class LayerGraphs:
         try:
             data = type(function).serialize(function).serialized_data
             self.directory.mkdir(parents=True, exist_ok=True)
-            name = f"{digest}-{hashlib.sha256(data).hexdigest()[:12]}{SUFFIX}"
-            handle, temp = tempfile.mkstemp(prefix=".tmp-", dir=self.directory)
-            with os.fdopen(handle, "wb") as out:
-                out.write(data)
-            os.replace(temp, self.directory / name)
+            atomic_write_bytes(self.directory / f"{digest}-{hashlib.sha256(data).hexdigest()[:12]}{SUFFIX}", data)
         except Exception as exc:
             log.warning("precompiled layer not saved: %s", exc)
 
@@ -236,11 +232,9 @@ class PrecompiledLayer:
         return function(layer, *args, **kwargs)
 
     def _through_dynamo(self, *args: Any, **kwargs: Any) -> Any:
-        if self._dynamo is None:
-            kwargs_for_compile: dict[str, Any] = {"fullgraph": False, "dynamic": False, "backend": self.store.backend}
-            if self.store.backend == "inductor" and self.store.mode != "default":
-                kwargs_for_compile["mode"] = self.store.mode
-            self._dynamo = torch.compile(self.layer._call_impl, **kwargs_for_compile)
+        if self._dynamo is None:  # what `nn.Module.compile` would install
+            options = dynamo_compile_kwargs(self.store.mode, self.store.backend)
+            self._dynamo = torch.compile(self.layer._call_impl, **options)
         return self._dynamo(*args, **kwargs)
 
 
