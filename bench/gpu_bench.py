@@ -8,7 +8,8 @@ BPE format; token ids stay inside the real vocabulary). Every record follows DES
     python bench/gpu_bench.py --phases ref,stock,exact,fast,batch,tiers --compile reduce-overhead --out results.jsonl
 
 Phases: `ref` (fp32 reference loop, stock attention: the PSNR reference), `stock`, `exact`, `fast`, `batch`,
-`tiers` (768p, 1024p, 32 frames), `profile` (top CUDA kernels of one step, stock vs ours), `vram` (peak per
+`tiers` (768p, 1024p, 32 frames), `profile` (CUDA kernels of one step by kind, stock vs ours as configured),
+`attn` (each attention shape of a step under each SDPA backend), `vram` (peak per
 stage for the VRAM model), `creep` (allocated memory over many jobs), `ready` (load + compile + first video:
 run twice in fresh processes to see the cold and the warm compile cache).
 """
@@ -211,7 +212,8 @@ class Bench:
         for model in (self.parts.unet, self.parts.vae, self.parts.text_encoder, self.parts.image_encoder):
             model.to(torch.float16)
 
-    def generator(self) -> I2VGenXLGenerator:
+    def generator(self, warm_up: GenerationRequest | None = None) -> I2VGenXLGenerator:
+        """Ours, compiled (if asked) and warmed up on `warm_up` (512p x 16 frames unless given) at first use."""
         if self.ours is None:
             layers = self.args.cache_dir / "compile" / "bench-layers"
             self.ours = make_generator(
@@ -223,7 +225,7 @@ class Bench:
                 channels_last=self.args.channels_last,
                 precompiled_dir=layers if self.args.precompile_layers else None,
             )
-            self.ours.render(request("512p", 16, 2))  # compiles (if asked) and warms up
+            self.ours.render(warm_up or request("512p", 16, 2))  # compiles (if asked) and warms up
             if self.ours.step_fn.active:
                 freeze_heap()  # as `load_generator` does after its warm-up
         return self.ours
@@ -263,10 +265,11 @@ def _psnr_or_none(frames: np.ndarray, ref: np.ndarray | None) -> float | None:
 
 
 def run_exact_case(b: Bench, tier: str, frames: int, repeats: int, stock: np.ndarray | None = None) -> None:
-    generator = b.generator()
+    fresh = b.ours is None
+    generator = b.generator(request(tier, frames, 2))
     req = request(tier, frames, b.args.steps)
-    if (tier, frames) != ("512p", 16):
-        generator.render(request(tier, frames, 2))
+    if not fresh:
+        generator.render(request(tier, frames, 2))  # compiles this shape's graphs
     seconds, video, peak = timed(lambda: generator.render(req), repeats)
     b.exact[(tier, frames)] = video.frames
     extra = {
@@ -359,14 +362,33 @@ def phase_layout(b: Bench) -> None:
             module.weight.data = module.weight.data.contiguous()
 
 
+KERNEL_KINDS = (
+    ("layout copy", ("nchwtonhwc", "nhwctonchw")),
+    ("attention", ("sdpa", "flash", "fmha", "attention")),
+    ("convolution", ("fprop", "conv", "dgrad", "implicit_gemm")),
+    ("gemm", ("nvjet", "gemm", "cutlass", "cublas", "sm90_xmma")),
+    ("triton reduction (norms)", ("triton_red", "triton_per")),
+    ("triton pointwise", ("triton_poi", "triton_")),
+    ("eager norm statistics", ("rowwisemoments", "groupnorm", "layer_norm", "welford")),
+    ("eager elementwise", ("elementwise", "vectorized", "reduce_kernel", "copy", "cat", "index")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a CUDA kernel by its name (first match in `KERNEL_KINDS`), for a per-step time breakdown."""
+    lowered = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(mark in lowered for mark in marks)), "other")
+
+
 def phase_profile(b: Bench) -> None:
-    """Top CUDA kernels of one guided UNet step at 512p x 16: stock call vs ours (eager)."""
+    """CUDA kernels of one guided UNet step at 512p x 16: stock (eager) vs ours (as configured: with `--compile`,
+    the compiled layers), the top kernels and the time per kernel kind (`KERNEL_KINDS`)."""
     from torch.profiler import ProfilerActivity, profile
 
     from daemon.generate import gpu_speed
 
     parts = b.parts
-    generator = make_generator(parts, torch.float16)
+    generator = b.generator() if b.args.compile != "off" else make_generator(parts, torch.float16)
     req = request("512p", 16, 1)
     cond = batch_cond(generator, req)
     latents = torch.randn(2, 4, 16, 64, 64, device="cuda", dtype=torch.float16)
@@ -386,7 +408,7 @@ def phase_profile(b: Bench) -> None:
                 return_dict=False,
             )
 
-    report = []
+    report, kinds = [], {}
     for name, function in (("stock", stock_step), ("ours", lambda: gpu_speed.step(parts.unet, latents, t, prep))):
         with torch.inference_mode():
             function()
@@ -394,10 +416,126 @@ def phase_profile(b: Bench) -> None:
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 function()
                 torch.cuda.synchronize()
-        report.append(f"== {name}\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        per_kind: dict[str, list[float]] = {}
+        for event in events:
+            entry = per_kind.setdefault(kernel_kind(event.key), [0.0, 0])
+            entry[0] += event.self_device_time_total / 1000
+            entry[1] += event.count
+        kinds[name] = {kind: {"ms": round(ms, 2), "kernels": int(n)} for kind, (ms, n) in sorted(per_kind.items())}
+        total = sum(ms for ms, _ in per_kind.values())
+        lines = [f"== {name}: {total:.1f} ms of kernels per step"]
+        lines += [f"  {kind:28s} {ms:8.2f} ms {int(n):6d} kernels" for kind, (ms, n) in sorted(per_kind.items())]
+        lines.append(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90))
+        report.append("\n".join(lines))
     text = "\n".join(report)
     (b.args.out.parent / "gpu_profile.txt").write_text(text)
-    print(text[-6000:])
+    row = {"profile": {"compile": b.args.compile, "scope": b.args.compile_scope, "kinds": kinds}}
+    with b.args.out.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+    print(text[-9000:], flush=True)
+
+
+def _median_ms(function: Callable[[], Any], repeats: int = 10) -> float:
+    for _ in range(3):
+        function()
+    times = []
+    for _ in range(repeats):
+        begin, finish = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        function()
+        finish.record()
+        finish.synchronize()
+        times.append(begin.elapsed_time(finish))
+    return statistics.median(times)
+
+
+def phase_attn(b: Bench) -> None:
+    """Every distinct attention call of one guided step at 512p x 16 (shapes and calls per step, recorded from an
+    eager step) timed with each SDPA backend: heads padded to 8 as shipped, unpadded where a backend takes any
+    width, and for short key sequences (temporal attention) the plain softmax(q k^T) v compiled by inductor."""
+    from diffusers.models.attention_processor import Attention
+
+    from daemon.generate import gpu_speed
+
+    generator = make_generator(b.parts, torch.float16)
+    cond = batch_cond(generator, request("512p", 16, 1))
+    latents = torch.randn(2, 4, 16, 64, 64, device="cuda", dtype=torch.float16)
+    t = torch.tensor(500, device="cuda")
+    calls: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+    original = gpu_speed.padded_sdpa
+
+    def recording(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        shapes = (tuple(query.shape), tuple(key.shape))
+        calls[shapes] = calls.get(shapes, 0) + 1
+        return original(query, key, value)
+
+    gpu_speed.padded_sdpa = recording  # type: ignore[assignment]
+    try:
+        with torch.inference_mode(), eager_layers(b.parts.unet):
+            gpu_speed.step(b.parts.unet, latents, t, pred.prepare(b.parts.unet, cond))
+    finally:
+        gpu_speed.padded_sdpa = original  # type: ignore[assignment]
+
+    def plain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        weights = (query @ key.transpose(-1, -2)) * query.shape[-1] ** -0.5
+        return weights.softmax(dim=-1) @ value
+
+    layers = [m for m in b.parts.unet.modules() if isinstance(m, Attention)]
+    padded = sum(isinstance(m.processor, gpu_speed.PaddedHeadsProcessor) for m in layers)
+    print(json.dumps({"attention_layers": len(layers), "padded_heads": padded}), flush=True)
+    compiled_plain = torch.compile(plain, fullgraph=True, dynamic=False)
+    rows = []
+    for (q_shape, k_shape), count in sorted(calls.items(), key=lambda item: -item[1]):
+        with torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=64):
+            timings = _attention_timings(q_shape, k_shape, original, compiled_plain)
+        row = {"attn": {"q": q_shape, "k": k_shape, "calls_per_step": count, "ms": timings}}
+        rows.append(row["attn"])
+        print(json.dumps(row), flush=True)
+        with b.args.out.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        torch.cuda.empty_cache()
+    shipped = sum(r["calls_per_step"] * r["ms"]["shipped"] for r in rows)
+    best = sum(r["calls_per_step"] * min(v for v in r["ms"].values() if isinstance(v, float)) for r in rows)
+    summary = {"attn_per_step_ms": {"shipped": round(shipped, 2), "best_per_shape": round(best, 2)}}
+    print(json.dumps(summary), flush=True)
+
+
+def _attention_timings(
+    q_shape: tuple[int, ...], k_shape: tuple[int, ...], shipped: Callable[..., torch.Tensor], plain: Any
+) -> dict[str, Any]:
+    """Median ms of one attention call of these shapes per variant, and each variant's max error vs shipped."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    batch, heads, length, width = q_shape
+    # As the processor sees them: (B, S, H, D) projections viewed and transposed to (B, H, S, D).
+    query = torch.randn(batch, length, heads, width, device="cuda", dtype=torch.float16).transpose(1, 2)
+    key = torch.randn(batch, k_shape[2], heads, width, device="cuda", dtype=torch.float16).transpose(1, 2)
+    value = torch.randn_like(key)
+    reference = shipped(query, key, value).float()
+    variants: list[tuple[str, Callable[[], torch.Tensor]]] = [("shipped", lambda: shipped(query, key, value))]
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+
+        def padded(backend: SDPBackend = backend) -> torch.Tensor:
+            with sdpa_kernel(backend):
+                return shipped(query, key, value)
+
+        def unpadded(backend: SDPBackend = backend) -> torch.Tensor:
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(query, key, value)
+
+        variants += [(f"{backend.name.lower()} padded", padded), (f"{backend.name.lower()} unpadded", unpadded)]
+    if batch * heads * length * k_shape[2] * 2 < 8 << 30:  # the weights matrix fits
+        variants.append(("inductor softmax(qk)v", lambda: plain(query, key, value)))
+    timings: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for label, function in variants:
+        try:
+            errors[label] = f"{(function().float() - reference).abs().max().item():.1e}"
+            timings[label] = round(_median_ms(function), 3)
+        except Exception as exc:  # a backend that refuses the shape
+            errors[label] = f"refused: {type(exc).__name__}: {str(exc)[:80]}"
+    return {**timings, "max_error": errors}
 
 
 def batch_cond(generator: I2VGenXLGenerator, req: GenerationRequest) -> loop.Conditioning:
@@ -545,6 +683,7 @@ def main() -> None:
         ("stock", lambda b: stock.append(run_stock_case(b, "512p", 16, 2))),
         ("ready", phase_ready),
         ("exact", lambda b: run_exact_case(b, "512p", 16, 2, stock[0] if stock else None)),
+        ("attn", phase_attn),
         ("profile", phase_profile),
         ("vram", phase_vram),
         ("fast", phase_fast),
