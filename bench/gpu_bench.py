@@ -343,9 +343,17 @@ def phase_tiers(b: Bench) -> None:
 
 
 def phase_layout(b: Bench) -> None:
-    """Eager ms per guided UNet step at 512p x 16 frames, NCHW vs channels-last convolution weights."""
+    """NCHW vs channels-last convolution weights: eager ms per guided UNet step at 512p x 16 frames, or with
+    `--compile` a 50-step exact video and the kernel kinds of one step for each (ours compiled per layout)."""
     from daemon.generate import gpu_speed
 
+    if b.args.compile != "off":
+        for layout in ("nchw", "channels_last"):
+            if layout == "channels_last":
+                b.args.channels_last, b.ours = True, None  # a new generator converts the weights and installs
+            run_exact_case(b, "512p", 16, 2)  # the layers again (their graphs are specialised on weight layout)
+            phase_profile(b, suffix=f"-{layout}")
+        return
     generator = make_generator(b.parts, torch.float16)
     cond = batch_cond(generator, request("512p", 16, 1))
     latents = torch.randn(2, 4, 16, 64, 64, device="cuda", dtype=torch.float16)
@@ -363,12 +371,14 @@ def phase_layout(b: Bench) -> None:
 
 
 KERNEL_KINDS = (
+    # Inductor names its kernels after the ops it fused ("triton_poi_fused_convolution_native_group_norm_silu"),
+    # so its own kinds are matched first.
+    ("triton reduction (norms)", ("triton_red", "triton_per")),
+    ("triton pointwise", ("triton_poi", "triton_")),
     ("layout copy", ("nchwtonhwc", "nhwctonchw")),
     ("attention", ("sdpa", "flash", "fmha", "attention")),
     ("convolution", ("fprop", "conv", "dgrad", "implicit_gemm")),
     ("gemm", ("nvjet", "gemm", "cutlass", "cublas", "sm90_xmma")),
-    ("triton reduction (norms)", ("triton_red", "triton_per")),
-    ("triton pointwise", ("triton_poi", "triton_")),
     ("eager norm statistics", ("rowwisemoments", "groupnorm", "layer_norm", "welford")),
     ("eager elementwise", ("elementwise", "vectorized", "reduce_kernel", "copy", "cat", "index")),
 )
@@ -380,7 +390,7 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, marks in KERNEL_KINDS if any(mark in lowered for mark in marks)), "other")
 
 
-def phase_profile(b: Bench) -> None:
+def phase_profile(b: Bench, suffix: str = "") -> None:
     """CUDA kernels of one guided UNet step at 512p x 16: stock (eager) vs ours (as configured: with `--compile`,
     the compiled layers), the top kernels and the time per kernel kind (`KERNEL_KINDS`)."""
     from torch.profiler import ProfilerActivity, profile
@@ -429,8 +439,8 @@ def phase_profile(b: Bench) -> None:
         lines.append(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90))
         report.append("\n".join(lines))
     text = "\n".join(report)
-    (b.args.out.parent / "gpu_profile.txt").write_text(text)
-    row = {"profile": {"compile": b.args.compile, "scope": b.args.compile_scope, "kinds": kinds}}
+    (b.args.out.parent / f"gpu_profile{suffix}.txt").write_text(text)
+    row = {"profile": {"compile": b.args.compile, "scope": b.args.compile_scope, "case": suffix, "kinds": kinds}}
     with b.args.out.open("a") as handle:
         handle.write(json.dumps(row) + "\n")
     print(text[-9000:], flush=True)
@@ -452,80 +462,74 @@ def _median_ms(function: Callable[[], Any], repeats: int = 10) -> float:
 
 def phase_attn(b: Bench) -> None:
     """Every distinct attention call of one guided step at 512p x 16 (shapes and calls per step, recorded from an
-    eager step) timed with each SDPA backend: heads padded to 8 as shipped, unpadded where a backend takes any
-    width, and for short key sequences (temporal attention) the plain softmax(q k^T) v compiled by inductor."""
-    from diffusers.models.attention_processor import Attention
-
-    from daemon.generate import gpu_speed
+    eager step) timed with each SDPA backend and with the plain softmax(q k^T) v (softmax in fp32) compiled by
+    inductor, where its weights matrix fits."""
+    import torch.nn.functional as F
 
     generator = make_generator(b.parts, torch.float16)
     cond = batch_cond(generator, request("512p", 16, 1))
     latents = torch.randn(2, 4, 16, 64, 64, device="cuda", dtype=torch.float16)
     t = torch.tensor(500, device="cuda")
     calls: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
-    original = gpu_speed.padded_sdpa
+    original = F.scaled_dot_product_attention
 
-    def recording(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    def recording(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         shapes = (tuple(query.shape), tuple(key.shape))
         calls[shapes] = calls.get(shapes, 0) + 1
-        return original(query, key, value)
+        return original(query, key, value, *args, **kwargs)
 
-    gpu_speed.padded_sdpa = recording  # type: ignore[assignment]
+    F.scaled_dot_product_attention = recording
     try:
+        from daemon.generate import gpu_speed
+
         with torch.inference_mode(), eager_layers(b.parts.unet):
             gpu_speed.step(b.parts.unet, latents, t, pred.prepare(b.parts.unet, cond))
     finally:
-        gpu_speed.padded_sdpa = original  # type: ignore[assignment]
+        F.scaled_dot_product_attention = original
 
     def plain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        weights = (query @ key.transpose(-1, -2)) * query.shape[-1] ** -0.5
-        return weights.softmax(dim=-1) @ value
+        weights = (query @ key.transpose(-1, -2)).float() * query.shape[-1] ** -0.5
+        return weights.softmax(dim=-1).to(value.dtype) @ value
 
-    layers = [m for m in b.parts.unet.modules() if isinstance(m, Attention)]
-    padded = sum(isinstance(m.processor, gpu_speed.PaddedHeadsProcessor) for m in layers)
-    print(json.dumps({"attention_layers": len(layers), "padded_heads": padded}), flush=True)
     compiled_plain = torch.compile(plain, fullgraph=True, dynamic=False)
     rows = []
     for (q_shape, k_shape), count in sorted(calls.items(), key=lambda item: -item[1]):
         with torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=64):
-            timings = _attention_timings(q_shape, k_shape, original, compiled_plain)
+            timings = _attention_timings(q_shape, k_shape, compiled_plain)
         row = {"attn": {"q": q_shape, "k": k_shape, "calls_per_step": count, "ms": timings}}
         rows.append(row["attn"])
         print(json.dumps(row), flush=True)
         with b.args.out.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         torch.cuda.empty_cache()
-    shipped = sum(r["calls_per_step"] * r["ms"]["shipped"] for r in rows)
+    shipped = sum(r["calls_per_step"] * r["ms"]["default"] for r in rows)
     best = sum(r["calls_per_step"] * min(v for v in r["ms"].values() if isinstance(v, float)) for r in rows)
-    summary = {"attn_per_step_ms": {"shipped": round(shipped, 2), "best_per_shape": round(best, 2)}}
+    summary = {"attn_per_step_ms": {"default": round(shipped, 2), "best_per_shape": round(best, 2)}}
     print(json.dumps(summary), flush=True)
+    with b.args.out.open("a") as handle:
+        handle.write(json.dumps(summary) + "\n")
 
 
-def _attention_timings(
-    q_shape: tuple[int, ...], k_shape: tuple[int, ...], shipped: Callable[..., torch.Tensor], plain: Any
-) -> dict[str, Any]:
-    """Median ms of one attention call of these shapes per variant, and each variant's max error vs shipped."""
+def _attention_timings(q_shape: tuple[int, ...], k_shape: tuple[int, ...], plain: Any) -> dict[str, Any]:
+    """Median ms of one attention call of these shapes per variant, and each variant's max error vs default."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    sdpa = torch.nn.functional.scaled_dot_product_attention
     batch, heads, length, width = q_shape
-    # As the processor sees them: (B, S, H, D) projections viewed and transposed to (B, H, S, D).
+    # As the processors see them: (B, S, H, D) projections viewed and transposed to (B, H, S, D).
     query = torch.randn(batch, length, heads, width, device="cuda", dtype=torch.float16).transpose(1, 2)
     key = torch.randn(batch, k_shape[2], heads, width, device="cuda", dtype=torch.float16).transpose(1, 2)
     value = torch.randn_like(key)
-    reference = shipped(query, key, value).float()
-    variants: list[tuple[str, Callable[[], torch.Tensor]]] = [("shipped", lambda: shipped(query, key, value))]
+    reference = sdpa(query, key, value).float()
+    variants: list[tuple[str, Callable[[], torch.Tensor]]] = [("default", lambda: sdpa(query, key, value))]
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
 
-        def padded(backend: SDPBackend = backend) -> torch.Tensor:
+        def forced(backend: SDPBackend = backend) -> torch.Tensor:
             with sdpa_kernel(backend):
-                return shipped(query, key, value)
+                return sdpa(query, key, value)
 
-        def unpadded(backend: SDPBackend = backend) -> torch.Tensor:
-            with sdpa_kernel(backend):
-                return torch.nn.functional.scaled_dot_product_attention(query, key, value)
-
-        variants += [(f"{backend.name.lower()} padded", padded), (f"{backend.name.lower()} unpadded", unpadded)]
-    if batch * heads * length * k_shape[2] * 2 < 8 << 30:  # the weights matrix fits
+        variants.append((backend.name.lower(), forced))
+    if batch * heads * length * k_shape[2] * 4 < 8 << 30:  # the fp32 weights matrix fits
         variants.append(("inductor softmax(qk)v", lambda: plain(query, key, value)))
     timings: dict[str, Any] = {}
     errors: dict[str, str] = {}

@@ -74,11 +74,14 @@ def value_signature(value: object) -> Hashable:
 
 
 def state_signature(module: torch.nn.Module) -> Hashable:
-    """The layer's class and the names, shapes and dtypes of its weights and buffers (their device is checked per
-    call: offloading moves models)."""
+    """The layer's class and the names, shapes, strides and dtypes of its weights and buffers (their device is
+    checked per call: offloading moves models). Weights are graph inputs, and a graph is specialised on their
+    layout as on any input's (channels-last convolution weights need their own graphs); the signature is taken
+    when the layer is installed, so a layout change means installing again."""
     kind = type(module)
     tensors = [*module.named_parameters(), *module.named_buffers()]
-    return (kind.__module__, kind.__qualname__, tuple((name, tuple(t.shape), t.dtype) for name, t in tensors))
+    weights = tuple((name, tuple(t.shape), t.stride(), t.dtype) for name, t in tensors)
+    return (kind.__module__, kind.__qualname__, weights)
 
 
 def serialisable_guards(entries: Sequence[Any]) -> list[bool]:

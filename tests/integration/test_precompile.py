@@ -121,6 +121,24 @@ def test_same_shaped_layers_share_a_graph_unless_their_constants_differ(tmp_path
     assert not torch.equal(want[0], want[1])
 
 
+def test_channels_last_weights_get_graphs_of_their_own(tmp_path: Path) -> None:
+    """A graph is specialised on its weights' layout like on any input's: a layer installed with channels-last
+    convolution weights (`model.channels_last`) must not be handed the graph compiled for contiguous ones."""
+    from daemon.generate import gpu_speed
+
+    contiguous, converted = resnet(1.0, 1), resnet(1.0, 1)
+    gpu_speed.to_channels_last(converted)
+    x, temb = torch.randn(2, 8, 6, 6), torch.randn(2, 16)
+    with torch.inference_mode():
+        want = contiguous._call_impl(x, temb)
+        graphs = precompile.LayerGraphs(tmp_path, "default", "aot_eager")
+        graphs.install([contiguous, converted])
+        for layer in (contiguous, converted):
+            torch.testing.assert_close(layer(x, temb), want)
+    assert graphs.stats.compiled == 2 == len(list(tmp_path.glob(f"*{precompile.SUFFIX}")))
+    assert precompile.state_signature(contiguous) != precompile.state_signature(converted)
+
+
 def test_it_works_where_torch_leaves_the_entry_point_off(tmp_path: Path) -> None:
     """torch 2.11 ships `enable_aot_compile = False`, without which `torch.compile(fn)` has no `aot_compile`."""
     import torch._dynamo
