@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from daemon.config import resolve_compile_scope
+from daemon.config import ModelConfig, resolve_compile_scope
 from daemon.generate import i2vgenxl_loop as loop
 from daemon.generate import predict as pred
 from daemon.generate.base import GenerationRequest, ModelInfo
@@ -665,13 +665,21 @@ def main() -> None:
     parser.add_argument("--creep-jobs", type=int, default=100)
     parser.add_argument("--tier-steps", type=int, default=50)
     parser.add_argument("--tier-list", default="768p:16,512p:32,1024p:16")
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels-last UNet convolution weights (default: as the daemon's model.channels_last unset decides)",
+    )
     parser.add_argument("--save-ref", type=Path, help="write the fp32 reference frames (512p x 16) here")
     parser.add_argument("--load-ref", type=Path, help="read them from here instead of running `ref`")
     parser.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "i2vd")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu_bench.jsonl")
     args = parser.parse_args()
     args.compile_scope = resolve_compile_scope(args.compile, args.compile_scope)
+    if args.channels_last is None:
+        model = ModelConfig(compile=args.compile, compile_scope=args.compile_scope)
+        args.channels_last = model.resolved_channels_last(args.compile)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     from daemon.generate import compile_cache
 

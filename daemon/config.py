@@ -132,6 +132,12 @@ class ModelConfig(_Frozen):
         description="with compile_scope 'blocks', save each layer's compiled graph whole (torch's ahead-of-time "
         "compile) in cache_dir/compile, so a restart loads it instead of tracing every layer again with dynamo",
     )
+    channels_last: bool | None = Field(
+        default=None,
+        description="i2vgen-xl on CUDA: the UNet's convolution weights in channels-last layout (cuDNN's own, no "
+        "layout copies around each convolution). Unset: on with the per-layer compile (512x512x16 exact 6.93 -> "
+        '6.63 s on an H200), off otherwise (an eager step was slower with it), BENCHMARKS.md "Channels-last"',
+    )
     warm_up_batch_sizes: tuple[Annotated[int, Field(ge=1, le=64)], ...] = Field(
         default=(1,),
         min_length=1,
@@ -158,6 +164,13 @@ class ModelConfig(_Frozen):
     @property
     def resolved_compile_scope(self) -> str:
         return resolve_compile_scope(self.compile, self.compile_scope)
+
+    def resolved_channels_last(self, compile_mode: str) -> bool:
+        """`channels_last`, or where unset whether the UNet is compiled per layer (`compile_mode` as it applies
+        on this device: 'off' on the CPU)."""
+        if self.channels_last is not None:
+            return self.channels_last
+        return compile_mode != "off" and self.resolved_compile_scope == "blocks"
 
     @field_validator("device")
     @classmethod

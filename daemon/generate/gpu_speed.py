@@ -7,10 +7,14 @@ of `forward` (diffusers 0.42.1) unchanged, so in eager mode the result is bit-fo
 (tests/unit/test_gpu_speed.py). `step` also gives the DeepCache-style fast mode its two entry points: a full pass
 that keeps the deep feature, and a shallow pass that reuses it.
 
-The published UNet has 64 attention heads at every level (`num_attention_heads = attention_head_dim`), so a head is
-5, 10 or 20 wide. Flash attention needs a multiple of 8: `PaddedHeadsProcessor` zero-pads each head to the next
-multiple of 8 with the softmax scale of the true width. Zero columns add nothing to q.k and produce zero outputs
-that are cut off again, so the maths is unchanged; only the kernel (and its rounding) differs.
+Attention (`AttentionProcessor`, installed on CUDA): heads that are not a multiple of 8 wide (the image-latent
+temporal encoder's) are zero-padded to the next multiple of 8 with the softmax scale of the true width, so that the
+fused kernels take them: zero columns add nothing to q.k and produce zero outputs that are cut off again, so the
+maths is unchanged; only the kernel (and its rounding) differs. Short sequences (the temporal attention over the
+frames: 16 queries and keys per pixel, 2-10 calls per step at each level) go to the memory-efficient kernel, which
+the default dispatch passes over for cuDNN's: on an H200 at 512x512x16 it takes 0.47 vs 0.68 ms for the largest
+such call and 4.6 ms less per step in all (`bench/gpu_bench.py --phases attn`, BENCHMARKS.md); the long spatial
+and cross attentions are fastest with the default (cuDNN) kernel and keep it.
 """
 
 from __future__ import annotations
@@ -22,21 +26,30 @@ import torch
 import torch.nn.functional as F
 
 HEAD_ALIGN = 8
+SHORT_SEQUENCE = 32
+"""Query and key lengths up to this (frames) take the memory-efficient kernel on CUDA."""
 
 
-def padded_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """`scaled_dot_product_attention` with heads zero-padded to a multiple of 8 (same maths, flash-eligible)."""
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`scaled_dot_product_attention` of (B, H, S, D) tensors, heads zero-padded to a multiple of 8 (same maths),
+    short sequences on CUDA through the memory-efficient kernel (see the module's docstring)."""
     width = query.shape[-1]
     pad = (-width) % HEAD_ALIGN
-    if pad == 0:
-        return F.scaled_dot_product_attention(query, key, value)
-    query, key, value = (F.pad(tensor, (0, pad)) for tensor in (query, key, value))
-    out = F.scaled_dot_product_attention(query, key, value, scale=width**-0.5)
-    return out[..., :width]
+    if pad:
+        query, key, value = (F.pad(tensor, (0, pad)) for tensor in (query, key, value))
+    scale = width**-0.5 if pad else None  # None: the kernels' own 1/sqrt(width), as the stock processor has it
+    short = query.shape[-2] <= SHORT_SEQUENCE and key.shape[-2] <= SHORT_SEQUENCE
+    if short and query.is_cuda:
+        out: torch.Tensor = torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, key, value, None, False, scale=scale
+        )[0]
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, scale=scale)
+    return out[..., :width] if pad else out
 
 
-class PaddedHeadsProcessor:
-    """diffusers' `AttnProcessor2_0` for the features the I2VGen-XL UNet uses, with `padded_sdpa` inside."""
+class AttentionProcessor:
+    """diffusers' `AttnProcessor2_0` for the features the I2VGen-XL UNet uses, with `attention` inside."""
 
     def __call__(
         self,
@@ -47,8 +60,8 @@ class PaddedHeadsProcessor:
         temb: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        if attention_mask is not None or attn.spatial_norm is not None or attn.norm_q is not None:
-            raise NotImplementedError("PaddedHeadsProcessor: masks, spatial norm and q/k norms are not supported")
+        if not supported(attn) or attention_mask is not None:
+            raise NotImplementedError("AttentionProcessor: masks, spatial norm and q/k norms are not supported")
         residual = hidden_states
         input_ndim = hidden_states.ndim
         if input_ndim == 4:
@@ -66,7 +79,7 @@ class PaddedHeadsProcessor:
         value = attn.to_v(encoder_hidden_states)
         head_dim = key.shape[-1] // attn.heads
         query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-        hidden_states = padded_sdpa(query, key, value)
+        hidden_states = attention(query, key, value)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
@@ -77,14 +90,19 @@ class PaddedHeadsProcessor:
         return result
 
 
-def install_padded_attention(model: Any) -> int:
-    """Give every attention layer of `model` whose heads are not 8-aligned the padded processor; returns how many."""
+def supported(attn: Any) -> bool:
+    """Whether `AttentionProcessor` covers this layer's features (every layer of the I2VGen-XL UNet)."""
+    return attn.spatial_norm is None and attn.norm_q is None and attn.norm_k is None
+
+
+def install_attention(model: Any) -> int:
+    """Give every attention layer of `model` that `AttentionProcessor` covers that processor; returns how many."""
     from diffusers.models.attention_processor import Attention
 
     changed = 0
     for module in model.modules():
-        if isinstance(module, Attention) and (module.inner_dim // module.heads) % HEAD_ALIGN:
-            module.set_processor(PaddedHeadsProcessor())  # type: ignore[arg-type]
+        if isinstance(module, Attention) and supported(module):
+            module.set_processor(AttentionProcessor())  # type: ignore[arg-type]
             changed += 1
     return changed
 

@@ -126,6 +126,7 @@ def _load_generator(config: ModelConfig, clip_skip: int | None) -> I2VGenXLGener
         compile_mode=compile_mode,
         compile_scope=config.resolved_compile_scope,
         compile_vae=config.compile_vae,
+        channels_last=config.resolved_channels_last(compile_mode),
         precompiled_dir=_precompiled_dir(config, parts) if compile_mode != "off" else None,
     )
     warm = generator.warm_up(config.cache_dir, batch_sizes=config.warm_up_batch_sizes)
@@ -181,8 +182,8 @@ class _StageClock:
 class I2VGenXLGenerator:
     """A loaded, warm I2VGen-XL; one job (or one batch of jobs) at a time (the worker is single-threaded per model).
 
-    `mode` 'exact' runs the stock maths; 'fast' the DeepCache predictor (see `predict`). On CUDA the attention
-    heads are padded for flash attention and the UNet step may be compiled (`compile_mode`, see `compile_cache`).
+    `mode` 'exact' runs the stock maths; 'fast' the DeepCache predictor (see `predict`). On CUDA attention goes
+    through `gpu_speed.AttentionProcessor` and the UNet step may be compiled (`compile_mode`, see `compile_cache`).
     """
 
     def __init__(
@@ -210,7 +211,7 @@ class I2VGenXLGenerator:
         self.mode = mode
         self.fast_options = fast_options or pred.FastOptions()
         if device.type == "cuda":
-            gpu_speed.install_padded_attention(parts.unet)
+            gpu_speed.install_attention(parts.unet)
             if channels_last:
                 gpu_speed.to_channels_last(parts.unet)
         regions = (parts.unet, parts.vae.decoder) if compile_vae else (parts.unet,)

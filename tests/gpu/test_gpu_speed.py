@@ -72,12 +72,20 @@ def test_exact_mode_in_float16_matches_the_float32_reference(
     assert float(np.abs(ours - ref).max()) < 0.03
 
 
-def test_padded_heads_match_plain_attention_on_cuda() -> None:
+@pytest.mark.parametrize(("length", "width"), [(300, 5), (16, 5), (16, 64), (32, 64)])
+def test_our_attention_matches_plain_attention_on_cuda(length: int, width: int) -> None:
+    """Padded heads, and short sequences through the memory-efficient kernel, against fp32 attention."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(4, 64, 300, 5, device="cuda", dtype=torch.float16) for _ in range(3))
-    padded = gpu_speed.padded_sdpa(q, k, v).float()
+    q, k, v = (torch.randn(64, 8, length, width, device="cuda", dtype=torch.float16) for _ in range(3))
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        ours = gpu_speed.attention(q, k, v).float()
+        torch.cuda.synchronize()
     plain = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
-    assert float((padded - plain).abs().max()) < 2e-3
+    assert float((ours - plain).abs().max()) < 2e-3
+    if length <= gpu_speed.SHORT_SEQUENCE:  # "fmha_cutlass…": the memory-efficient kernel's name
+        assert any("fmha" in event.key for event in prof.key_averages())
 
 
 def test_batch_of_two_equals_singles_in_float16(generator: I2VGenXLGenerator) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from daemon.config import ModelConfig
@@ -100,11 +101,39 @@ def test_prepared_step_is_bit_exact_with_the_unet_call(generator: I2VGenXLGenera
     assert torch.equal(shallow, stock)
 
 
-def test_padded_heads_compute_the_same_attention() -> None:
+@pytest.mark.parametrize("length", [8, 33])  # a short (temporal) and a long sequence
+def test_padded_heads_compute_the_same_attention(length: int) -> None:
     torch.manual_seed(1)
-    query, key, value = (torch.randn(2, 4, 33, 5, dtype=torch.float64) for _ in range(3))
+    query, key, value = (torch.randn(2, 4, length, 5, dtype=torch.float64) for _ in range(3))
     reference = torch.nn.functional.scaled_dot_product_attention(query, key, value)
-    assert torch.allclose(gpu_speed.padded_sdpa(query, key, value), reference, atol=1e-12)
+    assert torch.allclose(gpu_speed.attention(query, key, value), reference, atol=1e-12)
+
+
+def test_aligned_heads_make_the_stock_call() -> None:
+    """8-aligned heads off CUDA: the very call diffusers' `AttnProcessor2_0` makes, identical floats."""
+    torch.manual_seed(2)
+    query, key, value = (torch.randn(2, 4, 40, 16) for _ in range(3))
+    assert torch.equal(gpu_speed.attention(query, key, value), F.scaled_dot_product_attention(query, key, value))
+
+
+def test_our_attention_processor_serves_every_layer_of_the_unet(tmp_path: Path) -> None:
+    """Every attention layer of the I2VGen-XL UNet takes `AttentionProcessor`, and the UNet's output stays the
+    stock processor's (the tiny model's heads are 4 wide, so padded: equal up to rounding)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet = load_generator(ModelConfig(device="cpu", cache_dir=tmp_path)).components.unet
+    torch.manual_seed(0)
+    sample, latents = torch.randn(2, 4, 8, 12, 16), torch.randn(2, 4, 8, 12, 16)
+    images, prompts = torch.randn(2, 1, 32), torch.randn(2, 77, 32)
+    kwargs = {"encoder_hidden_states": prompts, "fps": torch.tensor([16, 16]), "image_latents": latents}
+    outputs = []
+    with torch.inference_mode():
+        for install in (lambda: unet.set_attn_processor(AttnProcessor2_0()), lambda: gpu_speed.install_attention(unet)):
+            install()
+            outputs.append(unet(sample, torch.tensor(500), image_embeddings=images, return_dict=False, **kwargs)[0])
+    assert gpu_speed.install_attention(unet) == len(unet.attn_processors)
+    assert all(isinstance(p, gpu_speed.AttentionProcessor) for p in unet.attn_processors.values())
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -127,3 +127,23 @@ def test_config_is_frozen() -> None:
     config = load_config(None)
     with pytest.raises(ValueError, match="frozen"):
         config.metrics.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("channels_last", "compile_mode", "scope", "want"),
+    [
+        (None, "default", "auto", True),  # per-layer compile: measured faster with it
+        (None, "default", "step", False),
+        (None, "reduce-overhead", "auto", False),  # auto -> the whole step
+        (None, "off", "auto", False),  # eager (and the CPU): measured slower with it
+        (False, "default", "auto", False),
+        (True, "off", "auto", True),
+    ],
+)
+def test_channels_last_follows_the_compile_unless_set(
+    channels_last: bool | None, compile_mode: str, scope: str, want: bool
+) -> None:
+    from daemon.config import ModelConfig
+
+    config = ModelConfig(channels_last=channels_last, compile=compile_mode, compile_scope=scope)
+    assert config.resolved_channels_last(config.compile) is want
