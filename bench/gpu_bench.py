@@ -348,6 +348,7 @@ def phase_layout(b: Bench) -> None:
     from daemon.generate import gpu_speed
 
     if b.args.compile != "off":
+        b.args.channels_last, b.ours = False, None
         for layout in ("nchw", "channels_last"):
             if layout == "channels_last":
                 b.args.channels_last, b.ours = True, None  # a new generator converts the weights and installs
