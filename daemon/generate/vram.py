@@ -11,7 +11,12 @@ linear in what dominates each stage:
 - decoding: weights + the denoised latents + `decode_bytes_per_pixel` x chunk x H x W (one chunk of frames
   through the VAE decoder);
 
-and the peak is the larger of the two. Importable without torch: the CLI and the job resolver use it.
+and the peak is the larger of the two. The time of a batch is `fixed_seconds` (encoders, bookkeeping), the VAE
+decode (`decode_seconds_per_pixel` x batch x frames x H x W) and per denoising step a constant (the per-layer
+launches and glue), a term linear in the latent positions (convolutions, projections, norms, temporal attention)
+and one in batch x frames x tokens^2 (the spatial self-attention, quadratic in the latent tokens of a frame); fitted
+on the compiled 512p/16f, 768p/16f, 1024p/16f and 512p/32f steps within 1.4% (BENCHMARKS.md, "Attention kernels").
+Importable without torch: the CLI and the job resolver use it.
 """
 
 from __future__ import annotations
@@ -33,8 +38,14 @@ class VramModel:
     weights_bytes: int
     denoise_bytes_per_position: float
     decode_bytes_per_pixel: float
+    seconds_per_step: float
+    """Exact mode, compiled: what a denoising step costs whatever its shape."""
     seconds_per_position_step: float
-    """Exact mode, compiled, per latent position (batch x frames x H/8 x W/8) per denoising step."""
+    """Per latent position (batch x frames x H/8 x W/8) per denoising step."""
+    seconds_per_attention_step: float
+    """Per batch x frames x (H/8 x W/8)^2 per denoising step."""
+    decode_seconds_per_pixel: float
+    """VAE decode, per output pixel of every frame and video."""
     fixed_seconds: float
     shallow_step_fraction: float
     """A fast-mode shallow step (DeepCache: only the highest-resolution blocks run) as a fraction of a full one."""
@@ -81,9 +92,15 @@ def estimate_seconds(
     fast-mode shallow passes (0: exact mode)."""
     model = load_model()
     full_equivalent = steps - shallow_steps + model.shallow_step_fraction * shallow_steps
-    return model.fixed_seconds + model.seconds_per_position_step * full_equivalent * latent_positions(
-        width, height, num_frames, batch
+    positions = latent_positions(width, height, num_frames, batch)
+    tokens = math.ceil(width / 8) * math.ceil(height / 8)
+    step = (
+        model.seconds_per_step
+        + model.seconds_per_position_step * positions
+        + model.seconds_per_attention_step * positions * tokens
     )
+    decode = model.decode_seconds_per_pixel * batch * num_frames * width * height
+    return model.fixed_seconds + decode + step * full_equivalent
 
 
 def decode_chunk_for(width: int, height: int, free_bytes: int, wanted: int) -> int:

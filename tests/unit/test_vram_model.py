@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,6 +25,39 @@ def test_the_shipped_model_reproduces_the_gpu_measurements() -> None:
         decode = vram.decode_peak(width, height, point["chunk"])
         assert denoise == pytest.approx(point["denoise_peak"], rel=0.01), point
         assert decode == pytest.approx(point["decode_peak"] - point["latent_bytes"], rel=0.03), point
+
+
+RESULTS = POINTS.parent
+
+
+def recorded(name: str) -> list[dict[str, Any]]:
+    lines = (RESULTS / name).read_text().splitlines()
+    return [row for row in map(json.loads, lines) if row.get("mode") in ("exact", "fast")]
+
+
+def test_the_time_model_follows_the_measured_shapes() -> None:
+    """Against the compiled runs on the H200 (`bench/results/gpu_bench-2026-12-01-*.jsonl`): the shipped
+    configuration's 512p/16f videos within 2% (exact) and 5% (fast), each tier's denoising step relative to the
+    512p/16f step of the same configuration within 5%, and the VAE decode within 15%."""
+    for row in recorded("gpu_bench-2026-12-01-shipped.jsonl"):
+        shallow = 8 if row["mode"] == "fast" else 0  # 3@12: 4 full steps, 8 shallow
+        want = vram.estimate_seconds(512, 512, 16, row["steps"], shallow_steps=shallow)
+        assert want == pytest.approx(row["s_per_video"], rel=0.02 if shallow == 0 else 0.05), row
+
+    def step(width: int, frames: int) -> float:
+        return vram.estimate_seconds(width, width, frames, 2) - vram.estimate_seconds(width, width, frames, 1)
+
+    nchw = [r for r in recorded("gpu_bench-2026-12-01-attn-layout.jsonl") if r["channels_last"] is False]
+    base = nchw[0]["timings"]["denoise"] / nchw[0]["steps"]
+    tiers = recorded("gpu_bench-2026-12-01-tiers-compiled.jsonl")
+    assert {(r["tier"], r["frames"]) for r in tiers} == {("768p", 16), ("512p", 32), ("1024p", 16)}
+    for row in tiers:
+        width, frames = int(row["tier"].removesuffix("p")), row["frames"]
+        timings = row["timings"]
+        measured = timings["denoise"] / row["steps"] / base
+        assert step(width, frames) / step(512, 16) == pytest.approx(measured, rel=0.05), row
+        decode = vram.estimate_seconds(width, width, frames, 0) - vram.load_model().fixed_seconds
+        assert decode == pytest.approx(timings["decode"], rel=0.15), row
 
 
 def test_estimate_grows_with_every_dimension() -> None:
