@@ -212,8 +212,9 @@ class Bench:
         for model in (self.parts.unet, self.parts.vae, self.parts.text_encoder, self.parts.image_encoder):
             model.to(torch.float16)
 
-    def generator(self, warm_up: GenerationRequest | None = None) -> I2VGenXLGenerator:
-        """Ours, compiled (if asked) and warmed up on `warm_up` (512p x 16 frames unless given) at first use."""
+    def generator(self, warm_up: GenerationRequest | list[GenerationRequest] | None = None) -> I2VGenXLGenerator:
+        """Ours, compiled (if asked) and warmed up on `warm_up` (one 512p x 16 frames video unless given; a list:
+        that batch) at first use."""
         if self.ours is None:
             layers = self.args.cache_dir / "compile" / "bench-layers"
             self.ours = make_generator(
@@ -225,7 +226,10 @@ class Bench:
                 channels_last=self.args.channels_last,
                 precompiled_dir=layers if self.args.precompile_layers else None,
             )
-            self.ours.render(warm_up or request("512p", 16, 2))  # compiles (if asked) and warms up
+            if isinstance(warm_up, list):
+                self.ours.render_batch(warm_up)  # compiles (if asked) this batch size only
+            else:
+                self.ours.render(warm_up or request("512p", 16, 2))  # compiles (if asked) and warms up
             if self.ours.step_fn.active:
                 freeze_heap()  # as `load_generator` does after its warm-up
         return self.ours
@@ -316,21 +320,23 @@ def phase_fast(b: Bench) -> None:
 
 
 def phase_batch(b: Bench) -> None:
-    generator = b.generator()
-    for size in (2, 4):
+    """Batches of `--batch-sizes` exact 512p x 16 videos, each with its own seed and guidance; with
+    `--batch-compare` the second row against the same request alone (which compiles the single-video graphs too,
+    where the compile of a batch-only run covers its batch size only)."""
+    for size in map(int, b.args.batch_sizes.split(",")):
         reqs = [request("512p", 16, b.args.steps, seed=42 + i, guidance=9.0 - i) for i in range(size)]
-        generator.render_batch([request("512p", 16, 2, seed=i) for i in range(size)])
-        seconds, videos, peak = timed(lambda r=reqs: generator.render_batch(r), 1)
-        single = generator.render(reqs[1]).frames
-        b.rec.add(
-            b.parts,
-            "exact",
-            reqs[0],
-            size,
-            seconds,
-            peak_vram_bytes=peak,
-            row1_vs_single_psnr_db=round(psnr(videos[1].frames, single), 2),
-        )
+        warm = [request("512p", 16, 2, seed=i) for i in range(size)]
+        fresh = b.ours is None
+        generator = b.generator(warm)
+        if not fresh:
+            generator.render_batch(warm)
+        seconds, videos, peak = timed(lambda r=reqs, g=generator: g.render_batch(r), 1)
+        extra: dict[str, Any] = {"timings": {k: round(v, 3) for k, v in videos[0].timings.items()}}
+        if b.args.batch_compare:
+            single = generator.render(reqs[1]).frames
+            extra["row1_vs_single_psnr_db"] = round(psnr(videos[1].frames, single), 2)
+        extra["channels_last"] = b.args.channels_last
+        b.rec.add(b.parts, "exact", reqs[0], size, seconds, peak_vram_bytes=peak, **extra)
 
 
 def phase_tiers(b: Bench) -> None:
@@ -664,6 +670,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--fast-variants", default="3,0,50;5,0,50;3,0.3,50;3,0,25")
     parser.add_argument("--creep-jobs", type=int, default=100)
+    parser.add_argument("--batch-sizes", default="2,4")
+    parser.add_argument("--batch-compare", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--tier-steps", type=int, default=50)
     parser.add_argument("--tier-list", default="768p:16,512p:32,1024p:16")
     parser.add_argument(
