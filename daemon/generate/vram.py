@@ -14,8 +14,9 @@ linear in what dominates each stage:
 and the peak is the larger of the two. The time of a batch is `fixed_seconds` (encoders, bookkeeping), the VAE
 decode (`decode_seconds_per_pixel` x batch x frames x H x W) and per denoising step a constant (the per-layer
 launches and glue), a term linear in the latent positions (convolutions, projections, norms, temporal attention)
-and one in batch x frames x tokens^2 (the spatial self-attention, quadratic in the latent tokens of a frame); fitted
-on the compiled 512p/16f, 768p/16f, 1024p/16f and 512p/32f steps within 1.4% (BENCHMARKS.md, "Attention kernels").
+and one in frames x tokens^2 (the spatial self-attention, quadratic in the latent tokens of a frame), per video of
+the batch; fitted on the compiled 512p/16f, 768p/16f, 1024p/16f and 512p/32f steps within 1.4% (BENCHMARKS.md,
+"Attention kernels"); a batch of two measured 3% under it.
 Importable without torch: the CLI and the job resolver use it.
 """
 
@@ -39,11 +40,11 @@ class VramModel:
     denoise_bytes_per_position: float
     decode_bytes_per_pixel: float
     seconds_per_step: float
-    """Exact mode, compiled: what a denoising step costs whatever its shape."""
+    """Exact mode, compiled: what a denoising step of one video costs whatever its shape."""
     seconds_per_position_step: float
-    """Per latent position (batch x frames x H/8 x W/8) per denoising step."""
+    """Per latent position (frames x H/8 x W/8) per video and denoising step."""
     seconds_per_attention_step: float
-    """Per batch x frames x (H/8 x W/8)^2 per denoising step."""
+    """Per frames x (H/8 x W/8)^2 per video and denoising step."""
     decode_seconds_per_pixel: float
     """VAE decode, per output pixel of every frame and video."""
     fixed_seconds: float
@@ -92,15 +93,17 @@ def estimate_seconds(
     fast-mode shallow passes (0: exact mode)."""
     model = load_model()
     full_equivalent = steps - shallow_steps + model.shallow_step_fraction * shallow_steps
-    positions = latent_positions(width, height, num_frames, batch)
+    positions = latent_positions(width, height, num_frames)
     tokens = math.ceil(width / 8) * math.ceil(height / 8)
-    step = (
+    per_video = (
         model.seconds_per_step
         + model.seconds_per_position_step * positions
         + model.seconds_per_attention_step * positions * tokens
     )
+    # A batch costs its videos' steps nearly in full once compiled: a batch of two 512p/16f steps took 0.97x two
+    # single ones (BENCHMARKS.md), so the step is per video, the constant included.
     decode = model.decode_seconds_per_pixel * batch * num_frames * width * height
-    return model.fixed_seconds + decode + step * full_equivalent
+    return model.fixed_seconds + decode + batch * per_video * full_equivalent
 
 
 def decode_chunk_for(width: int, height: int, free_bytes: int, wanted: int) -> int:

@@ -37,12 +37,16 @@ def recorded(name: str) -> list[dict[str, Any]]:
 
 def test_the_time_model_follows_the_measured_shapes() -> None:
     """Against the compiled runs on the H200 (`bench/results/gpu_bench-2026-12-01-*.jsonl`): the shipped
-    configuration's 512p/16f videos within 2% (exact) and 5% (fast), each tier's denoising step relative to the
-    512p/16f step of the same configuration within 5%, and the VAE decode within 15%."""
+    configuration's 512p/16f videos within 2% (exact) and 5% (fast, and a batch of two), each tier's denoising
+    step relative to the 512p/16f step of the same configuration within 5%, and the VAE decode within 15%."""
     for row in recorded("gpu_bench-2026-12-01-shipped.jsonl"):
         shallow = 8 if row["mode"] == "fast" else 0  # 3@12: 4 full steps, 8 shallow
         want = vram.estimate_seconds(512, 512, 16, row["steps"], shallow_steps=shallow)
         assert want == pytest.approx(row["s_per_video"], rel=0.02 if shallow == 0 else 0.05), row
+    (pair,) = recorded("gpu_bench-2026-12-01-batch2.jsonl")
+    assert pair["batch"] == 2
+    want = vram.estimate_seconds(512, 512, 16, pair["steps"], batch=2)
+    assert want == pytest.approx(pair["s_per_video"] * 2, rel=0.05)
 
     def step(width: int, frames: int) -> float:
         return vram.estimate_seconds(width, width, frames, 2) - vram.estimate_seconds(width, width, frames, 1)
