@@ -136,7 +136,8 @@ class ModelConfig(_Frozen):
         default=None,
         description="i2vgen-xl on CUDA: the UNet's convolution weights in channels-last layout (cuDNN's own, no "
         "layout copies around each convolution). Unset: on with the per-layer compile (512x512x16 exact 6.93 -> "
-        '6.63 s on an H200), off otherwise (an eager step was slower with it), BENCHMARKS.md "Channels-last"',
+        "6.63 s on an H200), off otherwise (an eager step was slower with it); BENCHMARKS.md, "
+        '"Attention kernels and channels-last"',
     )
     warm_up_batch_sizes: tuple[Annotated[int, Field(ge=1, le=64)], ...] = Field(
         default=(1,),
