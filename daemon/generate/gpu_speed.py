@@ -19,6 +19,7 @@ and cross attentions are fastest with the default (cuDNN) kernel and keep it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,9 @@ import torch.nn.functional as F
 HEAD_ALIGN = 8
 SHORT_SEQUENCE = 32
 """Query and key lengths up to this (frames) take the memory-efficient kernel on CUDA."""
+KERNEL_BATCH_LIMIT = 65535
+"""The memory-efficient kernel launches one grid row per batch entry, and CUDA allows 65535 of them (pytorch
+issue 146704): at 1024p a batch of two already has 2 x 2 x 128 x 128 = 65536 temporal sequences."""
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -40,12 +44,37 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> to
     scale = width**-0.5 if pad else None  # None: the kernels' own 1/sqrt(width), as the stock processor has it
     short = query.shape[-2] <= SHORT_SEQUENCE and key.shape[-2] <= SHORT_SEQUENCE
     if short and query.is_cuda:
-        out: torch.Tensor = torch.ops.aten._scaled_dot_product_efficient_attention(
-            query, key, value, None, False, scale=scale
-        )[0]
+        out = in_batches(_efficient_attention, query, key, value, scale, KERNEL_BATCH_LIMIT)
     else:
         out = F.scaled_dot_product_attention(query, key, value, scale=scale)
     return out[..., :width] if pad else out
+
+
+def _efficient_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None
+) -> torch.Tensor:
+    out: torch.Tensor = torch.ops.aten._scaled_dot_product_efficient_attention(
+        query, key, value, None, False, scale=scale
+    )[0]
+    return out
+
+
+def in_batches(
+    kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float | None], torch.Tensor],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float | None,
+    limit: int,
+) -> torch.Tensor:
+    """`kernel` over slices of at most `limit` batch entries, concatenated (attention is independent per entry)."""
+    if query.shape[0] <= limit:
+        return kernel(query, key, value, scale)
+    parts = [
+        kernel(query[start : start + limit], key[start : start + limit], value[start : start + limit], scale)
+        for start in range(0, query.shape[0], limit)
+    ]
+    return torch.cat(parts)
 
 
 class AttentionProcessor:

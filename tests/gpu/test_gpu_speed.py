@@ -91,6 +91,17 @@ def test_our_attention_matches_plain_attention_on_cuda(length: int, width: int) 
         assert any("fmha" in event.key for event in prof.key_averages())
 
 
+def test_more_short_sequences_than_one_kernel_launch_takes() -> None:
+    """65536 temporal sequences (a batch of two 1024p videos): more than the memory-efficient kernel's grid takes
+    in one launch; `attention` slices the batch."""
+    torch.manual_seed(0)
+    shape = (gpu_speed.KERNEL_BATCH_LIMIT + 1, 1, 16, 8)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.float16) for _ in "qkv")
+    ours = gpu_speed.attention(q, k, v).float()
+    plain = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert float((ours - plain).abs().max()) < 2e-3
+
+
 def test_batch_of_two_equals_singles_in_float16(generator: I2VGenXLGenerator) -> None:
     first, second = make_request(1, 9.0), make_request(2, 4.0)
     batch = generator.render_batch([first, second])

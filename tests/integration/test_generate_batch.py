@@ -109,6 +109,24 @@ def test_padded_heads_compute_the_same_attention(length: int) -> None:
     assert torch.allclose(gpu_speed.attention(query, key, value), reference, atol=1e-12)
 
 
+def test_attention_in_batches_equals_one_call() -> None:
+    """The memory-efficient kernel takes at most 65535 batch entries per launch; slicing the batch changes nothing
+    (shown with the default kernel and a small limit: the slicing is the same on every device)."""
+    torch.manual_seed(3)
+    query, key, value = (torch.randn(7, 2, 16, 8) for _ in range(3))
+
+    def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+        calls.append(q.shape[0])
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    calls: list[int] = []
+    whole = F.scaled_dot_product_attention(query, key, value, scale=0.3)
+    assert torch.equal(gpu_speed.in_batches(kernel, query, key, value, 0.3, 3), whole)
+    assert calls == [3, 3, 1]
+    calls.clear()
+    assert torch.equal(gpu_speed.in_batches(kernel, query, key, value, 0.3, 7), whole) and calls == [7]
+
+
 def test_aligned_heads_make_the_stock_call() -> None:
     """8-aligned heads off CUDA: the very call diffusers' `AttnProcessor2_0` makes, identical floats."""
     torch.manual_seed(2)
