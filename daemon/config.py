@@ -132,6 +132,13 @@ class ModelConfig(_Frozen):
         description="with compile_scope 'blocks', save each layer's compiled graph whole (torch's ahead-of-time "
         "compile) in cache_dir/compile, so a restart loads it instead of tracing every layer again with dynamo",
     )
+    compile_cache_max_age_days: float = Field(
+        default=30,
+        ge=0,
+        description="with compile, the warm-up deletes the saved compile artefacts in cache_dir/compile (layer "
+        "graphs, mega-caches) that no start has used for this many days: those of an older torch, GPU, model or "
+        "compile mode (~130 MB per key); 0 keeps everything. Inductor's and Triton's own caches are left alone",
+    )
     channels_last: bool | None = Field(
         default=None,
         description="i2vgen-xl on CUDA: the UNet's convolution weights in channels-last layout (cuDNN's own, no "

@@ -15,6 +15,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,6 +75,44 @@ def point_caches_at(cache_dir: Path) -> None:
     if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
     os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
+
+
+STALE_PATTERNS = ("mega-*.bin", "layers-*")
+"""Our own artefacts in the cache root (inductor's and Triton's folders are torch's to manage)."""
+
+
+def prune_stale(cache_dir: Path, in_use: Sequence[Path], max_age_days: float) -> list[str]:
+    """Mark `in_use` as used now and delete our other artefacts not used for `max_age_days` (0: keep everything);
+    returns the names deleted.
+
+    Why: the artefacts are keyed by torch version, GPU, model and compile mode, so every upgrade leaves the old
+    ones behind (~80 MB of layer graphs and ~50 MB of mega-cache per key at 512p). Age, not the key, decides,
+    because workers of other models may share the cache dir: each marks its own at every start, and one that was
+    not restarted for `max_age_days` only pays a compile at its next start (graphs it saves meanwhile go into a
+    folder made again). Links are left alone."""
+    for path in in_use:
+        if path.exists():
+            os.utime(path)
+    if max_age_days <= 0:
+        return []
+    root = cache_root(cache_dir)
+    keep = {path.resolve() for path in in_use}
+    cutoff = time.time() - max_age_days * 86400
+    removed = []
+    for pattern in STALE_PATTERNS:
+        for entry in sorted(root.glob(pattern)):
+            try:
+                if entry.is_symlink() or entry.resolve() in keep or entry.stat().st_mtime >= cutoff:
+                    continue
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            except OSError as exc:  # another worker deleting it too, or no permission: not this start's problem
+                log.warning("stale compile artefact %s not removed: %s", entry.name, exc)
+                continue
+            removed.append(entry.name)
+    return removed
 
 
 def artifact_key(model_config: Any, mode: CompileMode, extra: str = "") -> str:

@@ -129,7 +129,9 @@ def _load_generator(config: ModelConfig, clip_skip: int | None) -> I2VGenXLGener
         channels_last=config.resolved_channels_last(compile_mode),
         precompiled_dir=_precompiled_dir(config, parts) if compile_mode != "off" else None,
     )
-    warm = generator.warm_up(config.cache_dir, batch_sizes=config.warm_up_batch_sizes)
+    warm = generator.warm_up(
+        config.cache_dir, batch_sizes=config.warm_up_batch_sizes, prune_after_days=config.compile_cache_max_age_days
+    )
     if warm:
         # Restart-to-READY is mostly this (BENCHMARKS.md, GPU): logged so a slow start can be told apart.
         log.info("compile_warm_up", mode=compile_mode, scope=generator.step_fn.scope, **warm)
@@ -377,10 +379,12 @@ class I2VGenXLGenerator:
         height: int = 512,
         num_frames: int = 16,
         batch_sizes: Sequence[int] = (1,),
+        prune_after_days: float = 0,
     ) -> dict[str, object]:
         """Compile before READY: load the saved compile artefacts, run a 2-step video of the usual shape in each of
         `batch_sizes` (every batch size is its own set of static-shape graphs), save the artefacts the first time
-        (`compile_cache`). A no-op without compile."""
+        (`compile_cache`), and delete our artefacts unused for `prune_after_days` (`compile_cache.prune_stale`).
+        A no-op without compile."""
         if not self.step_fn.active:
             return {}
         shape = f"{width}x{height}x{num_frames}"
@@ -405,8 +409,11 @@ class I2VGenXLGenerator:
             "seconds": round(time.perf_counter() - started, 2),
             "batch_sizes": list(batch_sizes),
         }
+        in_use = [artefact]
         if self.step_fn.layer_graphs is not None:
             summary["precompiled_layers"] = self.step_fn.layer_graphs.stats.as_dict()
+            in_use.append(self.step_fn.layer_graphs.directory)
+        summary["pruned"] = compile_cache.prune_stale(cache_dir, in_use, prune_after_days)
         return summary
 
     def _budget(self) -> int:

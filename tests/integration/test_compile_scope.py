@@ -6,6 +6,7 @@ torch.compile's 'eager' (inductor's code generation is what the GPU benchmarks a
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -225,8 +226,13 @@ def test_the_warm_up_compiles_every_listed_batch_size_before_ready(eager: I2VGen
     from torch._dynamo.utils import counters
 
     generator = fresh_copy(eager, "eager", compile_vae=False)
-    warm = generator.warm_up(tmp_path, width=64, height=64, num_frames=8, batch_sizes=(1, 2))
+    stale = compile_cache.cache_root(tmp_path) / "mega-of-an-older-torch.bin"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"old")
+    os.utime(stale, (time.time() - 40 * 86400,) * 2)
+    warm = generator.warm_up(tmp_path, width=64, height=64, num_frames=8, batch_sizes=(1, 2), prune_after_days=30)
     assert warm["batch_sizes"] == [1, 2]
+    assert warm["pruned"] == [stale.name] and not stale.exists()
 
     def compiled_frames() -> int:
         return int(sum(counters["frames"].values()))
@@ -241,6 +247,18 @@ def test_the_warm_up_compiles_every_listed_batch_size_before_ready(eager: I2VGen
     assert compiled_frames() == before
     generator.render_batch(batch(3))
     assert compiled_frames() > before
+
+
+def test_the_daemon_prunes_with_the_configured_age(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen: dict[str, Any] = {}
+
+    def spying(self: I2VGenXLGenerator, cache_dir: Path, **kwargs: Any) -> dict[str, object]:
+        seen.update(kwargs, cache_dir=cache_dir)
+        return {}
+
+    monkeypatch.setattr(I2VGenXLGenerator, "warm_up", spying)
+    load_generator(ModelConfig(device="cpu", cache_dir=tmp_path, compile_cache_max_age_days=7))
+    assert seen["prune_after_days"] == 7 and seen["cache_dir"] == tmp_path
 
 
 def test_warm_up_batch_sizes_are_sorted_and_must_fit_the_batch_limit() -> None:
