@@ -91,8 +91,12 @@ def prune_stale(cache_dir: Path, in_use: Sequence[Path], max_age_days: float) ->
     not restarted for `max_age_days` only pays a compile at its next start (graphs it saves meanwhile go into a
     folder made again). Links are left alone."""
     for path in in_use:
-        if path.exists():
+        try:
             os.utime(path)
+        except FileNotFoundError:
+            pass  # not saved (nothing compiled, or the save failed)
+        except OSError as exc:  # a read-only cache: nothing of ours will be deleted either
+            log.warning("compile artefact %s not marked as used: %s", path.name, exc)
     if max_age_days <= 0:
         return []
     root = cache_root(cache_dir)

@@ -69,3 +69,16 @@ def test_the_default_age_and_its_bounds() -> None:
     assert ModelConfig(compile_cache_max_age_days=0).compile_cache_max_age_days == 0
     with pytest.raises(ValueError, match="compile_cache_max_age_days"):
         ModelConfig(compile_cache_max_age_days=-1)
+
+
+def test_a_read_only_cache_is_no_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = make_cache(tmp_path)
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(os, "utime", refused)
+    monkeypatch.setattr(compile_cache.shutil, "rmtree", refused)
+    monkeypatch.setattr(Path, "unlink", refused)
+    assert compile_cache.prune_stale(tmp_path, [paths["layers-current"]], max_age_days=30) == []
+    assert paths["layers-old"].exists() and paths["mega-old.bin"].exists()
