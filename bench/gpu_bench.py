@@ -213,8 +213,9 @@ class Bench:
             model.to(torch.float16)
 
     def generator(self, warm_up: GenerationRequest | list[GenerationRequest] | None = None) -> I2VGenXLGenerator:
-        """Ours, compiled (if asked) and warmed up on `warm_up` (one 512p x 16 frames video unless given; a list:
-        that batch) at first use."""
+        """Ours, compiled (if asked) at first use, and warmed up on `warm_up` (a list: that batch; at first use
+        one 512p x 16 frames video unless given): every new shape or batch size compiles its own graphs."""
+        fresh = self.ours is None
         if self.ours is None:
             layers = self.args.cache_dir / "compile" / "bench-layers"
             self.ours = make_generator(
@@ -226,12 +227,13 @@ class Bench:
                 channels_last=self.args.channels_last,
                 precompiled_dir=layers if self.args.precompile_layers else None,
             )
-            if isinstance(warm_up, list):
-                self.ours.render_batch(warm_up)  # compiles (if asked) this batch size only
-            else:
-                self.ours.render(warm_up or request("512p", 16, 2))  # compiles (if asked) and warms up
-            if self.ours.step_fn.active:
-                freeze_heap()  # as `load_generator` does after its warm-up
+            warm_up = warm_up or request("512p", 16, 2)
+        if isinstance(warm_up, list):
+            self.ours.render_batch(warm_up)
+        elif warm_up is not None:
+            self.ours.render(warm_up)
+        if fresh and self.ours.step_fn.active:
+            freeze_heap()  # as `load_generator` does after its warm-up
         return self.ours
 
 
@@ -269,11 +271,8 @@ def _psnr_or_none(frames: np.ndarray, ref: np.ndarray | None) -> float | None:
 
 
 def run_exact_case(b: Bench, tier: str, frames: int, repeats: int, stock: np.ndarray | None = None) -> None:
-    fresh = b.ours is None
     generator = b.generator(request(tier, frames, 2))
     req = request(tier, frames, b.args.steps)
-    if not fresh:
-        generator.render(request(tier, frames, 2))  # compiles this shape's graphs
     seconds, video, peak = timed(lambda: generator.render(req), repeats)
     b.exact[(tier, frames)] = video.frames
     extra = {
@@ -326,10 +325,7 @@ def phase_batch(b: Bench) -> None:
     for size in map(int, b.args.batch_sizes.split(",")):
         reqs = [request("512p", 16, b.args.steps, seed=42 + i, guidance=9.0 - i) for i in range(size)]
         warm = [request("512p", 16, 2, seed=i) for i in range(size)]
-        fresh = b.ours is None
         generator = b.generator(warm)
-        if not fresh:
-            generator.render_batch(warm)
         seconds, videos, peak = timed(lambda r=reqs, g=generator: g.render_batch(r), 1)
         extra: dict[str, Any] = {"timings": {k: round(v, 3) for k, v in videos[0].timings.items()}}
         if b.args.batch_compare:
@@ -354,17 +350,14 @@ def phase_layout(b: Bench) -> None:
     from daemon.generate import gpu_speed
 
     if b.args.compile != "off":
-        b.args.channels_last, b.ours = False, None
         for layout in ("nchw", "channels_last"):
-            if layout == "channels_last":
-                b.args.channels_last, b.ours = True, None  # a new generator converts the weights and installs
-            run_exact_case(b, "512p", 16, 2)  # the layers again (their graphs are specialised on weight layout)
+            # A new generator per layout converts the weights and installs the layers again (their graphs are
+            # specialised on the weights' layout).
+            b.args.channels_last, b.ours = layout == "channels_last", None
+            run_exact_case(b, "512p", 16, 2)
             phase_profile(b, suffix=f"-{layout}")
         return
-    generator = make_generator(b.parts, torch.float16)
-    cond = batch_cond(generator, request("512p", 16, 1))
-    latents = torch.randn(2, 4, 16, 64, 64, device="cuda", dtype=torch.float16)
-    t = torch.tensor(500, device="cuda")
+    cond, latents, t = step_inputs(make_generator(b.parts, torch.float16))
     for layout in ("nchw", "channels_last"):
         if layout == "channels_last":
             gpu_speed.to_channels_last(b.parts.unet)
@@ -406,10 +399,7 @@ def phase_profile(b: Bench, suffix: str = "") -> None:
 
     parts = b.parts
     generator = b.generator() if b.args.compile != "off" else make_generator(parts, torch.float16)
-    req = request("512p", 16, 1)
-    cond = batch_cond(generator, req)
-    latents = torch.randn(2, 4, 16, 64, 64, device="cuda", dtype=torch.float16)
-    t = torch.tensor(500, device="cuda")
+    cond, latents, t = step_inputs(generator)
     with torch.inference_mode():
         prep = pred.prepare(parts.unet, cond)
 
@@ -473,10 +463,7 @@ def phase_attn(b: Bench) -> None:
     inductor, where its weights matrix fits."""
     import torch.nn.functional as F
 
-    generator = make_generator(b.parts, torch.float16)
-    cond = batch_cond(generator, request("512p", 16, 1))
-    latents = torch.randn(2, 4, 16, 64, 64, device="cuda", dtype=torch.float16)
-    t = torch.tensor(500, device="cuda")
+    cond, latents, t = step_inputs(make_generator(b.parts, torch.float16))
     calls: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
     original = F.scaled_dot_product_attention
 
@@ -547,6 +534,14 @@ def _attention_timings(q_shape: tuple[int, ...], k_shape: tuple[int, ...], plain
         except Exception as exc:  # a backend that refuses the shape
             errors[label] = f"refused: {type(exc).__name__}: {str(exc)[:80]}"
     return {**timings, "max_error": errors}
+
+
+def step_inputs(generator: I2VGenXLGenerator) -> tuple[loop.Conditioning, torch.Tensor, torch.Tensor]:
+    """What one guided UNet step at 512p x 16 frames takes: the conditioning, the latents (both CFG rows) and the
+    timestep, for the phases that look at a single step."""
+    cond = batch_cond(generator, request("512p", 16, 1))
+    latents = torch.randn(2, 4, 16, 64, 64, device="cuda", dtype=torch.float16)
+    return cond, latents, torch.tensor(500, device="cuda")
 
 
 def batch_cond(generator: I2VGenXLGenerator, req: GenerationRequest) -> loop.Conditioning:

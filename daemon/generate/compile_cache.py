@@ -47,7 +47,8 @@ REGION_CLASSES = frozenset(
     }
 )
 """The layers a block-scope compile compiles (diffusers' "regional compilation", `compile_repeated_blocks`). The
-I2VGen-XL UNet calls them 83 times per step with 33 distinct (class, weight shapes, input shapes): dynamo traces
+I2VGen-XL UNet calls them 83 times per step with 33 distinct (class, weight shapes, input shapes; 43 with
+channels-last weights, as precompiled graphs, BENCHMARKS.md): dynamo traces
 each distinct one once and reuses it for the other instances, and the glue between them (concatenations, reshapes)
 stays eager. The shallow (fast mode) pass is made of the same layers, so it needs no graph of its own."""
 

@@ -4,8 +4,8 @@ Why: the stock `I2VGenXLUNet.forward` recomputes, at every one of the 50 steps, 
 context (text + image-latent + CLIP-image embeddings) and the temporal encoder over the image latents, none of which
 depends on the step. `prepare` computes them once per job with the very same operations, and `step` runs the rest
 of `forward` (diffusers 0.42.1) unchanged, so in eager mode the result is bit-for-bit `unet(...)`
-(tests/unit/test_gpu_speed.py). `step` also gives the DeepCache-style fast mode its two entry points: a full pass
-that keeps the deep feature, and a shallow pass that reuses it.
+(tests/integration/test_generate_batch.py). `step` also gives the DeepCache-style fast mode its two entry points:
+a full pass that keeps the deep feature, and a shallow pass that reuses it.
 
 Attention (`AttentionProcessor`, installed on CUDA): heads that are not a multiple of 8 wide (the image-latent
 temporal encoder's) are zero-padded to the next multiple of 8 with the softmax scale of the true width, so that the
