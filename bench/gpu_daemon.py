@@ -9,7 +9,7 @@ and what one GPU allows of issue 9: two workers sharing it, and the cost of a ki
    generation process of w0 is killed mid-job (`--kill-one`).
 
     python bench/gpu_daemon.py --out results.json [--steps 30] [--videos 3] [--jobs-per-worker 3]
-        [--workers 1,2] [--batch-sizes 1,4] [--reuse-model]
+        [--workers 1,2] [--batch-sizes 1,4] [--reuse-model] [--compile default --warm-up-batch-sizes 1,2]
 
 Each service record runs once per `--batch-sizes` entry (`worker.max_batch_size`; 1 isolates what the service's
 overlap of finishing, IO and bookkeeping with the GPU achieves, larger values add batching). Prints and writes one
@@ -63,9 +63,22 @@ def save_model(configs: Path, target: Path) -> float:
     return time.perf_counter() - started
 
 
+def model_settings(model_dir: Path, args: argparse.Namespace, batch_sizes: tuple[int, ...]) -> dict[str, Any]:
+    """The model section both the bare generator and the service load: fp16 on the GPU, and with `--compile` the
+    compile settings of config/production.example.yaml, their cache in `--cache-dir` (shared, so the service's
+    generation processes start with what the bare generator compiled, as a restarted daemon does)."""
+    settings: dict[str, Any] = {"source": str(model_dir), "device": "cuda", "dtype": "float16"}
+    if args.compile != "off":
+        settings |= {"compile": args.compile, "cache_dir": args.cache_dir, "warm_up_batch_sizes": batch_sizes}
+    return settings
+
+
 def bare_generator(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    model = load_config(None).model.model_copy(update={"source": str(model_dir), "device": "cuda", "dtype": "float16"})
+    sizes = tuple(int(item) for item in args.warm_up_batch_sizes.split(","))
+    model = load_config(None).model.model_copy(update=model_settings(model_dir, args, sizes))
+    load_started = time.perf_counter()
     generator = load_generator(model)
+    load_seconds = time.perf_counter() - load_started
     image = Image.new("RGB", (args.size, args.size), (90, 140, 200))
     request = GenerationRequest(
         image, "a lighthouse at dusk", "", args.size, args.size, args.frames, 16, args.steps, 9.0, 1
@@ -80,7 +93,12 @@ def bare_generator(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     del generator
     gc.collect()
     torch.cuda.empty_cache()
-    return {"s_per_video": round(seconds, 3), "videos_per_hour": round(3600 / seconds, 1)}
+    return {
+        "s_per_video": round(seconds, 3),
+        "videos_per_hour": round(3600 / seconds, 1),
+        "load_seconds": round(load_seconds, 1),  # with --compile: the cold compile of every warm-up batch size
+        "compile": args.compile,
+    }
 
 
 def main() -> None:
@@ -95,6 +113,14 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--batch-sizes", default="4", help="worker.max_batch_size values, one service run each")
     parser.add_argument("--reuse-model", action="store_true", help="keep a model already saved in --model-dir")
+    parser.add_argument("--compile", default="off", help="model.compile for the bare generator and the service")
+    parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/i2vd-gpu-daemon-cache"))
+    parser.add_argument(
+        "--warm-up-batch-sizes",
+        default="1",
+        help="with --compile: model.warm_up_batch_sizes of the bare generator; each service run warms up those up "
+        "to its max batch size",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     configure_logging("warning", "json")
@@ -104,11 +130,7 @@ def main() -> None:
     result["bare"] = bare_generator(args.model_dir, args)
     print(json.dumps(result), flush=True)
     base = load_config(None)
-    base = base.model_copy(
-        update={
-            "model": base.model.model_copy(update={"source": str(args.model_dir), "device": "cuda", "dtype": "float16"})
-        }
-    )
+    sizes = tuple(int(item) for item in args.warm_up_batch_sizes.split(","))
     scaling = argparse.Namespace(
         executor="local", devices=None, share_device="cuda:0", jobs_per_worker=args.jobs_per_worker,
         width=args.size, height=args.size, frames=args.frames, steps=args.steps, timeout=600.0,
@@ -120,7 +142,9 @@ def main() -> None:
         for batch in (int(item) for item in args.batch_sizes.split(",")):
             scaling.kill_one = workers > 1
             scaling.max_batch_size = batch
-            record = measure(base, workers, scaling) | {"max_batch_size": batch}
+            warm = tuple(size for size in sizes if size <= batch) or (1,)
+            model = base.model.model_copy(update=model_settings(args.model_dir, args, warm))
+            record = measure(base.model_copy(update={"model": model}), workers, scaling) | {"max_batch_size": batch}
             record["ratio_to_bare"] = round(record["videos_per_hour"] / bare_rate, 3)
             steady = record["steady_videos_per_hour"]
             record["steady_ratio_to_bare"] = round(steady / bare_rate, 3) if steady else None
