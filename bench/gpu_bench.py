@@ -461,25 +461,26 @@ def phase_attn(b: Bench) -> None:
     """Every distinct attention call of one guided step at 512p x `--attn-frames` (shapes and calls per step,
     recorded from an eager step) timed with each SDPA backend and with the plain softmax(q k^T) v (softmax in fp32)
     compiled by inductor, where its weights matrix fits."""
-    import torch.nn.functional as F
+    from daemon.generate import gpu_speed
 
-    cond, latents, t = step_inputs(make_generator(b.parts, torch.float16), b.args.attn_frames)
     calls: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
-    original = F.scaled_dot_product_attention
+    # Recorded where every attention layer of the UNet calls (the generator gives all of them
+    # `gpu_speed.AttentionProcessor` on CUDA): short sequences never reach F.scaled_dot_product_attention.
+    original = gpu_speed.attention
 
-    def recording(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def recording(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         shapes = (tuple(query.shape), tuple(key.shape))
         calls[shapes] = calls.get(shapes, 0) + 1
-        return original(query, key, value, *args, **kwargs)
+        return original(query, key, value)
 
-    F.scaled_dot_product_attention = recording
+    generator = make_generator(b.parts, torch.float16)
+    cond, latents, t = step_inputs(generator, b.args.attn_frames)
+    gpu_speed.attention = recording
     try:
-        from daemon.generate import gpu_speed
-
         with torch.inference_mode(), eager_layers(b.parts.unet):
             gpu_speed.step(b.parts.unet, latents, t, pred.prepare(b.parts.unet, cond))
     finally:
-        F.scaled_dot_product_attention = original
+        gpu_speed.attention = original
 
     def plain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         weights = (query @ key.transpose(-1, -2)).float() * query.shape[-1] ** -0.5
@@ -496,7 +497,7 @@ def phase_attn(b: Bench) -> None:
         with b.args.out.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         torch.cuda.empty_cache()
-    shipped = sum(r["calls_per_step"] * r["ms"]["default"] for r in rows)
+    default = sum(r["calls_per_step"] * r["ms"]["default"] for r in rows)
     best = sum(r["calls_per_step"] * min(v for v in r["ms"].values() if isinstance(v, float)) for r in rows)
 
     def chosen(row: dict[str, Any]) -> float:  # what gpu_speed.attention sends this shape to
@@ -505,7 +506,7 @@ def phase_attn(b: Bench) -> None:
         return timing
 
     ours = sum(r["calls_per_step"] * chosen(r) for r in rows)
-    per_step = {"default": round(shipped, 2), "ours": round(ours, 2), "best_per_shape": round(best, 2)}
+    per_step = {"default": round(default, 2), "ours": round(ours, 2), "best_per_shape": round(best, 2)}
     summary = {"attn_per_step_ms": per_step, "frames": b.args.attn_frames}
     print(json.dumps(summary), flush=True)
     with b.args.out.open("a") as handle:
