@@ -9,9 +9,10 @@ BPE format; token ids stay inside the real vocabulary). Every record follows DES
 
 Phases: `ref` (fp32 reference loop, stock attention: the PSNR reference), `stock`, `exact`, `fast`, `batch`,
 `tiers` (768p, 1024p, 32 frames), `profile` (CUDA kernels of one step by kind, stock vs ours as configured),
-`attn` (each attention shape of a step under each SDPA backend), `vram` (peak per
-stage for the VRAM model), `creep` (allocated memory over many jobs), `ready` (load + compile + first video:
-run twice in fresh processes to see the cold and the warm compile cache).
+`attn` (each attention shape of a step under each SDPA backend), `layout` (NCHW vs channels-last weights),
+`vram` (peak per stage for the VRAM model), `creep` (allocated memory over many jobs), `ready` (load + compile +
+first video: run twice in fresh processes to see the cold and the warm compile cache). `profile`, `attn` and
+`layout` look at one step of `--step-shape` (default 512p:16).
 """
 
 from __future__ import annotations
@@ -345,8 +346,8 @@ def phase_tiers(b: Bench) -> None:
 
 
 def phase_layout(b: Bench) -> None:
-    """NCHW vs channels-last convolution weights: eager ms per guided UNet step at 512p x 16 frames, or with
-    `--compile` a 50-step exact video and the kernel kinds of one step for each (ours compiled per layout)."""
+    """NCHW vs channels-last convolution weights: eager ms per guided UNet step at `--step-shape`, or with
+    `--compile` an exact video of that shape and the kernel kinds of one step for each (ours compiled per layout)."""
     from daemon.generate import gpu_speed
 
     if b.args.compile != "off":
@@ -354,10 +355,10 @@ def phase_layout(b: Bench) -> None:
             # A new generator per layout converts the weights and installs the layers again (their graphs are
             # specialised on the weights' layout).
             b.args.channels_last, b.ours = layout == "channels_last", None
-            run_exact_case(b, "512p", 16, 2)
+            run_exact_case(b, *step_shape(b.args), 2)
             phase_profile(b, suffix=f"-{layout}")
         return
-    cond, latents, t = step_inputs(make_generator(b.parts, torch.float16))
+    cond, latents, t = step_inputs(make_generator(b.parts, torch.float16), *step_shape(b.args))
     for layout in ("nchw", "channels_last"):
         if layout == "channels_last":
             gpu_speed.to_channels_last(b.parts.unet)
@@ -391,7 +392,7 @@ def kernel_kind(name: str) -> str:
 
 
 def phase_profile(b: Bench, suffix: str = "") -> None:
-    """CUDA kernels of one guided UNet step at 512p x 16: stock (eager) vs ours (as configured: with `--compile`,
+    """CUDA kernels of one guided UNet step at `--step-shape`: stock (eager) vs ours (as configured: with `--compile`,
     the compiled layers), the top kernels and the time per kernel kind (`KERNEL_KINDS`)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -399,7 +400,7 @@ def phase_profile(b: Bench, suffix: str = "") -> None:
 
     parts = b.parts
     generator = b.generator() if b.args.compile != "off" else make_generator(parts, torch.float16)
-    cond, latents, t = step_inputs(generator)
+    cond, latents, t = step_inputs(generator, *step_shape(b.args))
     with torch.inference_mode():
         prep = pred.prepare(parts.unet, cond)
 
@@ -436,8 +437,10 @@ def phase_profile(b: Bench, suffix: str = "") -> None:
         lines.append(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90))
         report.append("\n".join(lines))
     text = "\n".join(report)
-    (b.args.out.parent / f"gpu_profile{suffix}.txt").write_text(text)
-    row = {"profile": {"compile": b.args.compile, "scope": b.args.compile_scope, "case": suffix, "kinds": kinds}}
+    shape = "" if b.args.step_shape == "512p:16" else "-" + b.args.step_shape.replace(":", "x")
+    (b.args.out.parent / f"gpu_profile{shape}{suffix}.txt").write_text(text)
+    case = {"compile": b.args.compile, "scope": b.args.compile_scope, "case": suffix, "shape": b.args.step_shape}
+    row = {"profile": case | {"kinds": kinds}}
     with b.args.out.open("a") as handle:
         handle.write(json.dumps(row) + "\n")
     print(text[-9000:], flush=True)
@@ -458,7 +461,7 @@ def _median_ms(function: Callable[[], Any], repeats: int = 10) -> float:
 
 
 def phase_attn(b: Bench) -> None:
-    """Every distinct attention call of one guided step at 512p x `--attn-frames` (shapes and calls per step,
+    """Every distinct attention call of one guided step at `--step-shape` (shapes and calls per step,
     recorded from an eager step) timed with each SDPA backend and with the plain softmax(q k^T) v (softmax in fp32)
     compiled by inductor, where its weights matrix fits."""
     from daemon.generate import gpu_speed
@@ -474,7 +477,7 @@ def phase_attn(b: Bench) -> None:
         return original(query, key, value)
 
     generator = make_generator(b.parts, torch.float16)
-    cond, latents, t = step_inputs(generator, b.args.attn_frames)
+    cond, latents, t = step_inputs(generator, *step_shape(b.args))
     with torch.inference_mode():
         prepared = pred.prepare(b.parts.unet, cond)  # once per job (the image-latent encoder's 4-wide heads)
     gpu_speed.attention = recording
@@ -509,7 +512,7 @@ def phase_attn(b: Bench) -> None:
 
     ours = sum(r["calls_per_step"] * chosen(r) for r in rows)
     per_step = {"default": round(default, 2), "ours": round(ours, 2), "best_per_shape": round(best, 2)}
-    summary = {"attn_per_step_ms": per_step, "frames": b.args.attn_frames}
+    summary = {"attn_per_step_ms": per_step, "shape": b.args.step_shape}
     print(json.dumps(summary), flush=True)
     with b.args.out.open("a") as handle:
         handle.write(json.dumps(summary) + "\n")
@@ -547,11 +550,22 @@ def _attention_timings(q_shape: tuple[int, ...], k_shape: tuple[int, ...], plain
     return {**timings, "max_error": errors}
 
 
-def step_inputs(generator: I2VGenXLGenerator, frames: int = 16) -> tuple[loop.Conditioning, torch.Tensor, torch.Tensor]:
-    """What one guided UNet step at 512p x `frames` takes: the conditioning, the latents (both CFG rows) and the
+def step_shape(args: argparse.Namespace) -> tuple[str, int]:
+    """`--step-shape` ("768p:16") as (tier, frames)."""
+    tier, frames = args.step_shape.split(":")
+    if tier not in TIERS:
+        raise SystemExit(f"--step-shape: unknown tier {tier!r} (one of {', '.join(TIERS)})")
+    return tier, int(frames)
+
+
+def step_inputs(
+    generator: I2VGenXLGenerator, tier: str = "512p", frames: int = 16
+) -> tuple[loop.Conditioning, torch.Tensor, torch.Tensor]:
+    """What one guided UNet step of this shape takes: the conditioning, the latents (both CFG rows) and the
     timestep, for the phases that look at a single step."""
-    cond = batch_cond(generator, request("512p", frames, 1))
-    latents = torch.randn(2, 4, frames, 64, 64, device="cuda", dtype=torch.float16)
+    width, height = TIERS[tier]
+    cond = batch_cond(generator, request(tier, frames, 1))
+    latents = torch.randn(2, 4, frames, height // 8, width // 8, device="cuda", dtype=torch.float16)
     return cond, latents, torch.tensor(500, device="cuda")
 
 
@@ -680,7 +694,9 @@ def main() -> None:
     parser.add_argument("--batch-compare", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--tier-steps", type=int, default=50)
     parser.add_argument("--tier-list", default="768p:16,512p:32,1024p:16")
-    parser.add_argument("--attn-frames", type=int, default=16, help="frames of the step `attn` records (512p)")
+    parser.add_argument(
+        "--step-shape", default="512p:16", help="TIER:FRAMES of the single step that attn, profile and layout look at"
+    )
     parser.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,

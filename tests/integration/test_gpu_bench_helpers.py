@@ -3,6 +3,7 @@ the flop counter must see the plain layers even after ours installed compiled ca
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -38,3 +39,10 @@ def test_eager_layers_takes_compiled_calls_away_and_gives_them_back(gpu_bench: M
         model[0](torch.randn(1, 8, 4, 4), None)
     assert model[0]._compiled_call_impl is installed
     assert not list(tmp_path.iterdir())  # the call inside compiled nothing
+
+
+def test_the_single_step_shape_is_a_known_tier_and_a_frame_count(gpu_bench: ModuleType) -> None:
+    assert gpu_bench.step_shape(argparse.Namespace(step_shape="768p:16")) == ("768p", 16)
+    assert gpu_bench.step_shape(argparse.Namespace(step_shape="512p:32")) == ("512p", 32)
+    with pytest.raises(SystemExit, match="unknown tier '720p'"):
+        gpu_bench.step_shape(argparse.Namespace(step_shape="720p:16"))
