@@ -40,6 +40,7 @@ STAGES = ("validate", "queue_wait", "load_image", "generate", "encode", "variant
 # 0.1 s .. 1 h: a tiny CPU job takes well under a second, a 1024p GPU job can take many minutes.
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+IDLE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 MEMORY_KINDS = ("allocated", "reserved", "total", "free")
 SANITY_CHECKS = ("nonfinite", "frame_count", "black", "white", "frozen")
 SANITY_RESULTS = ("pass", "warn", "fail")
@@ -147,6 +148,14 @@ class DaemonMetrics:
             "i2vd_denoise_step_seconds",
             "One denoising step (with CFG)",
             buckets=STEP_BUCKETS,
+            registry=registry,
+        )
+        self.generator_idle = Histogram(
+            "i2vd_generator_idle_seconds",
+            "From the end of a worker's generation to the start of its next one while a job was already waiting: "
+            "the generator idle for the daemon's own work (loading, checks, finishing room, batch wait)",
+            ["worker"],
+            buckets=IDLE_BUCKETS,
             registry=registry,
         )
         self.frames_generated = Counter("i2vd_frames_generated", "Frames generated", registry=registry)

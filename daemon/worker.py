@@ -85,6 +85,11 @@ class Worker:
         self.progress: tuple[int, int] | None = None
         """(step, total) of the running job's denoising loop, for `i2vd status`."""
         self._cancel_id: str | None = None
+        self._idle = metrics.generator_idle.labels(worker=name)
+        """The generator's gaps under a backlog: what the daemon costs the GPU between videos."""
+        self._generation_ended: float | None = None
+        self._work_was_waiting = False
+        """Whether a job was queued when the last generation ended (only then is the next gap the daemon's)."""
 
     def cancel(self, job_id: str) -> None:
         """Interrupt job `job_id` between denoising steps if it is running; it ends in failed/ as `cancelled`."""
@@ -212,11 +217,15 @@ class Worker:
         if not requests:
             return []
         started = time.perf_counter()
+        if self._generation_ended is not None and self._work_was_waiting:
+            self._idle.observe(started - self._generation_ended)
         try:
             results = self._generate([request for _, request in requests])
         except Exception as exc:
             results = [exc] * len(requests)  # type: ignore[list-item]
-        seconds = time.perf_counter() - started
+        self._generation_ended = time.perf_counter()
+        self._work_was_waiting = len(self._queue) > 0
+        seconds = self._generation_ended - started
         for attempt, _ in requests:
             attempt.timer.add("generate", seconds)
         return [(attempt, result) for (attempt, _), result in zip(requests, results, strict=True)]

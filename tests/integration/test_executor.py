@@ -281,6 +281,67 @@ def test_a_backlog_larger_than_the_finishing_room_loses_no_job(tmp_path: Path, m
     assert list((config.inbox / ".i2vd" / "jobs").iterdir()) == []  # nothing left claimed
 
 
+def run_backlog(config: DaemonConfig, make_image: Callable[..., Path], count: int) -> DaemonMetrics:
+    """`count` jobs queued before one worker starts, generated one at a time; returns the worker's metrics."""
+    from daemon.intake import Intake
+
+    config.inbox.mkdir(parents=True)
+    config.outbox.mkdir(parents=True)
+    store = JobStore(config.inbox, config.state_path)
+    queue: JobQueue[ClaimedJob] = JobQueue()
+    for index in range(count):
+        drop(config.inbox, make_image, f"g{index}", f"seed: {index}\n")
+    for job in sorted(Intake(config, store).poll().accepted, key=lambda j: j.stem):
+        queue.put(job, priority=0, sequence=job.sequence)
+    metrics = DaemonMetrics()
+    worker = Worker(config, fake_generators.make_instant(), store, queue, metrics, interrupt=threading.Event())
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    wait_until(lambda: len(published(config)) == count, 60)
+    queue.close()
+    thread.join(30)
+    assert not thread.is_alive()
+    return metrics
+
+
+def idle(metrics: DaemonMetrics, sample: str) -> float:
+    value = metrics.registry.get_sample_value(f"i2vd_generator_idle_seconds_{sample}", {"worker": "w0"})
+    assert value is not None
+    return value
+
+
+def test_the_generator_idle_time_under_a_backlog_is_measured(tmp_path: Path, make_image: Callable[..., Path]) -> None:
+    """`i2vd_generator_idle_seconds`: one gap per generation that had a job waiting when the one before it ended
+    (4 jobs: 3 gaps). With one finishing thread and no finishing backlog the worker cannot generate the next video
+    before the last one is published, so each gap holds at least the job before's encode and variants."""
+    serial = config_for(
+        tmp_path, worker={"max_batch_size": 1}, encode={"max_concurrent_ffmpeg": 1, "finishing_backlog": 0}
+    )
+    metrics = run_backlog(serial, make_image, 4)
+    assert idle(metrics, "count") == 3
+    manifests = sorted(published(serial), key=lambda m: m["input"]["image"])
+    finishing = [m["timings_seconds"]["encode"] + m["timings_seconds"]["variants"] for m in manifests]
+    assert all(seconds > 0 for seconds in finishing)
+    assert idle(metrics, "sum") >= sum(finishing[:-1])
+
+
+def test_no_idle_time_is_counted_when_no_job_was_waiting(tmp_path: Path, make_image: Callable[..., Path]) -> None:
+    """Jobs that arrive one by one leave the generator idle for want of work, which is not the daemon's cost."""
+    from daemon.intake import Intake
+
+    config = config_for(tmp_path)
+    config.inbox.mkdir(parents=True)
+    config.outbox.mkdir(parents=True)
+    store = JobStore(config.inbox, config.state_path)
+    metrics = DaemonMetrics()
+    worker = Worker(config, fake_generators.make_instant(), store, JobQueue(), metrics, interrupt=threading.Event())
+    for index in range(3):
+        drop(config.inbox, make_image, f"s{index}", f"seed: {index}\n")
+        [job] = Intake(config, store).poll().accepted
+        assert worker.process(job) == "succeeded"
+    assert idle(metrics, "count") == 0
+
+
 def test_a_degraded_video_is_published_with_what_it_really_is(tmp_path: Path, make_image: Callable[..., Path]) -> None:
     """The OOM degrade ladder's result (fewer frames) passes the frame-count sanity check, is encoded as it is, and
     the manifest records the steps taken and the frames used; `degraded_jobs_total` counts it."""
