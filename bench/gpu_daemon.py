@@ -14,7 +14,9 @@ and what one GPU allows of issue 9: two workers sharing it, and the cost of a ki
 Each service record runs once per `--batch-sizes` entry (`worker.max_batch_size`; 1 isolates what the service's
 overlap of finishing, IO and bookkeeping with the GPU achieves, larger values add batching). Prints and writes one
 JSON object: bare s/video and videos/hour, the service's records, and their ratios to the bare generator, over the
-whole backlog (`ratio_to_bare`) and once the pipeline is full (`steady_ratio_to_bare`, see `scaling.steady_rate`).
+whole backlog (`ratio_to_bare`) and once the pipeline is full (`steady_ratio_to_bare`, see `scaling.steady_rate`),
+and `generator_idle`: the workers' gaps between generations while a job was waiting (`i2vd_generator_idle_seconds`),
+which tells the daemon's own share of a gap to the bare rate from that of the generation process's calls.
 """
 
 from __future__ import annotations

@@ -101,6 +101,7 @@ def measure(base: DaemonConfig, workers: int, args: argparse.Namespace) -> dict[
         manifests = [json.loads(p.read_text()) for p in config.outbox.glob("video_*.json")]
         if kill is not None:
             kill["recovered_seconds"] = _recovery_seconds(kill)
+        idle = generator_idle(service)
         service.request_stop()
         service.stop(timeout=60)
     return {
@@ -116,12 +117,27 @@ def measure(base: DaemonConfig, workers: int, args: argparse.Namespace) -> dict[
         "steady_videos_per_hour": steady_rate(published_at, getattr(args, "max_batch_size", None) or 1),
         "published_at_seconds": [round(t, 2) for t in published_at],
         "model_load_seconds": round(load_seconds, 2),
+        "generator_idle": idle,
         "peak_vram_bytes": max((m.get("peak_vram_bytes") or 0 for m in manifests), default=0),
         "size": f"{args.width}x{args.height}x{args.frames}f x{args.steps} steps",
         "kill": kill,
         "host": socket.gethostname(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def generator_idle(service: Service) -> dict[str, float]:
+    """`i2vd_generator_idle_seconds` over all workers: how many gaps the generators had between videos while a
+    job was waiting, and how long they were in all (what the daemon's own work cost the GPU in this backlog)."""
+    gaps = seconds = 0.0
+    for family in service.metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name == "i2vd_generator_idle_seconds_count":
+                gaps += sample.value
+            elif sample.name == "i2vd_generator_idle_seconds_sum":
+                seconds += sample.value
+    mean = seconds / gaps if gaps else 0.0
+    return {"gaps": gaps, "seconds": round(seconds, 3), "mean_seconds": round(mean, 4)}
 
 
 def steady_rate(published_at: list[float], first: int = 1) -> float | None:
