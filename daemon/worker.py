@@ -101,6 +101,8 @@ class Worker:
         try:
             while self._pool_error is None:
                 self._backlog.acquire()  # released when a job's finishing ends: bounds generated-but-unfinished jobs
+                if len(self._queue) == 0:  # the job that was waiting went elsewhere: this wait is for work
+                    self._work_was_waiting = False
                 job = self._queue.get()
                 if job is None:
                     self._backlog.release()
