@@ -193,9 +193,13 @@ class Recorder:
             **extra,
         }
         self.rows.append(row)
+        self.write(row)
+        print(json.dumps(row), flush=True)
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Append one record to `--out` (JSON lines), as soon as it is measured."""
         with self.out.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
 
 
 class Bench:
@@ -441,8 +445,7 @@ def phase_profile(b: Bench, suffix: str = "") -> None:
     (b.args.out.parent / f"gpu_profile{shape}{suffix}.txt").write_text(text)
     case = {"compile": b.args.compile, "scope": b.args.compile_scope, "case": suffix, "shape": b.args.step_shape}
     row = {"profile": case | {"kinds": kinds}}
-    with b.args.out.open("a") as handle:
-        handle.write(json.dumps(row) + "\n")
+    b.rec.write(row)
     print(text[-9000:], flush=True)
 
 
@@ -499,23 +502,22 @@ def phase_attn(b: Bench) -> None:
         row = {"attn": {"q": q_shape, "k": k_shape, "calls_per_step": count, "ms": timings}}
         rows.append(row["attn"])
         print(json.dumps(row), flush=True)
-        with b.args.out.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        b.rec.write(row)
         torch.cuda.empty_cache()
     default = sum(r["calls_per_step"] * r["ms"]["default"] for r in rows)
     best = sum(r["calls_per_step"] * min(v for v in r["ms"].values() if isinstance(v, float)) for r in rows)
 
     def chosen(row: dict[str, Any]) -> float:  # what gpu_speed.attention sends this shape to
-        short = row["q"][2] <= gpu_speed.SHORT_SEQUENCE and row["k"][2] <= gpu_speed.SHORT_SEQUENCE
-        timing: float = row["ms"].get("efficient_attention", row["ms"]["default"]) if short else row["ms"]["default"]
+        timing: float = row["ms"]["default"]
+        if gpu_speed.takes_efficient_kernel(row["q"][2], row["k"][2]):
+            timing = row["ms"].get("efficient_attention", timing)
         return timing
 
     ours = sum(r["calls_per_step"] * chosen(r) for r in rows)
     per_step = {"default": round(default, 2), "ours": round(ours, 2), "best_per_shape": round(best, 2)}
     summary = {"attn_per_step_ms": per_step, "shape": b.args.step_shape}
     print(json.dumps(summary), flush=True)
-    with b.args.out.open("a") as handle:
-        handle.write(json.dumps(summary) + "\n")
+    b.rec.write(summary)
 
 
 def _attention_timings(q_shape: tuple[int, ...], k_shape: tuple[int, ...], plain: Any) -> dict[str, Any]:
@@ -640,8 +642,7 @@ def phase_creep(b: Bench) -> None:
         "reserved_last": int(torch.cuda.memory_reserved()),
     }
     print("creep", json.dumps(row), flush=True)
-    with b.args.out.open("a") as handle:
-        handle.write(json.dumps({"creep": row}) + "\n")
+    b.rec.write({"creep": row})
 
 
 def phase_ready(b: Bench) -> None:
@@ -667,8 +668,7 @@ def phase_ready(b: Bench) -> None:
         }
     }
     print(json.dumps(row), flush=True)
-    with b.args.out.open("a") as handle:
-        handle.write(json.dumps(row) + "\n")
+    b.rec.write(row)
 
 
 START = time.perf_counter()

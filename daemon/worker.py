@@ -87,9 +87,8 @@ class Worker:
         self._cancel_id: str | None = None
         self._idle = metrics.generator_idle.labels(worker=name)
         """The generator's gaps under a backlog: what the daemon costs the GPU between videos."""
-        self._generation_ended: float | None = None
-        self._work_was_waiting = False
-        """Whether a job was queued when the last generation ended (only then is the next gap the daemon's)."""
+        self._idle_since: float | None = None
+        """When the last generation ended, if a job was queued then (only then is the next gap the daemon's)."""
 
     def cancel(self, job_id: str) -> None:
         """Interrupt job `job_id` between denoising steps if it is running; it ends in failed/ as `cancelled`."""
@@ -102,7 +101,7 @@ class Worker:
             while self._pool_error is None:
                 self._backlog.acquire()  # released when a job's finishing ends: bounds generated-but-unfinished jobs
                 if len(self._queue) == 0:  # the job that was waiting went elsewhere: this wait is for work
-                    self._work_was_waiting = False
+                    self._idle_since = None
                 job = self._queue.get()
                 if job is None:
                     self._backlog.release()
@@ -219,15 +218,15 @@ class Worker:
         if not requests:
             return []
         started = time.perf_counter()
-        if self._generation_ended is not None and self._work_was_waiting:
-            self._idle.observe(started - self._generation_ended)
+        if self._idle_since is not None:
+            self._idle.observe(started - self._idle_since)
         try:
             results = self._generate([request for _, request in requests])
         except Exception as exc:
             results = [exc] * len(requests)  # type: ignore[list-item]
-        self._generation_ended = time.perf_counter()
-        self._work_was_waiting = len(self._queue) > 0
-        seconds = self._generation_ended - started
+        ended = time.perf_counter()
+        self._idle_since = ended if len(self._queue) > 0 else None
+        seconds = ended - started
         for attempt, _ in requests:
             attempt.timer.add("generate", seconds)
         return [(attempt, result) for (attempt, _), result in zip(requests, results, strict=True)]

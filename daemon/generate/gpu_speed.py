@@ -42,12 +42,16 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> to
     if pad:
         query, key, value = (F.pad(tensor, (0, pad)) for tensor in (query, key, value))
     scale = width**-0.5 if pad else None  # None: the kernels' own 1/sqrt(width), as the stock processor has it
-    short = query.shape[-2] <= SHORT_SEQUENCE and key.shape[-2] <= SHORT_SEQUENCE
-    if short and query.is_cuda:
+    if query.is_cuda and takes_efficient_kernel(query.shape[-2], key.shape[-2]):
         out = in_batches(_efficient_attention, query, key, value, scale, KERNEL_BATCH_LIMIT)
     else:
         out = F.scaled_dot_product_attention(query, key, value, scale=scale)
     return out[..., :width] if pad else out
+
+
+def takes_efficient_kernel(query_length: int, key_length: int) -> bool:
+    """Whether `attention` sends a call with these sequence lengths to the memory-efficient kernel on CUDA."""
+    return query_length <= SHORT_SEQUENCE and key_length <= SHORT_SEQUENCE
 
 
 def _efficient_attention(

@@ -15,8 +15,8 @@ and the peak is the larger of the two. The time of a batch is `fixed_seconds` (e
 decode (`decode_seconds_per_pixel` x batch x frames x H x W) and per denoising step a constant (the per-layer
 launches and glue), a term linear in the latent positions (convolutions, projections, norms, temporal attention)
 and one in frames x tokens^2 (the spatial self-attention, quadratic in the latent tokens of a frame), per video of
-the batch; fitted on the compiled 512p/16f, 768p/16f, 1024p/16f and 512p/32f steps within 1.4% (BENCHMARKS.md,
-"Attention kernels"); a batch of two measured 3% under it.
+the batch; fitted on the compiled 512p/16f, 768p/16f, 1024p/16f and 512p/32f steps with the shipped defaults within
+2.2% (BENCHMARKS.md, "The shipped defaults at the other tiers"); a batch of two measured 3% under it.
 Importable without torch: the CLI and the job resolver use it.
 """
 

@@ -36,7 +36,7 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def eager(model_cache: Path) -> I2VGenXLGenerator:
-    return load_generator(ModelConfig(device="cpu", cache_dir=model_cache))
+    return eager_generator(model_cache)
 
 
 def request() -> GenerationRequest:
