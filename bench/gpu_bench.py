@@ -9,16 +9,18 @@ BPE format; token ids stay inside the real vocabulary). Every record follows DES
 
 Phases: `ref` (fp32 reference loop, stock attention: the PSNR reference), `stock`, `exact`, `fast`, `batch`,
 `tiers` (768p, 1024p, 32 frames), `profile` (CUDA kernels of one step by kind, stock vs ours as configured),
-`attn` (each attention shape of a step under each SDPA backend), `layout` (NCHW vs channels-last weights),
+`attn` (each attention shape of a step under each SDPA backend, and the short ones packed), `conv` (each
+convolution of a step with cuDNN's heuristic vs measured algorithm), `layout` (NCHW vs channels-last weights),
 `vram` (peak per stage for the VRAM model), `creep` (allocated memory over many jobs), `ready` (load + compile +
-first video: run twice in fresh processes to see the cold and the warm compile cache). `profile`, `attn` and
-`layout` look at one step of `--step-shape` (default 512p:16).
+first video: run twice in fresh processes to see the cold and the warm compile cache). `profile`, `attn`, `conv`
+and `layout` look at one step of `--step-shape` (default 512p:16).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import statistics
 import time
@@ -541,6 +543,7 @@ def _attention_timings(q_shape: tuple[int, ...], k_shape: tuple[int, ...], plain
         variants.append((backend.name.lower(), forced))
     if batch * heads * length * k_shape[2] * 4 < 8 << 30:  # the fp32 weights matrix fits
         variants.append(("inductor softmax(qk)v", lambda: plain(query, key, value)))
+    variants += _packed_variants(query, key, value)
     timings: dict[str, Any] = {}
     errors: dict[str, str] = {}
     for label, function in variants:
@@ -550,6 +553,147 @@ def _attention_timings(q_shape: tuple[int, ...], k_shape: tuple[int, ...], plain
         except Exception as exc:  # a backend that refuses the shape
             errors[label] = f"refused: {type(exc).__name__}: {str(exc)[:80]}"
     return {**timings, "max_error": errors}
+
+
+PACKED_LENGTHS = (64, 128)
+"""Packed sequence lengths tried for the short (temporal) self-attentions: `group` = length // frames."""
+
+
+def _packed_variants(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> list[tuple[str, Callable[[], torch.Tensor]]]:
+    """`gpu_speed.packed_attention` for the short self-attentions: eager under each SDPA backend, compiled by
+    inductor (as inside the compiled layers) and through FlexAttention with the same block-diagonal mask."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from daemon.generate import gpu_speed
+
+    batch, heads, length, width = query.shape
+    if not gpu_speed.takes_efficient_kernel(length, key.shape[-2]) or key.shape[-2] != length:
+        return []
+    variants: list[tuple[str, Callable[[], torch.Tensor]]] = []
+    compiled = torch.compile(gpu_speed.packed_attention, fullgraph=True, dynamic=False)
+    flex = torch.compile(flex_attention, fullgraph=True, dynamic=False)
+    for packed in PACKED_LENGTHS:
+        group = packed // length
+        if group < 2 or batch % group:
+            continue
+        for backend in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, None):
+
+            def eager(backend: SDPBackend | None = backend, group: int = group) -> torch.Tensor:
+                with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+                    return gpu_speed.packed_attention(query, key, value, None, group)
+
+            label = backend.name.lower() if backend is not None else "default"
+            variants.append((f"packed {packed} {label}", eager))
+        variants.append(
+            (f"packed {packed} compiled", lambda g=group: compiled(query, key, value, None, g))  # type: ignore[misc]
+        )
+        mask = create_block_mask(
+            lambda b, h, q, k, s=length: q // s == k // s, None, None, group * length, group * length, device="cuda"
+        )
+
+        def flexed(group: int = group, mask: Any = mask) -> torch.Tensor:
+            def pack(t: torch.Tensor) -> torch.Tensor:
+                return t.transpose(1, 2).reshape(batch // group, group * length, heads, width).transpose(1, 2)
+
+            out: torch.Tensor = flex(pack(query), pack(key), pack(value), block_mask=mask)
+            return out.transpose(1, 2).reshape(batch, length, heads, width).transpose(1, 2)
+
+        variants.append((f"packed {packed} flex", flexed))
+    return variants
+
+
+def phase_conv(b: Bench) -> None:
+    """Every distinct convolution of one guided step at `--step-shape` (recorded from an eager step, in the
+    layouts the generator gives them) timed with cuDNN's heuristic algorithm choice (the default) and with
+    `cudnn.benchmark`'s measured one, and the first call's cost of that measurement."""
+    from daemon.generate import gpu_speed
+
+    calls: dict[tuple[Any, ...], int] = {}
+
+    def record(module: Any, inputs: tuple[torch.Tensor, ...], _output: Any) -> None:
+        x = inputs[0]
+        layout = (
+            "channels_last"
+            if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            else (
+                "channels_last_3d" if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) else "nchw"
+            )
+        )
+        if x.is_contiguous():
+            layout = "nchw"
+        shape = (tuple(x.shape), layout, tuple(module.weight.shape), module.stride, module.padding, module.groups)
+        calls[shape] = calls.get(shape, 0) + 1
+
+    generator = make_generator(b.parts, torch.float16)
+    if b.args.channels_last:
+        gpu_speed.to_channels_last(b.parts.unet)
+    cond, latents, t = step_inputs(generator, *step_shape(b.args))
+    convs = [m for m in b.parts.unet.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+    hooks = [m.register_forward_hook(record) for m in convs]
+    try:
+        with torch.inference_mode(), eager_layers(b.parts.unet):
+            prepared = pred.prepare(b.parts.unet, cond)
+            calls.clear()  # the step's convolutions only
+            gpu_speed.step(b.parts.unet, latents, t, prepared)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    rows = []
+    for (x_shape, layout, w_shape, stride, padding, groups), count in sorted(calls.items(), key=lambda i: -i[1]):
+        conv = torch.nn.functional.conv2d if len(x_shape) == 4 else torch.nn.functional.conv3d
+        fmt = {"channels_last": torch.channels_last, "channels_last_3d": torch.channels_last_3d}.get(
+            layout, torch.contiguous_format
+        )
+        w_fmt = torch.channels_last if len(w_shape) == 4 else torch.channels_last_3d
+        with torch.inference_mode():
+            x = torch.randn(x_shape, device="cuda", dtype=torch.float16).contiguous(memory_format=fmt)
+            w = torch.randn(w_shape, device="cuda", dtype=torch.float16) * 0.05
+            w = w.contiguous(memory_format=w_fmt) if b.args.channels_last else w
+            bias = torch.randn(w_shape[0], device="cuda", dtype=torch.float16)
+
+            run = functools.partial(conv, x, w, bias, stride, padding, 1, groups)
+            torch.backends.cudnn.benchmark = False
+            heuristic = run().float()
+            default_ms = _median_ms(run)
+            torch.backends.cudnn.benchmark = True
+            torch.cuda.synchronize()
+            begin = time.perf_counter()
+            measured = run().float()
+            torch.cuda.synchronize()
+            first_ms = (time.perf_counter() - begin) * 1000
+            benchmark_ms = _median_ms(run)
+            torch.backends.cudnn.benchmark = False
+            error = (measured - heuristic).abs().max().item()
+        row = {
+            "conv": {
+                "x": x_shape,
+                "layout": layout,
+                "w": w_shape,
+                "stride": stride,
+                "padding": padding,
+                "calls_per_step": count,
+                "ms": {
+                    "default": round(default_ms, 3),
+                    "benchmark": round(benchmark_ms, 3),
+                    "benchmark_first_call": round(first_ms, 1),
+                },
+                "max_difference": f"{error:.1e}",
+            }
+        }
+        rows.append(row["conv"])
+        print(json.dumps(row), flush=True)
+        b.rec.write(row)
+        torch.cuda.empty_cache()
+    per_step = {
+        kind: round(sum(r["calls_per_step"] * r["ms"][kind] for r in rows), 2) for kind in ("default", "benchmark")
+    }
+    first = round(sum(r["ms"]["benchmark_first_call"] for r in rows) / 1000, 2)
+    summary = {"conv_per_step_ms": per_step, "benchmark_search_s": first, "shape": b.args.step_shape}
+    print(json.dumps(summary), flush=True)
+    b.rec.write(summary)
 
 
 def step_shape(args: argparse.Namespace) -> tuple[str, int]:
@@ -728,6 +872,7 @@ def main() -> None:
         ("ready", phase_ready),
         ("exact", lambda b: run_exact_case(b, "512p", 16, 2, stock[0] if stock else None)),
         ("attn", phase_attn),
+        ("conv", phase_conv),
         ("profile", phase_profile),
         ("vram", phase_vram),
         ("fast", phase_fast),

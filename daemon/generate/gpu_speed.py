@@ -54,6 +54,29 @@ def takes_efficient_kernel(query_length: int, key_length: int) -> bool:
     return query_length <= SHORT_SEQUENCE and key_length <= SHORT_SEQUENCE
 
 
+def packed_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None, group: int
+) -> torch.Tensor:
+    """Self-attention over many short sequences, `group` of them side by side in one sequence of `group` x S
+    tokens under a block-diagonal mask: each query still attends to exactly the keys of its own sequence (the
+    masked scores are -inf, so their softmax weights are exactly 0: same maths), while the kernels' query tiles
+    (64-128 rows) are filled instead of holding 16 rows of one sequence each.
+
+    (B, H, S, D) views of (B, S, H, D) projections (as the processors make them) pack without a copy; a `group`
+    that does not divide B, or a cross-attention, falls back to the plain call."""
+    batch, heads, length, width = query.shape
+    if group <= 1 or batch % group or key.shape[-2] != length:
+        return F.scaled_dot_product_attention(query, key, value, scale=scale)
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.transpose(1, 2).reshape(batch // group, group * length, heads, width).transpose(1, 2)
+
+    sequence = torch.arange(group * length, device=query.device) // length
+    mask = sequence[:, None] == sequence[None, :]
+    out = F.scaled_dot_product_attention(pack(query), pack(key), pack(value), attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).reshape(batch, length, heads, width).transpose(1, 2)
+
+
 def _efficient_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None
 ) -> torch.Tensor:

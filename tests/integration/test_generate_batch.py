@@ -127,6 +127,32 @@ def test_attention_in_batches_equals_one_call() -> None:
     assert torch.equal(gpu_speed.in_batches(kernel, query, key, value, 0.3, 7), whole) and calls == [7]
 
 
+@pytest.mark.parametrize("group", [2, 4, 8])
+def test_packed_short_sequences_attend_only_within_their_own(group: int) -> None:
+    """Sequences packed side by side under the block-diagonal mask give each query exactly its own sequence's
+    keys: the result equals one call per sequence, for (B, H, S, D) views of (B, S, H, D) projections."""
+    torch.manual_seed(4)
+    query, key, value = (torch.randn(16, 16, 3, 8, dtype=torch.float64).transpose(1, 2) for _ in range(3))
+    reference = torch.stack([F.scaled_dot_product_attention(q, k, v) for q, k, v in zip(query, key, value)])
+    packed = gpu_speed.packed_attention(query, key, value, None, group)
+    assert packed.shape == query.shape
+    assert torch.allclose(packed, reference, atol=1e-12)
+
+
+def test_packing_falls_back_where_it_cannot_pack() -> None:
+    """A group that does not divide the batch, or keys of another length (cross-attention), make the plain call."""
+    torch.manual_seed(5)
+    query, value = torch.randn(6, 2, 16, 8), torch.randn(6, 2, 16, 8)
+    assert torch.equal(
+        gpu_speed.packed_attention(query, query, value, 0.3, 4),
+        F.scaled_dot_product_attention(query, query, value, scale=0.3),
+    )
+    key = torch.randn(6, 2, 9, 8)
+    assert torch.equal(
+        gpu_speed.packed_attention(query, key, key, None, 2), F.scaled_dot_product_attention(query, key, key)
+    )
+
+
 def test_aligned_heads_make_the_stock_call() -> None:
     """8-aligned heads off CUDA: the very call diffusers' `AttnProcessor2_0` makes, identical floats."""
     torch.manual_seed(2)
