@@ -10,10 +10,10 @@ BPE format; token ids stay inside the real vocabulary). Every record follows DES
 Phases: `ref` (fp32 reference loop, stock attention: the PSNR reference), `stock`, `exact`, `fast`, `batch`,
 `tiers` (768p, 1024p, 32 frames), `profile` (CUDA kernels of one step by kind, stock vs ours as configured),
 `attn` (each attention shape of a step under each SDPA backend, and the short ones packed), `conv` (each
-convolution of a step with cuDNN's heuristic vs measured algorithm), `layout` (NCHW vs channels-last weights),
-`vram` (peak per stage for the VRAM model), `creep` (allocated memory over many jobs), `ready` (load + compile +
-first video: run twice in fresh processes to see the cold and the warm compile cache). `profile`, `attn`, `conv`
-and `layout` look at one step of `--step-shape` (default 512p:16).
+convolution of a step alone, cuDNN's heuristic or `--cudnn-benchmark`'s measured algorithm), `layout` (NCHW vs
+channels-last weights), `vram` (peak per stage for the VRAM model), `creep` (allocated memory over many jobs),
+`ready` (load + compile + first video: run twice in fresh processes to see the cold and the warm compile cache).
+`profile`, `attn`, `conv` and `layout` look at one step of `--step-shape` (default 512p:16).
 """
 
 from __future__ import annotations
@@ -605,25 +605,23 @@ def _packed_variants(
     return variants
 
 
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def phase_conv(b: Bench) -> None:
     """Every distinct convolution of one guided step at `--step-shape` (recorded from an eager step, in the
-    layouts the generator gives them) timed with cuDNN's heuristic algorithm choice (the default) and with
-    `cudnn.benchmark`'s measured one, and the first call's cost of that measurement."""
+    layouts the generator gives them, `--channels-last` or not) timed alone with cuDNN's heuristic algorithm
+    choice, or with `--cudnn-benchmark` its measured one (and the first call, which searches). cuDNN caches one
+    plan per shape for the process whichever way it was found, so the two need a process each."""
     from daemon.generate import gpu_speed
 
     calls: dict[tuple[Any, ...], int] = {}
 
     def record(module: Any, inputs: tuple[torch.Tensor, ...], _output: Any) -> None:
         x = inputs[0]
-        layout = (
-            "channels_last"
-            if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-            else (
-                "channels_last_3d" if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) else "nchw"
-            )
-        )
-        if x.is_contiguous():
-            layout = "nchw"
+        layout = "nchw" if x.is_contiguous() else "strided"
+        if layout == "strided" and x.is_contiguous(memory_format=CHANNELS_LAST[x.dim()]):
+            layout = "channels_last"
         shape = (tuple(x.shape), layout, tuple(module.weight.shape), module.stride, module.padding, module.groups)
         calls[shape] = calls.get(shape, 0) + 1
 
@@ -637,36 +635,31 @@ def phase_conv(b: Bench) -> None:
         with torch.inference_mode(), eager_layers(b.parts.unet):
             prepared = pred.prepare(b.parts.unet, cond)
             calls.clear()  # the step's convolutions only
-            gpu_speed.step(b.parts.unet, latents, t, prepared)
+            torch.cuda.synchronize()
+            begin = time.perf_counter()
+            gpu_speed.step(b.parts.unet, latents, t, prepared)  # with cudnn.benchmark: the searches
+            torch.cuda.synchronize()
+            recording_step_s = time.perf_counter() - begin
     finally:
         for hook in hooks:
             hook.remove()
     rows = []
     for (x_shape, layout, w_shape, stride, padding, groups), count in sorted(calls.items(), key=lambda i: -i[1]):
         conv = torch.nn.functional.conv2d if len(x_shape) == 4 else torch.nn.functional.conv3d
-        fmt = {"channels_last": torch.channels_last, "channels_last_3d": torch.channels_last_3d}.get(
-            layout, torch.contiguous_format
-        )
-        w_fmt = torch.channels_last if len(w_shape) == 4 else torch.channels_last_3d
+        fmt = CHANNELS_LAST[len(x_shape)] if layout == "channels_last" else torch.contiguous_format
         with torch.inference_mode():
             x = torch.randn(x_shape, device="cuda", dtype=torch.float16).contiguous(memory_format=fmt)
             w = torch.randn(w_shape, device="cuda", dtype=torch.float16) * 0.05
-            w = w.contiguous(memory_format=w_fmt) if b.args.channels_last else w
+            w = w.contiguous(memory_format=CHANNELS_LAST[len(w_shape)]) if b.args.channels_last else w
             bias = torch.randn(w_shape[0], device="cuda", dtype=torch.float16)
 
             run = functools.partial(conv, x, w, bias, stride, padding, 1, groups)
-            torch.backends.cudnn.benchmark = False
-            heuristic = run().float()
-            default_ms = _median_ms(run)
-            torch.backends.cudnn.benchmark = True
             torch.cuda.synchronize()
             begin = time.perf_counter()
-            measured = run().float()
+            run()  # the plan is cached per shape for the process by now (found during the recorded step)
             torch.cuda.synchronize()
             first_ms = (time.perf_counter() - begin) * 1000
-            benchmark_ms = _median_ms(run)
-            torch.backends.cudnn.benchmark = False
-            error = (measured - heuristic).abs().max().item()
+            median_ms = _median_ms(run)
         row = {
             "conv": {
                 "x": x_shape,
@@ -675,23 +668,22 @@ def phase_conv(b: Bench) -> None:
                 "stride": stride,
                 "padding": padding,
                 "calls_per_step": count,
-                "ms": {
-                    "default": round(default_ms, 3),
-                    "benchmark": round(benchmark_ms, 3),
-                    "benchmark_first_call": round(first_ms, 1),
-                },
-                "max_difference": f"{error:.1e}",
+                "cudnn_benchmark": b.args.cudnn_benchmark,
+                "ms": round(median_ms, 3),
+                "first_call_ms": round(first_ms, 1),
             }
         }
         rows.append(row["conv"])
         print(json.dumps(row), flush=True)
         b.rec.write(row)
         torch.cuda.empty_cache()
-    per_step = {
-        kind: round(sum(r["calls_per_step"] * r["ms"][kind] for r in rows), 2) for kind in ("default", "benchmark")
+    summary = {
+        "conv_per_step_ms": round(sum(r["calls_per_step"] * r["ms"] for r in rows), 2),
+        "recording_step_s": round(recording_step_s, 2),
+        "cudnn_benchmark": b.args.cudnn_benchmark,
+        "channels_last": b.args.channels_last,
+        "shape": b.args.step_shape,
     }
-    first = round(sum(r["ms"]["benchmark_first_call"] for r in rows) / 1000, 2)
-    summary = {"conv_per_step_ms": per_step, "benchmark_search_s": first, "shape": b.args.step_shape}
     print(json.dumps(summary), flush=True)
     b.rec.write(summary)
 
@@ -847,6 +839,9 @@ def main() -> None:
         default=None,
         help="channels-last UNet convolution weights (default: as the daemon's model.channels_last unset decides)",
     )
+    parser.add_argument(
+        "--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark for the whole run"
+    )
     parser.add_argument("--save-ref", type=Path, help="write the fp32 reference frames (512p x 16) here")
     parser.add_argument("--load-ref", type=Path, help="read them from here instead of running `ref`")
     parser.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "i2vd")
@@ -857,6 +852,7 @@ def main() -> None:
         model = ModelConfig(compile=args.compile, compile_scope=args.compile_scope)
         args.channels_last = model.resolved_channels_last(args.compile)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     from daemon.generate import compile_cache
 
     compile_cache.point_caches_at(args.cache_dir)

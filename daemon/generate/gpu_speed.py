@@ -19,6 +19,7 @@ and cross attentions are fastest with the default (cuDNN) kernel and keep it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,11 @@ import torch.nn.functional as F
 HEAD_ALIGN = 8
 SHORT_SEQUENCE = 32
 """Query and key lengths up to this (frames) take the memory-efficient kernel on CUDA."""
+PACK_UP_TO = 16
+"""Self-attentions over up to this many frames are packed (`packed_attention`) for that kernel ..."""
+PACKED_LENGTH = 64
+"""... `PACKED_LENGTH // frames` sequences side by side (H200, 512x512x16: 3.4 ms less per step; at 32 frames
+two at a time gained nothing, BENCHMARKS.md)."""
 KERNEL_BATCH_LIMIT = 65535
 """The memory-efficient kernel launches one grid row per batch entry, and CUDA allows 65535 of them (pytorch
 issue 146704): at 1024p a batch of two already has 2 x 2 x 128 x 128 = 65536 temporal sequences."""
@@ -36,14 +42,19 @@ issue 146704): at 1024p a batch of two already has 2 x 2 x 128 x 128 = 65536 tem
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """`scaled_dot_product_attention` of (B, H, S, D) tensors, heads zero-padded to a multiple of 8 (same maths),
-    short sequences on CUDA through the memory-efficient kernel (see the module's docstring)."""
+    short sequences on CUDA through the memory-efficient kernel, the shortest packed (see the module's
+    docstring)."""
     width = query.shape[-1]
     pad = (-width) % HEAD_ALIGN
     if pad:
         query, key, value = (F.pad(tensor, (0, pad)) for tensor in (query, key, value))
     scale = width**-0.5 if pad else None  # None: the kernels' own 1/sqrt(width), as the stock processor has it
     if query.is_cuda and takes_efficient_kernel(query.shape[-2], key.shape[-2]):
-        out = in_batches(_efficient_attention, query, key, value, scale, KERNEL_BATCH_LIMIT)
+        group = pack_group(query.shape[0], query.shape[-2], key.shape[-2])
+        if group > 1:
+            out = packed_attention(query, key, value, scale, group, _efficient_masked)
+        else:
+            out = in_batches(_efficient_attention, query, key, value, scale, KERNEL_BATCH_LIMIT)
     else:
         out = F.scaled_dot_product_attention(query, key, value, scale=scale)
     return out[..., :width] if pad else out
@@ -54,8 +65,31 @@ def takes_efficient_kernel(query_length: int, key_length: int) -> bool:
     return query_length <= SHORT_SEQUENCE and key_length <= SHORT_SEQUENCE
 
 
+def pack_group(batch: int, query_length: int, key_length: int) -> int:
+    """How many sequences `attention` packs into one on CUDA (1: none): self-attentions of up to `PACK_UP_TO`
+    tokens, `PACKED_LENGTH // length` at a time where that divides the batch."""
+    group = PACKED_LENGTH // query_length
+    if query_length != key_length or query_length > PACK_UP_TO or batch % group:
+        return 1
+    return group
+
+
+MaskedKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float | None, torch.Tensor], torch.Tensor]
+
+
+def _sdpa_masked(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None, mask: torch.Tensor
+) -> torch.Tensor:
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+
+
 def packed_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None, group: int
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float | None,
+    group: int,
+    kernel: MaskedKernel = _sdpa_masked,
 ) -> torch.Tensor:
     """Self-attention over many short sequences, `group` of them side by side in one sequence of `group` x S
     tokens under a block-diagonal mask: each query still attends to exactly the keys of its own sequence (the
@@ -63,7 +97,8 @@ def packed_attention(
     (64-128 rows) are filled instead of holding 16 rows of one sequence each.
 
     (B, H, S, D) views of (B, S, H, D) projections (as the processors make them) pack without a copy; a `group`
-    that does not divide B, or a cross-attention, falls back to the plain call."""
+    that does not divide B, or a cross-attention, falls back to the plain call. `kernel` takes the packed
+    tensors and the boolean (group x S)^2 mask (True: attend)."""
     batch, heads, length, width = query.shape
     if group <= 1 or batch % group or key.shape[-2] != length:
         return F.scaled_dot_product_attention(query, key, value, scale=scale)
@@ -73,15 +108,29 @@ def packed_attention(
 
     sequence = torch.arange(group * length, device=query.device) // length
     mask = sequence[:, None] == sequence[None, :]
-    out = F.scaled_dot_product_attention(pack(query), pack(key), pack(value), attn_mask=mask, scale=scale)
+    out = kernel(pack(query), pack(key), pack(value), scale, mask)
     return out.transpose(1, 2).reshape(batch, length, heads, width).transpose(1, 2)
 
 
-def _efficient_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None
+def _efficient_masked(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None, mask: torch.Tensor
 ) -> torch.Tensor:
+    return in_batches(functools.partial(_efficient_attention, mask=mask), query, key, value, scale, KERNEL_BATCH_LIMIT)
+
+
+def _efficient_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float | None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    bias = None
+    if mask is not None:  # the kernel takes an additive bias (0: attend, -inf: not), broadcast over batch and heads
+        bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, float("-inf"))
+        bias = bias.expand(query.shape[0], query.shape[1], *mask.shape)
     out: torch.Tensor = torch.ops.aten._scaled_dot_product_efficient_attention(
-        query, key, value, None, False, scale=scale
+        query, key, value, bias, False, scale=scale
     )[0]
     return out
 
