@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -331,4 +331,59 @@ def to_channels_last(model: Any) -> int:
             layout = torch.channels_last if module.weight.ndim == 4 else torch.channels_last_3d
             module.weight.data = module.weight.data.to(memory_format=layout)
             changed += 1
+    return changed
+
+
+class FrameConv(torch.nn.Module):
+    """A `Conv3d` with a (k, 1, 1) kernel, stride 1 and padding (k // 2, 0, 0) (the temporal convolutions of
+    `TemporalConvLayer`), computed as one GEMM: each output position's k neighbouring frames' channels side by side
+    (k x C, zeros past either end, as the padding gives) times the weight as a (k x C, O) matrix. The same sums in
+    another order; cuBLAS runs that GEMM where cuDNN's 3-D convolution kernels are slow for this shape."""
+
+    def __init__(self, conv: torch.nn.Conv3d) -> None:
+        super().__init__()
+        if not frame_conv_covers(conv):
+            raise ValueError(f"FrameConv: not a (k, 1, 1) temporal convolution: {conv}")
+        out_channels, in_channels, taps = conv.weight.shape[:3]
+        self.taps = taps
+        weight = conv.weight.detach()[:, :, :, 0, 0].permute(2, 1, 0).reshape(taps * in_channels, out_channels)
+        self.weight = torch.nn.Parameter(weight.contiguous(), requires_grad=False)
+        self.bias = None if conv.bias is None else torch.nn.Parameter(conv.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, frames, height, width = x.shape
+        half = self.taps // 2
+        padded = F.pad(x.permute(0, 2, 3, 4, 1), (0, 0, 0, 0, 0, 0, half, half))  # (B, F + 2h, H, W, C)
+        columns = torch.cat([padded[:, tap : tap + frames] for tap in range(self.taps)], dim=-1)
+        columns = columns.reshape(-1, self.taps * channels)
+        out = columns @ self.weight if self.bias is None else torch.addmm(self.bias, columns, self.weight)
+        return out.view(batch, frames, height, width, -1).permute(0, 4, 1, 2, 3)
+
+
+def frame_conv_covers(conv: torch.nn.Module) -> TypeGuard[torch.nn.Conv3d]:
+    """Whether `FrameConv` computes this module: a `Conv3d` over frames only, odd kernel, same-size padding."""
+    if not isinstance(conv, torch.nn.Conv3d):
+        return False
+    taps = conv.kernel_size[0]
+    return (
+        conv.kernel_size[1:] == (1, 1)
+        and taps % 2 == 1
+        and conv.stride == (1, 1, 1)
+        and conv.padding == (taps // 2, 0, 0)
+        and conv.dilation == (1, 1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
+
+
+def install_frame_convs(model: Any) -> int:
+    """Replace every temporal convolution `FrameConv` covers inside `model`'s `Sequential`s (where
+    `TemporalConvLayer` keeps them) by a `FrameConv`; returns how many."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Sequential):
+            for index, child in enumerate(module):
+                if frame_conv_covers(child):
+                    module[index] = FrameConv(child)
+                    changed += 1
     return changed
