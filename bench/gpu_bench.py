@@ -693,8 +693,8 @@ def phase_conv(b: Bench) -> None:
 def phase_tconv(b: Bench) -> None:
     """Each distinct `TemporalConvLayer` call of one guided step at `--step-shape` (recorded from an eager step) as
     a layer of its own with random weights, channels-last as the generator runs it: stock (cuDNN's 3-D
-    convolutions) vs `gpu_speed.FrameConv` (one GEMM per convolution), eager and compiled by inductor as the
-    per-layer compile does, with the max difference to the fp32 stock layer."""
+    convolutions) vs `gpu_speed.FrameConv` (the same convolutions as 2-D ones), eager and compiled by inductor as
+    the per-layer compile does, with the max difference to the fp32 stock layer."""
     from diffusers.models.resnet import TemporalConvLayer
 
     from daemon.generate import gpu_speed
@@ -727,11 +727,12 @@ def phase_tconv(b: Bench) -> None:
         with torch.inference_mode():
             reference = stock(x, num_frames=frames)
             ours = copy.deepcopy(stock)
-            gpu_speed.install_frame_convs(ours)
             variants: dict[str, Any] = {}
             for name, layer in (("stock", stock), ("frame_conv", ours)):
                 layer.half()
                 gpu_speed.to_channels_last(layer)
+                if layer is ours:  # as the generator does it: FrameConv keeps the weights' layout
+                    gpu_speed.install_frame_convs(layer)
                 variants[f"{name} eager"] = layer
                 variants[f"{name} compiled"] = torch.compile(layer, fullgraph=True, dynamic=False)
             half = x.half()

@@ -336,28 +336,27 @@ def to_channels_last(model: Any) -> int:
 
 class FrameConv(torch.nn.Module):
     """A `Conv3d` with a (k, 1, 1) kernel, stride 1 and padding (k // 2, 0, 0) (the temporal convolutions of
-    `TemporalConvLayer`), computed as one GEMM: each output position's k neighbouring frames' channels side by side
-    (k x C, zeros past either end, as the padding gives) times the weight as a (k x C, O) matrix. The same sums in
-    another order; cuBLAS runs that GEMM where cuDNN's 3-D convolution kernels are slow for this shape."""
+    `TemporalConvLayer`) as the `Conv2d` it is: over (frames, height x width) with a (k, 1) kernel. The view is
+    free in either layout (channels-last 3-D activations are channels-last 2-D ones of that shape), and cuDNN
+    then takes its 2-D kernels instead of its 3-D ones."""
 
     def __init__(self, conv: torch.nn.Conv3d) -> None:
         super().__init__()
         if not frame_conv_covers(conv):
             raise ValueError(f"FrameConv: not a (k, 1, 1) temporal convolution: {conv}")
-        out_channels, in_channels, taps = conv.weight.shape[:3]
-        self.taps = taps
-        weight = conv.weight.detach()[:, :, :, 0, 0].permute(2, 1, 0).reshape(taps * in_channels, out_channels)
-        self.weight = torch.nn.Parameter(weight.contiguous(), requires_grad=False)
+        self.padding = (int(conv.padding[0]), 0)
+        weight = conv.weight.detach()[..., 0]  # (O, C, k, 1)
+        channels_last = (
+            conv.weight.is_contiguous(memory_format=torch.channels_last_3d) and not conv.weight.is_contiguous()
+        )
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        self.weight = torch.nn.Parameter(weight.contiguous(memory_format=layout), requires_grad=False)
         self.bias = None if conv.bias is None else torch.nn.Parameter(conv.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, frames, height, width = x.shape
-        half = self.taps // 2
-        padded = F.pad(x.permute(0, 2, 3, 4, 1), (0, 0, 0, 0, 0, 0, half, half))  # (B, F + 2h, H, W, C)
-        columns = torch.cat([padded[:, tap : tap + frames] for tap in range(self.taps)], dim=-1)
-        columns = columns.reshape(-1, self.taps * channels)
-        out = columns @ self.weight if self.bias is None else torch.addmm(self.bias, columns, self.weight)
-        return out.view(batch, frames, height, width, -1).permute(0, 4, 1, 2, 3)
+        out = F.conv2d(x.reshape(batch, channels, frames, height * width), self.weight, self.bias, padding=self.padding)
+        return out.reshape(batch, -1, frames, height, width)
 
 
 def frame_conv_covers(conv: torch.nn.Module) -> TypeGuard[torch.nn.Conv3d]:
