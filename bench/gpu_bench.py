@@ -10,18 +10,16 @@ BPE format; token ids stay inside the real vocabulary). Every record follows DES
 Phases: `ref` (fp32 reference loop, stock attention: the PSNR reference), `stock`, `exact`, `fast`, `batch`,
 `tiers` (768p, 1024p, 32 frames), `profile` (CUDA kernels of one step by kind, stock vs ours as configured),
 `attn` (each attention shape of a step under each SDPA backend, and the short ones packed), `conv` (each
-convolution of a step alone, cuDNN's heuristic or `--cudnn-benchmark`'s measured algorithm), `tconv` (each
-temporal convolution layer of a step, cuDNN vs `gpu_speed.FrameConv`, eager and compiled), `layout` (NCHW vs
+convolution of a step alone, cuDNN's heuristic or `--cudnn-benchmark`'s measured algorithm), `layout` (NCHW vs
 channels-last weights), `vram` (peak per stage for the VRAM model), `creep` (allocated memory over many jobs),
 `ready` (load + compile + first video: run twice in fresh processes to see the cold and the warm compile cache).
-`profile`, `attn`, `conv`, `tconv` and `layout` look at one step of `--step-shape` (default 512p:16).
+`profile`, `attn`, `conv` and `layout` look at one step of `--step-shape` (default 512p:16).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import functools
 import json
 import statistics
@@ -690,71 +688,6 @@ def phase_conv(b: Bench) -> None:
     b.rec.write(summary)
 
 
-def phase_tconv(b: Bench) -> None:
-    """Each distinct `TemporalConvLayer` call of one guided step at `--step-shape` (recorded from an eager step) as
-    a layer of its own with random weights, channels-last as the generator runs it: stock (cuDNN's 3-D
-    convolutions) vs `gpu_speed.FrameConv` (the same convolutions as 2-D ones), eager and compiled by inductor as
-    the per-layer compile does, with the max difference to the fp32 stock layer."""
-    from diffusers.models.resnet import TemporalConvLayer
-
-    from daemon.generate import gpu_speed
-
-    calls: dict[tuple[tuple[int, ...], int], int] = {}
-
-    def record(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], _output: Any) -> None:
-        key = (tuple(args[0].shape), int(kwargs.get("num_frames", args[1] if len(args) > 1 else 1)))
-        calls[key] = calls.get(key, 0) + 1
-
-    generator = make_generator(b.parts, torch.float16)
-    cond, latents, t = step_inputs(generator, *step_shape(b.args))
-    layers = [m for m in b.parts.unet.modules() if isinstance(m, TemporalConvLayer)]
-    hooks = [m.register_forward_hook(record, with_kwargs=True) for m in layers]
-    try:
-        with torch.inference_mode(), eager_layers(b.parts.unet):
-            prepared = pred.prepare(b.parts.unet, cond)
-            calls.clear()
-            gpu_speed.step(b.parts.unet, latents, t, prepared)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    totals: dict[str, float] = {}
-    for (shape, frames), count in sorted(calls.items(), key=lambda item: -item[1]):
-        torch.manual_seed(0)
-        stock = TemporalConvLayer(shape[1], shape[1], norm_num_groups=32).cuda().eval()
-        for sequential in (stock.conv1, stock.conv2, stock.conv3, stock.conv4):
-            torch.nn.init.normal_(sequential[-1].weight, std=0.02)  # conv4 starts at zero
-        x = torch.randn(shape, device="cuda").contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            reference = stock(x, num_frames=frames)
-            ours = copy.deepcopy(stock)
-            variants: dict[str, Any] = {}
-            for name, layer in (("stock", stock), ("frame_conv", ours)):
-                layer.half()
-                gpu_speed.to_channels_last(layer)
-                if layer is ours:  # as the generator does it: FrameConv keeps the weights' layout
-                    gpu_speed.install_frame_convs(layer)
-                variants[f"{name} eager"] = layer
-                variants[f"{name} compiled"] = torch.compile(layer, fullgraph=True, dynamic=False)
-            half = x.half()
-            timings: dict[str, Any] = {}
-            errors: dict[str, str] = {}
-            for label, layer in variants.items():
-                try:
-                    out = layer(half, num_frames=frames)
-                    errors[label] = f"{(out.float() - reference).abs().max().item():.1e}"
-                    timings[label] = round(_median_ms(functools.partial(layer, half, num_frames=frames)), 3)
-                    totals[label] = totals.get(label, 0.0) + count * timings[label]
-                except Exception as exc:
-                    errors[label] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
-        row = {"tconv": {"x": shape, "frames": frames, "calls_per_step": count, "ms": timings, "max_error": errors}}
-        print(json.dumps(row), flush=True)
-        b.rec.write(row)
-        torch.cuda.empty_cache()
-    summary = {"tconv_per_step_ms": {k: round(v, 2) for k, v in totals.items()}, "shape": b.args.step_shape}
-    print(json.dumps(summary), flush=True)
-    b.rec.write(summary)
-
-
 def step_shape(args: argparse.Namespace) -> tuple[str, int]:
     """`--step-shape` ("768p:16") as (tier, frames)."""
     tier, frames = args.step_shape.split(":")
@@ -936,7 +869,6 @@ def main() -> None:
         ("exact", lambda b: run_exact_case(b, "512p", 16, 2, stock[0] if stock else None)),
         ("attn", phase_attn),
         ("conv", phase_conv),
-        ("tconv", phase_tconv),
         ("profile", phase_profile),
         ("vram", phase_vram),
         ("fast", phase_fast),

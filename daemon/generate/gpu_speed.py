@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -331,58 +331,4 @@ def to_channels_last(model: Any) -> int:
             layout = torch.channels_last if module.weight.ndim == 4 else torch.channels_last_3d
             module.weight.data = module.weight.data.to(memory_format=layout)
             changed += 1
-    return changed
-
-
-class FrameConv(torch.nn.Module):
-    """A `Conv3d` with a (k, 1, 1) kernel, stride 1 and padding (k // 2, 0, 0) (the temporal convolutions of
-    `TemporalConvLayer`) as the `Conv2d` it is: over (frames, height x width) with a (k, 1) kernel. The view is
-    free in either layout (channels-last 3-D activations are channels-last 2-D ones of that shape), and cuDNN
-    then takes its 2-D kernels instead of its 3-D ones."""
-
-    def __init__(self, conv: torch.nn.Conv3d) -> None:
-        super().__init__()
-        if not frame_conv_covers(conv):
-            raise ValueError(f"FrameConv: not a (k, 1, 1) temporal convolution: {conv}")
-        self.padding = (int(conv.padding[0]), 0)
-        weight = conv.weight.detach()[..., 0]  # (O, C, k, 1)
-        channels_last = (
-            conv.weight.is_contiguous(memory_format=torch.channels_last_3d) and not conv.weight.is_contiguous()
-        )
-        layout = torch.channels_last if channels_last else torch.contiguous_format
-        self.weight = torch.nn.Parameter(weight.contiguous(memory_format=layout), requires_grad=False)
-        self.bias = None if conv.bias is None else torch.nn.Parameter(conv.bias.detach(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, channels, frames, height, width = x.shape
-        out = F.conv2d(x.reshape(batch, channels, frames, height * width), self.weight, self.bias, padding=self.padding)
-        return out.reshape(batch, -1, frames, height, width)
-
-
-def frame_conv_covers(conv: torch.nn.Module) -> TypeGuard[torch.nn.Conv3d]:
-    """Whether `FrameConv` computes this module: a `Conv3d` over frames only, odd kernel, same-size padding."""
-    if not isinstance(conv, torch.nn.Conv3d):
-        return False
-    taps = conv.kernel_size[0]
-    return (
-        conv.kernel_size[1:] == (1, 1)
-        and taps % 2 == 1
-        and conv.stride == (1, 1, 1)
-        and conv.padding == (taps // 2, 0, 0)
-        and conv.dilation == (1, 1, 1)
-        and conv.groups == 1
-        and conv.padding_mode == "zeros"
-    )
-
-
-def install_frame_convs(model: Any) -> int:
-    """Replace every temporal convolution `FrameConv` covers inside `model`'s `Sequential`s (where
-    `TemporalConvLayer` keeps them) by a `FrameConv`; returns how many."""
-    changed = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Sequential):
-            for index, child in enumerate(module):
-                if frame_conv_covers(child):
-                    module[index] = FrameConv(child)
-                    changed += 1
     return changed
