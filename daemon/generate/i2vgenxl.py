@@ -141,10 +141,11 @@ def _load_generator(config: ModelConfig, clip_skip: int | None) -> I2VGenXLGener
 
 def _precompiled_dir(config: ModelConfig, parts: loop.Components) -> Path | None:
     """Where this model's ahead-of-time compiled layer graphs live (`precompile`), when they are wanted and this
-    torch can load them; the name covers the model, the compile mode, torch and the GPU."""
+    torch can load them; the name covers the model, the compile mode, torch, the GPU and the code the layers'
+    graphs were traced from."""
     if not config.precompile_layers or not precompile.available():
         return None
-    key = compile_cache.artifact_key(parts.unet.config, config.compile, "precompiled-layers")
+    key = compile_cache.artifact_key(parts.unet.config, config.compile, f"layers:{precompile.code_fingerprint()}")
     return compile_cache.cache_root(config.cache_dir) / f"layers-{key}"
 
 

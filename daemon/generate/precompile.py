@@ -8,7 +8,8 @@ brings it back without tracing anything. On the tiny model on the CPU (inductor)
 took 6.65 s through dynamo's caches and 2.43 s from these artefacts.
 
 How it is used: `LayerGraphs.install` replaces each layer's compiled call (what `nn.Module.compile` sets) with a
-`PrecompiledLayer`. A call's signature (the layer's class and weight shapes and strides, every input's shape,
+`PrecompiledLayer`. The store is named after the model, mode, torch, GPU and the traced code (`code_fingerprint`).
+A call's signature (the layer's class and weight shapes and strides, every input's shape,
 stride, dtype and device, the plain values, the grad mode) names a group of artefacts; the first whose guards
 accept the call runs it (guards tell apart same-shaped layers with different constants, e.g. the mid block's
 `output_scale_factor`).
@@ -58,6 +59,20 @@ def available() -> bool:
     import torch._dynamo
 
     return hasattr(torch.compiler, "load_compiled_function") and hasattr(torch._dynamo.config, "enable_aot_compile")
+
+
+def code_fingerprint() -> str:
+    """What the layers' traced code is, beyond torch (which the store's name already covers): diffusers' version
+    and the source of `gpu_speed`, whose attention processor runs inside every attention layer's graph. The saved
+    guards leave out the identity of the functions a graph was traced from, so without this an upgraded daemon
+    would load graphs of the code it replaced and run that instead."""
+    import diffusers
+
+    from daemon.generate import gpu_speed
+
+    digest = hashlib.sha256(diffusers.__version__.encode())
+    digest.update(Path(gpu_speed.__file__).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def value_signature(value: object) -> Hashable:

@@ -287,3 +287,24 @@ def test_the_store_is_named_after_model_mode_and_torch_and_can_be_turned_off(tmp
     off = ModelConfig(cache_dir=tmp_path, compile="default", precompile_layers=False)
     assert _precompiled_dir(off, parts) is None
     assert ModelConfig().precompile_layers
+
+
+def test_graphs_of_other_code_are_never_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The saved guards do not check which code a graph was traced from, so the store's name does: a change to
+    the attention processor's module (or another diffusers) means another store, compiled afresh."""
+    from daemon.generate import gpu_speed
+    from daemon.generate.i2vgenxl import _precompiled_dir
+
+    parts: Any = types.SimpleNamespace(unet=types.SimpleNamespace(config={"sample_size": 32}))
+    config = ModelConfig(cache_dir=tmp_path, compile="default")
+    before = _precompiled_dir(config, parts)
+    assert _precompiled_dir(config, parts) == before  # stable while the code is
+    changed = tmp_path / "gpu_speed.py"
+    changed.write_bytes(Path(gpu_speed.__file__).read_bytes() + b"\n# another release\n")
+    monkeypatch.setattr(gpu_speed, "__file__", str(changed))
+    assert _precompiled_dir(config, parts) != before
+    monkeypatch.undo()
+    import diffusers
+
+    monkeypatch.setattr(diffusers, "__version__", "0.0.1")
+    assert _precompiled_dir(config, parts) != before
