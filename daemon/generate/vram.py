@@ -16,7 +16,8 @@ decode (`decode_seconds_per_pixel` x batch x frames x H x W) and per denoising s
 launches and glue), a term linear in the latent positions (convolutions, projections, norms, temporal attention)
 and one in frames x tokens^2 (the spatial self-attention, quadratic in the latent tokens of a frame), per video of
 the batch; fitted on the compiled 512p/16f, 768p/16f, 1024p/16f and 512p/32f steps with the shipped defaults within
-2.2% (BENCHMARKS.md, "The shipped defaults at the other tiers"); a batch of two measured 3% under it.
+1.8% (BENCHMARKS.md, "Packed temporal attention"; the constant came out at zero once the short attentions were
+packed); a batch of two measured 3% under it.
 Importable without torch: the CLI and the job resolver use it.
 """
 
