@@ -13,8 +13,11 @@ fused kernels take them: zero columns add nothing to q.k and produce zero output
 maths is unchanged; only the kernel (and its rounding) differs. Short sequences (the temporal attention over the
 frames: 16 queries and keys per pixel, 2-10 calls per step at each level) go to the memory-efficient kernel, which
 the default dispatch passes over for cuDNN's: on an H200 at 512x512x16 it takes 0.47 vs 0.68 ms for the largest
-such call and 4.6 ms less per step in all (`bench/gpu_bench.py --phases attn`, BENCHMARKS.md); the long spatial
-and cross attentions are fastest with the default (cuDNN) kernel and keep it.
+such call and 4.6 ms less per step in all (`bench/gpu_bench.py --phases attn`, BENCHMARKS.md). Sequences of up
+to 16 frames are also packed four at a time into one 64-token sequence under a block-diagonal mask
+(`packed_attention`, same maths), which fills the kernel's query tiles: 0.27 instead of 0.47 ms for that call,
+3.4 ms less per step. The long spatial and cross attentions are fastest with the default (cuDNN) kernel and
+keep it.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ PACK_UP_TO = 16
 """Self-attentions over up to this many frames are packed (`packed_attention`) for that kernel ..."""
 PACKED_LENGTH = 64
 """... `PACKED_LENGTH // frames` sequences side by side (H200, 512x512x16: 3.4 ms less per step; at 32 frames
-two at a time gained nothing, BENCHMARKS.md)."""
+two at a time gained nothing, BENCHMARKS.md) ..."""
+PACK_MIN_BATCH = 512
+"""... where there are at least this many sequences (the 128 of the 8x8 level took 0.154 ms packed, 0.054 not)."""
 KERNEL_BATCH_LIMIT = 65535
 """The memory-efficient kernel launches one grid row per batch entry, and CUDA allows 65535 of them (pytorch
 issue 146704): at 1024p a batch of two already has 2 x 2 x 128 x 128 = 65536 temporal sequences."""
@@ -67,9 +72,9 @@ def takes_efficient_kernel(query_length: int, key_length: int) -> bool:
 
 def pack_group(batch: int, query_length: int, key_length: int) -> int:
     """How many sequences `attention` packs into one on CUDA (1: none): self-attentions of up to `PACK_UP_TO`
-    tokens, `PACKED_LENGTH // length` at a time where that divides the batch."""
+    tokens over at least `PACK_MIN_BATCH` sequences, `PACKED_LENGTH // length` at a time where that divides them."""
     group = PACKED_LENGTH // query_length
-    if query_length != key_length or query_length > PACK_UP_TO or batch % group:
+    if query_length != key_length or query_length > PACK_UP_TO or batch < PACK_MIN_BATCH or batch % group:
         return 1
     return group
 

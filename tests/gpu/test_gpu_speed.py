@@ -78,7 +78,8 @@ def test_our_attention_matches_plain_attention_on_cuda(length: int, width: int) 
     """Padded heads, and short sequences through the memory-efficient kernel (16 and 8 frames packed under the
     block-diagonal mask), against fp32 attention."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(64, 8, length, width, device="cuda", dtype=torch.float16) for _ in range(3))
+    # 512 sequences: enough for the short ones to be packed (gpu_speed.PACK_MIN_BATCH)
+    q, k, v = (torch.randn(512, 8, length, width, device="cuda", dtype=torch.float16) for _ in range(3))
     from torch.profiler import ProfilerActivity, profile
 
     with warnings.catch_warnings():  # the profiler's one-time notices are errors under our warning filters
@@ -90,6 +91,7 @@ def test_our_attention_matches_plain_attention_on_cuda(length: int, width: int) 
     assert float((ours - plain).abs().max()) < 2e-3
     if length <= gpu_speed.SHORT_SEQUENCE:  # "fmha_cutlass…": the memory-efficient kernel's name
         assert any("fmha" in event.key for event in prof.key_averages())
+    assert gpu_speed.pack_group(512, length, length) == (4 if length == 16 else 8 if length == 8 else 1)
 
 
 def test_more_short_sequences_than_one_kernel_launch_takes() -> None:

@@ -142,13 +142,15 @@ def test_packed_short_sequences_attend_only_within_their_own(group: int) -> None
 
 
 def test_only_short_self_attentions_are_packed() -> None:
-    """16 frames four at a time (64 tokens), 8 frames eight at a time; 32 frames (measured no faster packed),
-    cross-attentions and batches the group does not divide stay unpacked."""
+    """16 frames four at a time (64 tokens), 8 frames eight at a time; 32 frames and few sequences (both measured
+    no faster packed), cross-attentions and batches the group does not divide stay unpacked."""
     assert gpu_speed.pack_group(8192, 16, 16) == 4
+    assert gpu_speed.pack_group(512, 16, 16) == 4
     assert gpu_speed.pack_group(8192, 8, 8) == 8
     assert gpu_speed.pack_group(8192, 32, 32) == 1
+    assert gpu_speed.pack_group(128, 16, 16) == 1
     assert gpu_speed.pack_group(8192, 16, 12) == 1
-    assert gpu_speed.pack_group(6, 16, 16) == 1
+    assert gpu_speed.pack_group(514, 16, 16) == 1
 
 
 def test_packing_falls_back_where_it_cannot_pack() -> None:
