@@ -73,10 +73,10 @@ def takes_efficient_kernel(query_length: int, key_length: int) -> bool:
 def pack_group(batch: int, query_length: int, key_length: int) -> int:
     """How many sequences `attention` packs into one on CUDA (1: none): self-attentions of up to `PACK_UP_TO`
     tokens over at least `PACK_MIN_BATCH` sequences, `PACKED_LENGTH // length` at a time where that divides them."""
-    group = PACKED_LENGTH // query_length
-    if query_length != key_length or query_length > PACK_UP_TO or batch < PACK_MIN_BATCH or batch % group:
+    if query_length != key_length or query_length > PACK_UP_TO or batch < PACK_MIN_BATCH:
         return 1
-    return group
+    group = PACKED_LENGTH // query_length
+    return 1 if batch % group else group
 
 
 MaskedKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float | None, torch.Tensor], torch.Tensor]
