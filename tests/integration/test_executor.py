@@ -325,6 +325,59 @@ def test_the_generator_idle_time_under_a_backlog_is_measured(tmp_path: Path, mak
     assert idle(metrics, "sum") >= sum(finishing[:-1])
 
 
+def test_a_waiting_job_that_goes_elsewhere_ends_the_idle_gap(tmp_path: Path, make_image: Callable[..., Path]) -> None:
+    """Job B waits when A's generation ends, but is gone (another worker took it) before this worker looks again:
+    the wait that follows is for work, not a gap of the daemon's, so C's generation records none."""
+    from daemon.intake import Intake
+
+    config = config_for(
+        tmp_path, worker={"max_batch_size": 1}, encode={"max_concurrent_ffmpeg": 1, "finishing_backlog": 0}
+    )
+    config.inbox.mkdir(parents=True)
+    config.outbox.mkdir(parents=True)
+    store = JobStore(config.inbox, config.state_path)
+    queue: JobQueue[ClaimedJob] = JobQueue()
+    for stem in ("a", "b", "c"):
+        drop(config.inbox, make_image, stem, f"seed: {ord(stem)}\n")
+    jobs = {job.stem: job for job in Intake(config, store).poll().accepted}
+    for stem in ("a", "b"):
+        queue.put(jobs[stem], priority=0, sequence=jobs[stem].sequence)
+    metrics = DaemonMetrics()
+    worker = Worker(config, fake_generators.make_instant(), store, queue, metrics, interrupt=threading.Event())
+    room = worker._backlog  # the finishing room the loop waits for before it looks at the queue again
+    taken: list[ClaimedJob] = []
+
+    class ElsewhereMeanwhile:
+        """The worker's second wait for the finishing room comes right after A's generation, B still queued:
+        B is taken away there, as another worker would take it."""
+
+        def __init__(self) -> None:
+            self.waits = 0
+
+        def acquire(self, *args: Any, **kwargs: Any) -> bool:
+            got = room.acquire(*args, **kwargs)
+            self.waits += 1
+            if self.waits == 2:
+                taken.extend(queue.remove(lambda job: True))
+            return got
+
+        def release(self) -> None:
+            room.release()
+
+    worker._backlog = ElsewhereMeanwhile()  # type: ignore[assignment]
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    wait_until(lambda: [job.stem for job in taken] == ["b"], 60)
+    time.sleep(0.3)  # this worker waits for work meanwhile
+    queue.put(jobs["c"], priority=0, sequence=jobs["c"].sequence)
+    wait_until(lambda: len(published(config)) == 2, 60)
+    queue.close()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert sorted(m["input"]["image"] for m in published(config)) == ["a.png", "c.png"]
+    assert idle(metrics, "count") == 0
+
+
 def test_no_idle_time_is_counted_when_no_job_was_waiting(tmp_path: Path, make_image: Callable[..., Path]) -> None:
     """Jobs that arrive one by one leave the generator idle for want of work, which is not the daemon's cost."""
     from daemon.intake import Intake
