@@ -513,6 +513,8 @@ def phase_attn(b: Bench) -> None:
         timing: float = row["ms"]["default"]
         if gpu_speed.takes_efficient_kernel(row["q"][2], row["k"][2]):
             timing = row["ms"].get("efficient_attention", timing)
+        if gpu_speed.pack_group(row["q"][0], row["q"][2], row["k"][2]) > 1:
+            timing = row["ms"].get(f"packed {gpu_speed.PACKED_LENGTH} efficient_attention", timing)
         return timing
 
     ours = sum(r["calls_per_step"] * chosen(r) for r in rows)
