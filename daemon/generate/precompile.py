@@ -9,10 +9,9 @@ took 6.65 s through dynamo's caches and 2.43 s from these artefacts.
 
 How it is used: `LayerGraphs.install` replaces each layer's compiled call (what `nn.Module.compile` sets) with a
 `PrecompiledLayer`. The store is named after the model, mode, torch, GPU and the traced code (`code_fingerprint`).
-A call's signature (the layer's class and weight shapes and strides, every input's shape,
-stride, dtype and device, the plain values, the grad mode) names a group of artefacts; the first whose guards
-accept the call runs it (guards tell apart same-shaped layers with different constants, e.g. the mid block's
-`output_scale_factor`).
+A call's signature (the layer's class and weight shapes and strides, every input's shape, stride, dtype and
+device, the plain values, the grad mode) names a group of artefacts; the first whose guards accept the call runs
+it (guards tell apart same-shaped layers with different constants, e.g. the mid block's `output_scale_factor`).
 None saved, or none accepting: it is compiled now and saved. Instances of the same layer with the same weight shapes
 share the artefact, as dynamo shares its graphs: the weights are inputs, not constants.
 
