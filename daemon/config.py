@@ -136,8 +136,9 @@ class ModelConfig(_Frozen):
         default=30,
         ge=0,
         description="with compile, the warm-up deletes the saved compile artefacts in cache_dir/compile (layer "
-        "graphs, mega-caches) that no start has used for this many days: those of an older torch, GPU, model or "
-        "compile mode (~130 MB per key); 0 keeps everything. Inductor's and Triton's own caches are left alone",
+        "graphs, mega-caches) that no start has used for this many days: those of an older torch, GPU, model, "
+        "compile mode, diffusers or attention code (~130 MB per key); 0 keeps everything. Inductor's and "
+        "Triton's own caches are left alone",
     )
     channels_last: bool | None = Field(
         default=None,

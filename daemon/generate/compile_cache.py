@@ -86,8 +86,9 @@ def prune_stale(cache_dir: Path, in_use: Sequence[Path], max_age_days: float) ->
     """Mark `in_use` as used now and delete our other artefacts not used for `max_age_days` (0: keep everything);
     returns the names deleted.
 
-    Why: the artefacts are keyed by torch version, GPU, model and compile mode, so every upgrade leaves the old
-    ones behind (~80 MB of layer graphs and ~50 MB of mega-cache per key at 512p). Age, not the key, decides,
+    Why: the artefacts are keyed by torch version, GPU, model and compile mode (the layer graphs also by the code
+    they were traced from, `precompile.code_fingerprint`), so every upgrade leaves the old ones behind (~80 MB of
+    layer graphs and ~50 MB of mega-cache per key at 512p). Age, not the key, decides,
     because workers of other models may share the cache dir: each marks its own at every start, and one that was
     not restarted for `max_age_days` only pays a compile at its next start (graphs it saves meanwhile go into a
     folder made again). Links are left alone."""
