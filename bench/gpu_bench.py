@@ -12,8 +12,9 @@ Phases: `ref` (fp32 reference loop, stock attention: the PSNR reference), `stock
 `attn` (each attention shape of a step under each SDPA backend, and the short ones packed), `conv` (each
 convolution of a step alone, cuDNN's heuristic or `--cudnn-benchmark`'s measured algorithm), `layout` (NCHW vs
 channels-last weights), `vram` (peak per stage for the VRAM model), `creep` (allocated memory over many jobs),
-`ready` (load + compile + first video: run twice in fresh processes to see the cold and the warm compile cache).
-`profile`, `attn`, `conv` and `layout` look at one step of `--step-shape` (default 512p:16).
+`tuning` (each compiled layer alone under inductor's tuning options: `--tunings`, `--tuning-budget`), `ready` (load
++ compile + first video: run twice in fresh processes to see the cold and the warm compile cache).
+`profile`, `attn`, `conv`, `tuning` and `layout` look at one step of `--step-shape` (default 512p:16).
 """
 
 from __future__ import annotations
@@ -690,6 +691,111 @@ def phase_conv(b: Bench) -> None:
     b.rec.write(summary)
 
 
+TUNINGS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "coordinate-descent": {"coordinate_descent_tuning": True},
+    "max-autotune": {"max_autotune": True},
+}
+"""Inductor options per `--tunings` name: coordinate descent tunes the block sizes of inductor's own pointwise and
+reduction kernels; max-autotune also benchmarks Triton GEMM/convolution templates against cuBLAS/cuDNN (and can
+then fuse the epilogue into them)."""
+
+
+def _signature(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    def describe(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), value.dtype, tuple(value.stride()))
+        if isinstance(value, (tuple, list)):
+            return tuple(describe(v) for v in value)
+        return repr(value)
+
+    params = tuple(tuple(p.shape) for p in module.parameters())
+    return (type(module).__name__, params, describe(args), tuple(sorted((k, describe(v)) for k, v in kwargs.items())))
+
+
+def phase_tuning(b: Bench) -> None:
+    """Each distinct compiled layer of one guided step at `--step-shape` (one per `compile_cache.REGION_CLASSES`
+    layer, inputs recorded from an eager step) compiled alone under each `--tunings` inductor option set and timed
+    against eager. The heaviest layers go first and each tuning stops compiling new layers after `--tuning-budget`
+    seconds, so a tuning whose compile is too slow for the whole UNet still measures what it gains where it matters;
+    the summary compares only the layers every tuning covered."""
+    import torch._dynamo
+
+    from daemon.generate import compile_cache, gpu_speed
+
+    generator = make_generator(b.parts, torch.float16)
+    if b.args.channels_last:
+        gpu_speed.to_channels_last(b.parts.unet)
+    cond, latents, t = step_inputs(generator, *step_shape(b.args))
+    layers: dict[tuple[Any, ...], list[Any]] = {}  # signature -> [module, args, kwargs, calls per step]
+
+    def record(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        entry = layers.setdefault(_signature(module, args, kwargs), [module, args, kwargs, 0])
+        entry[3] += 1
+
+    regions = [m for m in b.parts.unet.modules() if type(m).__name__ in compile_cache.REGION_CLASSES]
+    with torch.inference_mode(), eager_layers(b.parts.unet):
+        prepared = pred.prepare(b.parts.unet, cond)
+        hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in regions]
+        try:
+            gpu_speed.step(b.parts.unet, latents, t, prepared)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        ordered = []
+        for module, args, kwargs, calls in layers.values():
+            eager_ms = _median_ms(lambda m=module, a=args, k=kwargs: m(*a, **k))
+            ordered.append({"module": module, "args": args, "kwargs": kwargs, "calls": calls, "eager_ms": eager_ms})
+        ordered.sort(key=lambda layer: -layer["eager_ms"] * layer["calls"])
+    compile_cache.compile_regions([], "default")  # raises dynamo's per-code-object graph limits as the daemon does
+    rows = [
+        {"layer": type(m["module"]).__name__, "calls_per_step": m["calls"], "eager": round(m["eager_ms"], 3)}
+        for m in ordered
+    ]
+    tunings = b.args.tunings.split(",")
+    compile_s: dict[str, float] = {}
+    for tuning in tunings:
+        torch._dynamo.reset()
+        spent = 0.0
+        for layer, row in zip(ordered, rows, strict=True):
+            if spent > b.args.tuning_budget:
+                break
+            compiled = torch.compile(layer["module"], dynamic=False, options=TUNINGS[tuning] or None)
+            call = functools.partial(compiled, *layer["args"], **layer["kwargs"])
+            with torch.inference_mode():
+                begin = time.perf_counter()
+                call()
+                torch.cuda.synchronize()
+                spent += time.perf_counter() - begin
+                row[tuning] = round(_median_ms(call), 3)
+            print(json.dumps({"tuning": tuning, "spent_s": round(spent, 1)} | row), flush=True)
+        compile_s[tuning] = round(spent, 1)
+        print(json.dumps({"tuning": tuning, "compile_s": compile_s[tuning]}), flush=True)
+    covered = [row for row in rows if all(tuning in row for tuning in tunings)]
+    for row in rows:
+        b.rec.write({"tuning_layer": row | {"shape": b.args.step_shape}})
+
+    def per_step(name: str, chosen: list[dict[str, Any]]) -> float:
+        return round(sum(row["calls_per_step"] * row[name] for row in chosen), 2)
+
+    summary = {
+        "tuning_summary": {
+            "shape": b.args.step_shape,
+            "channels_last": b.args.channels_last,
+            "layers": len(rows),
+            "layers_covered": len(covered),
+            "calls_covered": sum(row["calls_per_step"] for row in covered),
+            "calls_per_step": sum(row["calls_per_step"] for row in rows),
+            "eager_ms_all": per_step("eager", rows),
+            "ms_per_step_covered": {name: per_step(name, covered) for name in ["eager", *tunings]},
+            "compile_s": compile_s,
+        }
+    }
+    print("\n".join(json.dumps(row) for row in rows), flush=True)
+    print(json.dumps(summary), flush=True)
+    b.rec.write(summary)
+
+
 def step_shape(args: argparse.Namespace) -> tuple[str, int]:
     """`--step-shape` ("768p:16") as (tier, frames)."""
     tier, frames = args.step_shape.split(":")
@@ -844,6 +950,10 @@ def main() -> None:
     parser.add_argument(
         "--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark for the whole run"
     )
+    parser.add_argument(
+        "--tunings", default="default,coordinate-descent,max-autotune", help=f"tuning phase: of {', '.join(TUNINGS)}"
+    )
+    parser.add_argument("--tuning-budget", type=float, default=150.0, help="tuning phase: compile seconds per tuning")
     parser.add_argument("--save-ref", type=Path, help="write the fp32 reference frames (512p x 16) here")
     parser.add_argument("--load-ref", type=Path, help="read them from here instead of running `ref`")
     parser.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "i2vd")
@@ -871,6 +981,7 @@ def main() -> None:
         ("exact", lambda b: run_exact_case(b, "512p", 16, 2, stock[0] if stock else None)),
         ("attn", phase_attn),
         ("conv", phase_conv),
+        ("tuning", phase_tuning),
         ("profile", phase_profile),
         ("vram", phase_vram),
         ("fast", phase_fast),
