@@ -961,8 +961,11 @@ def main() -> None:
     args = parser.parse_args()
     args.compile_scope = resolve_compile_scope(args.compile, args.compile_scope)
     if args.channels_last is None:
-        model = ModelConfig(compile=args.compile, compile_scope=args.compile_scope)
-        args.channels_last = model.resolved_channels_last(args.compile)
+        # The tuning phase compiles layers whatever `--compile` says, so it takes a compiled generator's layout.
+        compiled = "default" if args.compile == "off" and "tuning" in args.phases.split(",") else args.compile
+        scope = args.compile_scope if compiled == args.compile else resolve_compile_scope(compiled, "auto")
+        model = ModelConfig(compile=compiled, compile_scope=scope)
+        args.channels_last = model.resolved_channels_last(compiled)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     from daemon.generate import compile_cache
