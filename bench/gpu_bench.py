@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from daemon.config import ModelConfig, resolve_compile_scope
+from daemon.generate import gpu_speed
 from daemon.generate import i2vgenxl_loop as loop
 from daemon.generate import predict as pred
 from daemon.generate.base import GenerationRequest, ModelInfo
@@ -355,8 +356,6 @@ def phase_tiers(b: Bench) -> None:
 def phase_layout(b: Bench) -> None:
     """NCHW vs channels-last convolution weights: eager ms per guided UNet step at `--step-shape`, or with
     `--compile` an exact video of that shape and the kernel kinds of one step for each (ours compiled per layout)."""
-    from daemon.generate import gpu_speed
-
     if b.args.compile != "off":
         for layout in ("nchw", "channels_last"):
             # A new generator per layout converts the weights and installs the layers again (their graphs are
@@ -371,7 +370,7 @@ def phase_layout(b: Bench) -> None:
             gpu_speed.to_channels_last(b.parts.unet)
         with torch.inference_mode():
             prep = pred.prepare(b.parts.unet, cond)
-            seconds, _, peak = timed(lambda p=prep: gpu_speed.step(b.parts.unet, latents, t, p), 6)
+            seconds, _, peak = timed(lambda p=prep: guided_step(b.parts.unet, latents, t, p), 6)
         print(json.dumps({"layout": layout, "ms_per_step": round(seconds * 1000, 1), "peak": peak}), flush=True)
     for module in b.parts.unet.modules():
         if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
@@ -403,8 +402,6 @@ def phase_profile(b: Bench, suffix: str = "") -> None:
     the compiled layers), the top kernels and the time per kernel kind (`KERNEL_KINDS`)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from daemon.generate import gpu_speed
-
     parts = b.parts
     generator = b.generator() if b.args.compile != "off" else make_generator(parts, torch.float16)
     cond, latents, t = step_inputs(generator, *step_shape(b.args))
@@ -424,7 +421,7 @@ def phase_profile(b: Bench, suffix: str = "") -> None:
             )
 
     report, kinds = [], {}
-    for name, function in (("stock", stock_step), ("ours", lambda: gpu_speed.step(parts.unet, latents, t, prep))):
+    for name, function in (("stock", stock_step), ("ours", lambda: guided_step(parts.unet, latents, t, prep))):
         with torch.inference_mode():
             function()
             torch.cuda.synchronize()
@@ -470,8 +467,6 @@ def phase_attn(b: Bench) -> None:
     """Every distinct attention call of one guided step at `--step-shape` (shapes and calls per step,
     recorded from an eager step) timed with each SDPA backend and with the plain softmax(q k^T) v (softmax in fp32)
     compiled by inductor, where its weights matrix fits."""
-    from daemon.generate import gpu_speed
-
     calls: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
     # Recorded where every attention layer of the UNet calls (the generator gives all of them
     # `gpu_speed.AttentionProcessor` on CUDA): short sequences never reach F.scaled_dot_product_attention.
@@ -489,7 +484,7 @@ def phase_attn(b: Bench) -> None:
     gpu_speed.attention = recording
     try:
         with torch.inference_mode(), eager_layers(b.parts.unet):
-            gpu_speed.step(b.parts.unet, latents, t, prepared)
+            guided_step(b.parts.unet, latents, t, prepared)
     finally:
         gpu_speed.attention = original
 
@@ -570,8 +565,6 @@ def _packed_variants(
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from daemon.generate import gpu_speed
-
     batch, heads, length, width = query.shape
     if not gpu_speed.takes_efficient_kernel(length, key.shape[-2]) or key.shape[-2] != length:
         return []
@@ -616,8 +609,6 @@ def phase_conv(b: Bench) -> None:
     layouts the generator gives them, `--channels-last` or not) timed alone with cuDNN's heuristic algorithm
     choice, or with `--cudnn-benchmark` its measured one (and the first call, which searches). cuDNN caches one
     plan per shape for the process whichever way it was found, so the two need a process each."""
-    from daemon.generate import gpu_speed
-
     calls: dict[tuple[Any, ...], int] = {}
 
     def record(module: Any, inputs: tuple[torch.Tensor, ...], _output: Any) -> None:
@@ -640,7 +631,7 @@ def phase_conv(b: Bench) -> None:
             calls.clear()  # the step's convolutions only
             torch.cuda.synchronize()
             begin = time.perf_counter()
-            gpu_speed.step(b.parts.unet, latents, t, prepared)  # with cudnn.benchmark: the searches
+            guided_step(b.parts.unet, latents, t, prepared)  # with cudnn.benchmark: the searches
             torch.cuda.synchronize()
             recording_step_s = time.perf_counter() - begin
     finally:
@@ -723,7 +714,7 @@ def phase_tuning(b: Bench) -> None:
     the summary compares only the layers every tuning covered."""
     import torch._dynamo
 
-    from daemon.generate import compile_cache, gpu_speed
+    from daemon.generate import compile_cache
 
     generator = make_generator(b.parts, torch.float16)
     if b.args.channels_last:
@@ -740,7 +731,7 @@ def phase_tuning(b: Bench) -> None:
         prepared = pred.prepare(b.parts.unet, cond)
         hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in regions]
         try:
-            gpu_speed.step(b.parts.unet, latents, t, prepared)
+            guided_step(b.parts.unet, latents, t, prepared)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -815,6 +806,12 @@ def step_inputs(
     cond = batch_cond(generator, request(tier, frames, 1))
     latents = torch.randn(2, 4, frames, height // 8, width // 8, device="cuda", dtype=torch.float16)
     return cond, latents, torch.tensor(500, device="cuda")
+
+
+def guided_step(unet: Any, latents: torch.Tensor, timestep: torch.Tensor, prep: gpu_speed.Prepared) -> Any:
+    """One guided UNet step as the exact predictor runs it: `latents` holds both guidance halves (`step_inputs`),
+    the step takes them once (`gpu_speed.step(..., guided=True)`)."""
+    return gpu_speed.step(unet, latents[: latents.shape[0] // 2], timestep, prep, guided=True)
 
 
 def batch_cond(generator: I2VGenXLGenerator, req: GenerationRequest) -> loop.Conditioning:

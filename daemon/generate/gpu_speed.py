@@ -7,6 +7,13 @@ of `forward` (diffusers 0.42.1) unchanged, so in eager mode the result is bit-fo
 (tests/integration/test_generate_batch.py). `step` also gives the DeepCache-style fast mode its two entry points:
 a full pass that keeps the deep feature, and a shallow pass that reuses it.
 
+With classifier-free guidance the two halves of the batch (unconditional, conditional) differ only in the context,
+which the UNet first reads in the first down block's first cross-attention. Everything before it (the input
+convolution, the input temporal transformer, the first resnet and temporal convolution) sees the same latents, image
+latents, timestep and fps in both halves, so `step(..., guided=True)` runs that part once per job and repeats its
+output for the two halves: the same operations on the same inputs, 1.14 of the 41.9 TFLOP of a 512x512x16 guided
+step (2.7%) not computed twice.
+
 Attention (`AttentionProcessor`, installed on CUDA): heads that are not a multiple of 8 wide (the image-latent
 temporal encoder's) are zero-padded to the next multiple of 8 with the softmax scale of the true width, so that the
 fused kernels take them: zero columns add nothing to q.k and produce zero outputs that are cut off again, so the
@@ -280,6 +287,33 @@ def _down(unet: Any, block: Any, sample: torch.Tensor, emb: torch.Tensor, ctx: t
     return block(hidden_states=sample, temb=emb, num_frames=frames)
 
 
+def _both_halves(hidden: torch.Tensor) -> torch.Tensor:
+    """The rows computed once, as the unconditional and the conditional half of the guided batch."""
+    return torch.cat([hidden, hidden])
+
+
+def _first_down_shared(
+    block: Any, hidden: torch.Tensor, emb_once: torch.Tensor, emb: torch.Tensor, ctx: torch.Tensor, frames: int
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """`CrossAttnDownBlock3D.forward` (diffusers 0.42.1) on the rows of one guidance half: its first resnet and
+    temporal convolution, which read no context, run once, and the rest on both halves."""
+    output_states: tuple[torch.Tensor, ...] = ()
+    layers = zip(block.resnets, block.temp_convs, block.attentions, block.temp_attentions, strict=True)
+    for index, (resnet, temp_conv, attn, temp_attn) in enumerate(layers):
+        hidden = resnet(hidden, emb_once if index == 0 else emb)
+        hidden = temp_conv(hidden, num_frames=frames)
+        if index == 0:
+            hidden = _both_halves(hidden)
+        hidden = attn(hidden, encoder_hidden_states=ctx, cross_attention_kwargs=None, return_dict=False)[0]
+        hidden = temp_attn(hidden, num_frames=frames, cross_attention_kwargs=None, return_dict=False)[0]
+        output_states += (hidden,)
+    if block.downsamplers is not None:
+        for downsampler in block.downsamplers:
+            hidden = downsampler(hidden)
+        output_states += (hidden,)
+    return hidden, output_states
+
+
 def _up(
     block: Any, sample: torch.Tensor, res: Any, emb: torch.Tensor, ctx: torch.Tensor, frames: int, size: Any
 ) -> Any:
@@ -296,22 +330,38 @@ def _tail(unet: Any, sample: torch.Tensor, frames: int) -> torch.Tensor:
 
 
 def step(
-    unet: Any, sample: torch.Tensor, timestep: torch.Tensor, prep: Prepared, deep: torch.Tensor | None = None
+    unet: Any,
+    sample: torch.Tensor,
+    timestep: torch.Tensor,
+    prep: Prepared,
+    deep: torch.Tensor | None = None,
+    guided: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The step-dependent rest of `I2VGenXLUNet.forward`: (noise prediction, deep feature).
 
     The deep feature is the input of the last (highest-resolution) up block. With `deep` given, the pass is
     shallow (DeepCache): only the head, the first down block and the last up block run, the rest is `deep`.
+    `guided`: `sample` is the latents once, for a `prep` of both guidance halves (unconditional rows first, as
+    `torch.cat([latents] * 2)` would give them, whose halves of `image_latents` and `fps_emb` are the same): the
+    result is that of `step(cat([sample] * 2), ...)`, with the part before the first context computed once.
     """
     frames = sample.shape[2]
-    emb = _embedding(unet, timestep, prep.fps_emb, sample.shape[0], frames)
+    rows = sample.shape[0] * (2 if guided else 1)
+    emb = _embedding(unet, timestep, prep.fps_emb, rows, frames)
     factor = 2**unet.num_upsamplers
     forward_size = any(size % factor != 0 for size in sample.shape[-2:])
-    hidden = _head(unet, sample, prep.image_latents, frames)
-    skips: tuple[torch.Tensor, ...] = (hidden,)
+    image_latents = prep.image_latents[: sample.shape[0]] if guided else prep.image_latents
+    hidden = _head(unet, sample, image_latents, frames)
+    skips: tuple[torch.Tensor, ...] = (_both_halves(hidden) if guided else hidden,)
     blocks = unet.down_blocks if deep is None else unet.down_blocks[:1]
-    for block in blocks:
-        hidden, res = _down(unet, block, hidden, emb, prep.context_emb, frames)
+    for number, block in enumerate(blocks):
+        if guided and number == 0 and getattr(block, "has_cross_attention", False):
+            emb_once = emb[: emb.shape[0] // 2]
+            hidden, res = _first_down_shared(block, hidden, emb_once, emb, prep.context_emb, frames)
+        else:
+            if guided and number == 0:  # a first block without context: the halves part after the head
+                hidden = _both_halves(hidden)
+            hidden, res = _down(unet, block, hidden, emb, prep.context_emb, frames)
         skips += res
     if deep is None:
         hidden = unet.mid_block(hidden, emb, encoder_hidden_states=prep.context_emb, num_frames=frames)

@@ -1,8 +1,9 @@
 """Noise predictors for the denoising loop: exact (the stock maths, step-invariant work done once) and fast.
 
 The exact predictor runs `gpu_speed.step` on the batched classifier-free-guidance input: the same function as the
-stock UNet call. The fast predictor (opt-in, e.g. the `preview` preset) trades fidelity for time in two measured
-ways, both standard:
+stock UNet call, with the layers before the first context computed once for both guidance halves (`guided`).
+The fast predictor (opt-in, e.g. the `preview` preset) trades fidelity for time in two measured ways, both
+standard:
 
 - DeepCache (Ma et al., 2023): every `cache_interval`-th step is a full UNet pass that keeps the deep feature
   (the input of the last up block); the steps between run only the highest-resolution blocks and reuse it;
@@ -24,11 +25,12 @@ from daemon.generate.fastmode import FastOptions as FastOptions  # re-exported: 
 from daemon.generate.i2vgenxl_loop import Conditioning, Predictor
 
 StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-"""`gpu_speed.step`'s signature minus the UNet: (sample, timestep, context, fps_emb, image_latents, deep)."""
+"""`gpu_speed.step`'s signature minus the UNet: (sample, timestep, context, fps_emb, image_latents, deep, guided)."""
 
 
 class StepModule(torch.nn.Module):
-    """`gpu_speed.step` as a module with tensor arguments only, which is what `torch.compile` handles best."""
+    """`gpu_speed.step` as a module with tensor arguments (and the `guided` flag, a constant to the compiler),
+    which is what `torch.compile` handles best."""
 
     def __init__(self, unet: Any) -> None:
         super().__init__()
@@ -42,9 +44,10 @@ class StepModule(torch.nn.Module):
         fps_emb: torch.Tensor,
         image_latents: torch.Tensor,
         deep: torch.Tensor | None = None,
+        guided: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         prep = gpu_speed.Prepared(context_emb=context_emb, fps_emb=fps_emb, image_latents=image_latents)
-        return gpu_speed.step(self.unet, sample, timestep, prep, deep)
+        return gpu_speed.step(self.unet, sample, timestep, prep, deep, guided)
 
 
 def guidance_tensor(scales: list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -66,8 +69,16 @@ def _half(prep: gpu_speed.Prepared, second: bool) -> gpu_speed.Prepared:
     return gpu_speed.Prepared(cut(prep.context_emb), cut(prep.fps_emb), cut(prep.image_latents))
 
 
-def _call(step_fn: StepFn, sample: torch.Tensor, timestep: torch.Tensor, prep: gpu_speed.Prepared, deep: Any) -> Any:
-    return step_fn(sample, timestep, prep.context_emb, prep.fps_emb, prep.image_latents, deep)
+def _call(
+    step_fn: StepFn,
+    sample: torch.Tensor,
+    timestep: torch.Tensor,
+    prep: gpu_speed.Prepared,
+    deep: Any,
+    guided: bool = False,
+) -> Any:
+    """`guided`: `sample` is the latents once and `prep` both guidance halves (`gpu_speed.step`)."""
+    return step_fn(sample, timestep, prep.context_emb, prep.fps_emb, prep.image_latents, deep, guided)
 
 
 def exact_predictor(step_fn: StepFn, prep: gpu_speed.Prepared, guidance: torch.Tensor | None) -> Predictor:
@@ -77,7 +88,7 @@ def exact_predictor(step_fn: StepFn, prep: gpu_speed.Prepared, guidance: torch.T
         if guidance is None:
             noise: torch.Tensor = _call(step_fn, latents, timestep, prep, None)[0]
             return noise
-        noise = _call(step_fn, torch.cat([latents] * 2), timestep, prep, None)[0]
+        noise = _call(step_fn, latents, timestep, prep, None, guided=True)[0]
         noise_uncond, noise_text = noise.chunk(2)
         guided: torch.Tensor = noise_uncond + guidance * (noise_text - noise_uncond)
         return guided
@@ -97,11 +108,10 @@ def fast_predictor(
         full = index % max(1, options.cache_interval) == 0 or "deep" not in state
         reuse_uncond = index >= skip_from and "uncond" in state
         both = guidance is not None and not reuse_uncond
-        sample = torch.cat([latents] * 2) if both else latents
         inputs = prep if both else cond_only
         deep = None if full else state["deep" if both else "deep_cond"]
         noise: torch.Tensor
-        noise, new_deep = _call(step_fn, sample, timestep, inputs, deep)
+        noise, new_deep = _call(step_fn, latents, timestep, inputs, deep, guided=both)
         if full:
             # Cloned: a CUDA-graph replay may reuse the output's memory; only the conditional half is reused
             # once the unconditional branch is no longer computed.

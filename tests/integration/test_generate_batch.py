@@ -101,6 +101,60 @@ def test_prepared_step_is_bit_exact_with_the_unet_call(generator: I2VGenXLGenera
     assert torch.equal(shallow, stock)
 
 
+def test_a_guided_step_computes_what_precedes_the_context_once(generator: I2VGenXLGenerator) -> None:
+    """`step(latents, guided=True)` is `step(cat([latents] * 2))` (full and shallow pass, two jobs' rows), while
+    the layers before the first cross-attention see each job's rows once and the cross-attention both halves."""
+    unet = generator.components.unet
+    dtype = unet.dtype
+    unet.double()
+    try:
+        torch.manual_seed(4)
+        jobs, frames = 2, 8
+        shape = (jobs, 4, frames, 12, 16)
+        latents, image_latents = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+        doubled, both_latents = torch.cat([latents] * 2), torch.cat([image_latents] * 2)
+        images = torch.randn(2 * jobs, 1, 32, dtype=torch.float64)
+        prompts = torch.randn(2 * jobs, 77, 32, dtype=torch.float64)
+        fps, timestep = torch.tensor([16, 8] * 2), torch.tensor(500)  # two jobs at different fps
+        rows: dict[str, int] = {}
+        first = unet.down_blocks[0]
+        watched = {
+            "conv_in": unet.conv_in,
+            "transformer_in": unet.transformer_in,
+            "resnet": first.resnets[0],
+            "temp_conv": first.temp_convs[0],
+            "cross_attention": first.attentions[0],
+        }
+        hooks = [
+            module.register_forward_pre_hook(lambda _m, args, name=name: rows.__setitem__(name, args[0].shape[0]))
+            for name, module in watched.items()
+        ]
+        with torch.inference_mode():
+            prep = gpu_speed.prepare(unet, both_latents, images, prompts, fps)
+            doubled_noise, deep = gpu_speed.step(unet, doubled, timestep, prep)
+            doubled_shallow, _ = gpu_speed.step(unet, doubled, timestep, prep, deep)
+            rows.clear()
+            guided_noise, guided_deep = gpu_speed.step(unet, latents, timestep, prep, guided=True)
+            guided_rows = dict(rows)
+            guided_shallow, _ = gpu_speed.step(unet, latents, timestep, prep, guided_deep, guided=True)
+        for hook in hooks:
+            hook.remove()
+    finally:
+        unet.to(dtype)
+    assert guided_noise.shape == doubled_noise.shape
+    assert torch.allclose(guided_noise, doubled_noise, rtol=0, atol=1e-12)
+    assert torch.allclose(guided_deep, deep, rtol=0, atol=1e-12)
+    assert torch.allclose(guided_shallow, doubled_shallow, rtol=0, atol=1e-12)
+    once, both = jobs * frames, 2 * jobs * frames
+    assert guided_rows == {
+        "conv_in": once,
+        "transformer_in": once,
+        "resnet": once,
+        "temp_conv": once,
+        "cross_attention": both,
+    }
+
+
 @pytest.mark.parametrize("length", [8, 33])  # a short (temporal) and a long sequence
 def test_padded_heads_compute_the_same_attention(length: int) -> None:
     torch.manual_seed(1)

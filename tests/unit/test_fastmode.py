@@ -17,9 +17,12 @@ from daemon.generate.fastmode import FastOptions
 def test_shallow_steps_match_the_predictor(interval: int, steps: int) -> None:
     shallow_calls: list[bool] = []
 
-    def step_fn(sample: torch.Tensor, timestep: Any, context: Any, fps: Any, latents: Any, deep: Any) -> Any:
+    def step_fn(
+        sample: torch.Tensor, timestep: Any, context: Any, fps: Any, latents: Any, deep: Any, guided: bool
+    ) -> Any:
         shallow_calls.append(deep is not None)
-        return torch.zeros_like(sample), torch.zeros(sample.shape[0], 1)
+        out = torch.cat([sample] * 2) if guided else sample  # `guided`: the latents once, both halves out
+        return torch.zeros_like(out), torch.zeros(out.shape[0], 1)
 
     rows = torch.zeros(2, 1)
     prep = gpu_speed.Prepared(context_emb=rows, fps_emb=rows, image_latents=rows)
