@@ -105,6 +105,30 @@ def test_more_short_sequences_than_one_kernel_launch_takes() -> None:
     assert float((ours - plain).abs().max()) < 2e-3
 
 
+def test_a_guided_step_matches_the_doubled_batch_on_cuda(generator: I2VGenXLGenerator) -> None:
+    """The guided step (what precedes the first context computed once for both halves) against the same step on
+    `cat([latents] * 2)`, in float16 on CUDA: the half batch may take other kernels, so equal within rounding."""
+    unet = generator.components.unet
+    torch.manual_seed(5)
+    shape = (2, 4, 8, 12, 16)
+    latents = torch.randn(shape, device="cuda", dtype=torch.float16)
+    image_latents = torch.cat([torch.randn(shape, device="cuda", dtype=torch.float16)] * 2)
+    dim = unet.config.cross_attention_dim
+    images = torch.randn(4, 1, dim, device="cuda", dtype=torch.float16)
+    prompts = torch.randn(4, 77, dim, device="cuda", dtype=torch.float16)
+    fps, timestep = torch.tensor([16, 8] * 2, device="cuda"), torch.tensor(500, device="cuda")
+    with torch.inference_mode():
+        prep = gpu_speed.prepare(unet, image_latents, images, prompts, fps)
+        doubled, deep = gpu_speed.step(unet, torch.cat([latents] * 2), timestep, prep)
+        guided, guided_deep = gpu_speed.step(unet, latents, timestep, prep, guided=True)
+        shallow, _ = gpu_speed.step(unet, latents, timestep, prep, deep, guided=True)
+        doubled_shallow, _ = gpu_speed.step(unet, torch.cat([latents] * 2), timestep, prep, deep)
+    scale = float(doubled.abs().max())
+    assert float((guided - doubled).abs().max()) <= 1e-2 * scale
+    assert float((guided_deep - deep).abs().max()) <= 1e-2 * float(deep.abs().max())
+    assert float((shallow - doubled_shallow).abs().max()) <= 1e-2 * scale
+
+
 def test_batch_of_two_equals_singles_in_float16(generator: I2VGenXLGenerator) -> None:
     first, second = make_request(1, 9.0), make_request(2, 4.0)
     batch = generator.render_batch([first, second])
