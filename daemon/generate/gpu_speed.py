@@ -281,7 +281,7 @@ def _head(unet: Any, sample: torch.Tensor, image_latents: torch.Tensor, frames: 
     return result
 
 
-def _down(unet: Any, block: Any, sample: torch.Tensor, emb: torch.Tensor, ctx: torch.Tensor, frames: int) -> Any:
+def _down(block: Any, sample: torch.Tensor, emb: torch.Tensor, ctx: torch.Tensor, frames: int) -> Any:
     if getattr(block, "has_cross_attention", False):
         return block(hidden_states=sample, temb=emb, encoder_hidden_states=ctx, num_frames=frames)
     return block(hidden_states=sample, temb=emb, num_frames=frames)
@@ -293,10 +293,15 @@ def _both_halves(hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _first_down_shared(
-    block: Any, hidden: torch.Tensor, emb_once: torch.Tensor, emb: torch.Tensor, ctx: torch.Tensor, frames: int
+    block: Any, hidden: torch.Tensor, emb: torch.Tensor, ctx: torch.Tensor, frames: int
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """`CrossAttnDownBlock3D.forward` (diffusers 0.42.1) on the rows of one guidance half: its first resnet and
-    temporal convolution, which read no context, run once, and the rest on both halves."""
+    """The first down block on the rows of one guidance half (`emb` of both): for a `CrossAttnDownBlock3D`
+    (its `forward`, diffusers 0.42.1) the first resnet and temporal convolution, which read no context, run once
+    and the rest on both halves; a block without context runs on both halves."""
+    if not getattr(block, "has_cross_attention", False):
+        hidden, res = _down(block, _both_halves(hidden), emb, ctx, frames)
+        return hidden, res
+    emb_once = emb[: emb.shape[0] // 2]
     output_states: tuple[torch.Tensor, ...] = ()
     layers = zip(block.resnets, block.temp_convs, block.attentions, block.temp_attentions, strict=True)
     for index, (resnet, temp_conv, attn, temp_attn) in enumerate(layers):
@@ -355,13 +360,10 @@ def step(
     skips: tuple[torch.Tensor, ...] = (_both_halves(hidden) if guided else hidden,)
     blocks = unet.down_blocks if deep is None else unet.down_blocks[:1]
     for number, block in enumerate(blocks):
-        if guided and number == 0 and getattr(block, "has_cross_attention", False):
-            emb_once = emb[: emb.shape[0] // 2]
-            hidden, res = _first_down_shared(block, hidden, emb_once, emb, prep.context_emb, frames)
+        if guided and number == 0:
+            hidden, res = _first_down_shared(block, hidden, emb, prep.context_emb, frames)
         else:
-            if guided and number == 0:  # a first block without context: the halves part after the head
-                hidden = _both_halves(hidden)
-            hidden, res = _down(unet, block, hidden, emb, prep.context_emb, frames)
+            hidden, res = _down(block, hidden, emb, prep.context_emb, frames)
         skips += res
     if deep is None:
         hidden = unet.mid_block(hidden, emb, encoder_hidden_states=prep.context_emb, num_frames=frames)
