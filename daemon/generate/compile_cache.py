@@ -169,12 +169,7 @@ def compile_regions(
 ) -> list[torch.nn.Module]:
     """Compile every `REGION_CLASSES` layer of `models` in place; returns them. With `layer_graphs` each layer runs
     saved ahead-of-time compiled graphs (`precompile`), else `nn.Module.compile` (dynamo at every start)."""
-    import torch._dynamo
-
-    limits = torch._dynamo.config
-    name = "recompile_limit" if hasattr(limits, "recompile_limit") else "cache_size_limit"
-    setattr(limits, name, max(getattr(limits, name), REGION_CACHE_LIMIT))
-    limits.accumulated_cache_size_limit = max(limits.accumulated_cache_size_limit, 4 * REGION_CACHE_LIMIT)
+    raise_graph_limits()
     regions = [module for model in models for module in model.modules() if type(module).__name__ in REGION_CLASSES]
     if layer_graphs is not None:
         layer_graphs.install(regions)
@@ -182,6 +177,17 @@ def compile_regions(
     for module in regions:
         module.compile(**dynamo_compile_kwargs(mode, backend))
     return regions
+
+
+def raise_graph_limits() -> None:
+    """Dynamo's per-code-object graph limits raised to `REGION_CACHE_LIMIT` (never lowered): every compiled layer
+    shares `nn.Module._call_impl`'s code object."""
+    import torch._dynamo
+
+    limits = torch._dynamo.config
+    name = "recompile_limit" if hasattr(limits, "recompile_limit") else "cache_size_limit"
+    setattr(limits, name, max(getattr(limits, name), REGION_CACHE_LIMIT))
+    limits.accumulated_cache_size_limit = max(limits.accumulated_cache_size_limit, 4 * REGION_CACHE_LIMIT)
 
 
 def dynamo_compile_kwargs(mode: CompileMode, backend: Backend) -> dict[str, Any]:
