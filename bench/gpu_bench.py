@@ -197,13 +197,17 @@ class Recorder:
             **extra,
         }
         self.rows.append(row)
-        self.write(row)
-        print(json.dumps(row), flush=True)
+        self.emit(row)
 
     def write(self, row: dict[str, Any]) -> None:
         """Append one record to `--out` (JSON lines), as soon as it is measured."""
         with self.out.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
+
+    def emit(self, row: dict[str, Any]) -> None:
+        """`write` it and print it."""
+        self.write(row)
+        print(json.dumps(row), flush=True)
 
 
 class Bench:
@@ -499,8 +503,7 @@ def phase_attn(b: Bench) -> None:
             timings = _attention_timings(q_shape, k_shape, compiled_plain)
         row = {"attn": {"q": q_shape, "k": k_shape, "calls_per_step": count, "ms": timings}}
         rows.append(row["attn"])
-        print(json.dumps(row), flush=True)
-        b.rec.write(row)
+        b.rec.emit(row)
         torch.cuda.empty_cache()
     default = sum(r["calls_per_step"] * r["ms"]["default"] for r in rows)
     best = sum(r["calls_per_step"] * min(v for v in r["ms"].values() if isinstance(v, float)) for r in rows)
@@ -516,8 +519,7 @@ def phase_attn(b: Bench) -> None:
     ours = sum(r["calls_per_step"] * chosen(r) for r in rows)
     per_step = {"default": round(default, 2), "ours": round(ours, 2), "best_per_shape": round(best, 2)}
     summary = {"attn_per_step_ms": per_step, "shape": b.args.step_shape}
-    print(json.dumps(summary), flush=True)
-    b.rec.write(summary)
+    b.rec.emit(summary)
 
 
 def _attention_timings(q_shape: tuple[int, ...], k_shape: tuple[int, ...], plain: Any) -> dict[str, Any]:
@@ -668,8 +670,7 @@ def phase_conv(b: Bench) -> None:
             }
         }
         rows.append(row["conv"])
-        print(json.dumps(row), flush=True)
-        b.rec.write(row)
+        b.rec.emit(row)
         torch.cuda.empty_cache()
     summary = {
         "conv_per_step_ms": round(sum(r["calls_per_step"] * r["ms"] for r in rows), 2),
@@ -678,8 +679,7 @@ def phase_conv(b: Bench) -> None:
         "channels_last": b.args.channels_last,
         "shape": b.args.step_shape,
     }
-    print(json.dumps(summary), flush=True)
-    b.rec.write(summary)
+    b.rec.emit(summary)
 
 
 TUNINGS: dict[str, dict[str, Any]] = {
@@ -694,18 +694,6 @@ then fuse the epilogue into them); looped reductions stop inductor from reducing
 channels-last GroupNorm statistics at 768p ran as such persistent reductions at 2.7x the NCHW ones' time)."""
 
 
-def _signature(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-    def describe(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return ("tensor", tuple(value.shape), value.dtype, tuple(value.stride()))
-        if isinstance(value, (tuple, list)):
-            return tuple(describe(v) for v in value)
-        return repr(value)
-
-    params = tuple(tuple(p.shape) for p in module.parameters())
-    return (type(module).__name__, params, describe(args), tuple(sorted((k, describe(v)) for k, v in kwargs.items())))
-
-
 def phase_tuning(b: Bench) -> None:
     """Each distinct compiled layer of one guided step at `--step-shape` (one per `compile_cache.REGION_CLASSES`
     layer, inputs recorded from an eager step) compiled alone under each `--tunings` inductor option set and timed
@@ -714,16 +702,18 @@ def phase_tuning(b: Bench) -> None:
     the summary compares only the layers every tuning covered."""
     import torch._dynamo
 
-    from daemon.generate import compile_cache
+    from daemon.generate import compile_cache, precompile
 
     generator = make_generator(b.parts, torch.float16)
     if b.args.channels_last:
         gpu_speed.to_channels_last(b.parts.unet)
     cond, latents, t = step_inputs(generator, *step_shape(b.args))
-    layers: dict[tuple[Any, ...], list[Any]] = {}  # signature -> [module, args, kwargs, calls per step]
+    layers: dict[Any, list[Any]] = {}  # signature -> [module, args, kwargs, calls per step]
 
     def record(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        entry = layers.setdefault(_signature(module, args, kwargs), [module, args, kwargs, 0])
+        # What the daemon's precompiled layer graphs are keyed by: one graph per distinct signature.
+        signature = (precompile.state_signature(module), precompile.value_signature((args, kwargs)))
+        entry = layers.setdefault(signature, [module, args, kwargs, 0])
         entry[3] += 1
 
     regions = [m for m in b.parts.unet.modules() if type(m).__name__ in compile_cache.REGION_CLASSES]
@@ -740,7 +730,7 @@ def phase_tuning(b: Bench) -> None:
             eager_ms = _median_ms(lambda m=module, a=args, k=kwargs: m(*a, **k))
             ordered.append({"module": module, "args": args, "kwargs": kwargs, "calls": calls, "eager_ms": eager_ms})
         ordered.sort(key=lambda layer: -layer["eager_ms"] * layer["calls"])
-    compile_cache.compile_regions([], "default")  # raises dynamo's per-code-object graph limits as the daemon does
+    compile_cache.raise_graph_limits()  # as the daemon's per-layer compile does
     rows = [
         {"layer": type(m["module"]).__name__, "calls_per_step": m["calls"], "eager": round(m["eager_ms"], 3)}
         for m in ordered
@@ -766,7 +756,7 @@ def phase_tuning(b: Bench) -> None:
         print(json.dumps({"tuning": tuning, "compile_s": compile_s[tuning]}), flush=True)
     covered = [row for row in rows if all(tuning in row for tuning in tunings)]
     for row in rows:
-        b.rec.write({"tuning_layer": row | {"shape": b.args.step_shape}})
+        b.rec.emit({"tuning_layer": row | {"shape": b.args.step_shape}})
 
     def per_step(name: str, chosen: list[dict[str, Any]]) -> float:
         return round(sum(row["calls_per_step"] * row[name] for row in chosen), 2)
@@ -784,9 +774,7 @@ def phase_tuning(b: Bench) -> None:
             "compile_s": compile_s,
         }
     }
-    print("\n".join(json.dumps(row) for row in rows), flush=True)
-    print(json.dumps(summary), flush=True)
-    b.rec.write(summary)
+    b.rec.emit(summary)
 
 
 def step_shape(args: argparse.Namespace) -> tuple[str, int]:
@@ -910,8 +898,7 @@ def phase_ready(b: Bench) -> None:
             "compile_failure": generator.step_fn.failure,
         }
     }
-    print(json.dumps(row), flush=True)
-    b.rec.write(row)
+    b.rec.emit(row)
 
 
 START = time.perf_counter()
