@@ -106,6 +106,7 @@ def test_a_guided_step_computes_what_precedes_the_context_once(generator: I2VGen
     the layers before the first cross-attention see each job's rows once and the cross-attention both halves."""
     unet = generator.components.unet
     dtype = unet.dtype
+    hooks: list[torch.utils.hooks.RemovableHandle] = []
     unet.double()
     try:
         torch.manual_seed(4)
@@ -125,7 +126,7 @@ def test_a_guided_step_computes_what_precedes_the_context_once(generator: I2VGen
             "temp_conv": first.temp_convs[0],
             "cross_attention": first.attentions[0],
         }
-        hooks = [
+        hooks += [
             module.register_forward_pre_hook(lambda _m, args, name=name: rows.__setitem__(name, args[0].shape[0]))
             for name, module in watched.items()
         ]
@@ -137,9 +138,9 @@ def test_a_guided_step_computes_what_precedes_the_context_once(generator: I2VGen
             guided_noise, guided_deep = gpu_speed.step(unet, latents, timestep, prep, guided=True)
             guided_rows = dict(rows)
             guided_shallow, _ = gpu_speed.step(unet, latents, timestep, prep, guided_deep, guided=True)
+    finally:
         for hook in hooks:
             hook.remove()
-    finally:
         unet.to(dtype)
     assert guided_noise.shape == doubled_noise.shape
     assert torch.allclose(guided_noise, doubled_noise, rtol=0, atol=1e-12)
