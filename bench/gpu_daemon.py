@@ -76,8 +76,7 @@ def model_settings(model_dir: Path, args: argparse.Namespace, batch_sizes: tuple
 
 
 def bare_generator(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    sizes = tuple(int(item) for item in args.warm_up_batch_sizes.split(","))
-    model = load_config(None).model.model_copy(update=model_settings(model_dir, args, sizes))
+    model = load_config(None).model.model_copy(update=model_settings(model_dir, args, args.warm_up_batch_sizes))
     load_started = time.perf_counter()
     generator = load_generator(model)
     load_seconds = time.perf_counter() - load_started
@@ -119,6 +118,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/i2vd-gpu-daemon-cache"))
     parser.add_argument(
         "--warm-up-batch-sizes",
+        type=lambda text: tuple(int(item) for item in text.split(",")),
         default="1",
         help="with --compile: model.warm_up_batch_sizes of the bare generator; each service run warms up those up "
         "to its max batch size",
@@ -132,7 +132,6 @@ def main() -> None:
     result["bare"] = bare_generator(args.model_dir, args)
     print(json.dumps(result), flush=True)
     base = load_config(None)
-    sizes = tuple(int(item) for item in args.warm_up_batch_sizes.split(","))
     scaling = argparse.Namespace(
         executor="local", devices=None, share_device="cuda:0", jobs_per_worker=args.jobs_per_worker,
         width=args.size, height=args.size, frames=args.frames, steps=args.steps, timeout=600.0,
@@ -144,7 +143,7 @@ def main() -> None:
         for batch in (int(item) for item in args.batch_sizes.split(",")):
             scaling.kill_one = workers > 1
             scaling.max_batch_size = batch
-            warm = tuple(size for size in sizes if size <= batch) or (1,)
+            warm = tuple(size for size in args.warm_up_batch_sizes if size <= batch) or (1,)
             model = base.model.model_copy(update=model_settings(args.model_dir, args, warm))
             record = measure(base.model_copy(update={"model": model}), workers, scaling) | {"max_batch_size": batch}
             record["ratio_to_bare"] = round(record["videos_per_hour"] / bare_rate, 3)
