@@ -12,9 +12,10 @@ Phases: `ref` (fp32 reference loop, stock attention: the PSNR reference), `stock
 `attn` (each attention shape of a step under each SDPA backend, and the short ones packed), `conv` (each
 convolution of a step alone, cuDNN's heuristic or `--cudnn-benchmark`'s measured algorithm), `layout` (NCHW vs
 channels-last weights), `vram` (peak per stage for the VRAM model), `creep` (allocated memory over many jobs),
-`tuning` (each compiled layer alone under inductor's tuning options: `--tunings`, `--tuning-budget`), `ready` (load
-+ compile + first video: run twice in fresh processes to see the cold and the warm compile cache).
-`profile`, `attn`, `conv`, `tuning` and `layout` look at one step of `--step-shape` (default 512p:16).
+`tuning` (each compiled layer alone under inductor's tuning options: `--tunings`, `--tuning-budget`), `sharing`
+(the guided step against the doubled batch, alternating in one process), `ready` (load + compile + first video: run
+twice in fresh processes to see the cold and the warm compile cache).
+`profile`, `attn`, `conv`, `tuning`, `sharing` and `layout` look at one step of `--step-shape` (default 512p:16).
 """
 
 from __future__ import annotations
@@ -777,6 +778,42 @@ def phase_tuning(b: Bench) -> None:
     b.rec.emit(summary)
 
 
+def phase_sharing(b: Bench) -> None:
+    """The guidance halves' shared head against the doubled batch: one step at `--step-shape` both ways, on the
+    generator as configured (with `--compile`, the compiled layers: the shared layers get graphs of one job's rows),
+    timed in alternating rounds in one process, so that a machine start's drift is the same for both. Full and
+    shallow (DeepCache) pass."""
+    generator = b.generator()
+    cond, latents, t = step_inputs(generator, *step_shape(b.args))
+    unet = b.parts.unet
+    with torch.inference_mode():
+        prep = pred.prepare(unet, cond)
+        _, deep = gpu_speed.step(unet, latents, t, prep)
+        cases: dict[str, Callable[[], Any]] = {
+            "doubled": lambda: gpu_speed.step(unet, latents, t, prep),
+            "guided": lambda: guided_step(unet, latents, t, prep),
+            "doubled_shallow": lambda: gpu_speed.step(unet, latents, t, prep, deep=deep),
+            "guided_shallow": lambda: gpu_speed.step(unet, latents[:1], t, prep, deep=deep, guided=True),
+        }
+        rounds: dict[str, list[float]] = {name: [] for name in cases}
+        for _ in range(5):
+            for name, function in cases.items():
+                rounds[name].append(_median_ms(function, repeats=10))
+    medians = {name: round(statistics.median(times), 3) for name, times in rounds.items()}
+    row = {
+        "sharing": {
+            "shape": b.args.step_shape,
+            "compile": b.args.compile,
+            "channels_last": b.args.channels_last,
+            "ms_per_step": medians,
+            "rounds": {name: [round(x, 3) for x in times] for name, times in rounds.items()},
+            "saved_full_ms": round(medians["doubled"] - medians["guided"], 3),
+            "saved_shallow_ms": round(medians["doubled_shallow"] - medians["guided_shallow"], 3),
+        }
+    }
+    b.rec.emit(row)
+
+
 def step_shape(args: argparse.Namespace) -> tuple[str, int]:
     """`--step-shape` ("768p:16") as (tier, frames)."""
     tier, frames = args.step_shape.split(":")
@@ -971,6 +1008,7 @@ def main() -> None:
         ("attn", phase_attn),
         ("conv", phase_conv),
         ("tuning", phase_tuning),
+        ("sharing", phase_sharing),
         ("profile", phase_profile),
         ("vram", phase_vram),
         ("fast", phase_fast),
