@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from step_flops import stock_forward_tflop  # the sibling script; bench/ is on sys.path when run
 
 from daemon.config import ModelConfig, resolve_compile_scope
 from daemon.generate import gpu_speed
@@ -155,24 +156,10 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def step_tflop(parts: loop.Components, width: int, height: int, frames: int, batch: int) -> float:
-    """FLOPs of one guided UNet step (batch x 2 rows), counted by torch's flop counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    rows = 2 * batch
-    dtype = parts.unet.dtype
-    sample = torch.randn(rows, 4, frames, height // 8, width // 8, device="cuda", dtype=dtype)
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), stock_attention(parts.unet, parts.vae), counter:
-        parts.unet(
-            sample,
-            torch.tensor(500, device="cuda"),
-            encoder_hidden_states=torch.randn(rows, 77, 1024, device="cuda", dtype=dtype),
-            fps=torch.tensor([16] * rows, device="cuda"),
-            image_latents=sample,
-            image_embeddings=torch.randn(rows, 1, 1024, device="cuda", dtype=dtype),
-            return_dict=False,
-        )
-    return counter.get_total_flops() / 1e12
+    """FLOPs of one guided UNet step (batch x 2 rows) of the stock forward, counted by torch's flop counter on the
+    plain layers and diffusers' attention (`step_flops.stock_forward_tflop`)."""
+    with stock_attention(parts.unet, parts.vae):
+        return stock_forward_tflop(parts.unet, width, height, frames, batch)
 
 
 class Recorder:

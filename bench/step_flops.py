@@ -30,32 +30,50 @@ def count(function: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
+class GuidedInputs:
+    """Random inputs of one guided step of `jobs` jobs at width x height x frames, on the UNet's device and in
+    its dtype: the latents once and doubled (unconditional rows first), and both halves' conditioning."""
+
+    def __init__(self, unet: Any, width: int, height: int, frames: int, jobs: int = 1) -> None:
+        dim, options = unet.config.cross_attention_dim, {"device": unet.device, "dtype": unet.dtype}
+        self.latents = torch.randn(jobs, 4, frames, height // 8, width // 8, **options)
+        self.doubled = torch.cat([self.latents] * 2)
+        self.image_latents = torch.cat([torch.randn_like(self.latents)] * 2)
+        self.images = torch.randn(2 * jobs, 1, dim, **options)
+        self.prompts = torch.randn(2 * jobs, 77, dim, **options)
+        self.fps = torch.full((2 * jobs,), 16, device=unet.device)
+        self.timestep = torch.tensor(500, device=unet.device)
+
+    def stock_forward(self, unet: Any) -> Any:
+        """`I2VGenXLUNet.forward` on the doubled batch, as the stock pipeline calls it."""
+        return unet(
+            self.doubled,
+            self.timestep,
+            encoder_hidden_states=self.prompts,
+            fps=self.fps,
+            image_latents=self.image_latents,
+            image_embeddings=self.images,
+            return_dict=False,
+        )
+
+
+def stock_forward_tflop(unet: Any, width: int, height: int, frames: int, jobs: int = 1) -> float:
+    """TFLOP of the stock forward of one guided step, on whatever device the UNet is (the meta device: no
+    weights, no GPU); what `gpu_bench`'s TFLOP/s figures divide by."""
+    with torch.device(unet.device):
+        inputs = GuidedInputs(unet, width, height, frames, jobs)
+        return count(lambda: inputs.stock_forward(unet)) / 1e12
+
+
 def shape_flops(unet: Any, size: int, frames: int, jobs: int = 1) -> dict[str, Any]:
     """TFLOP of one guided step of `jobs` jobs at size x size x frames, per way of running it."""
-    dim = unet.config.cross_attention_dim
     with torch.device("meta"):
-        latents = torch.randn(jobs, 4, frames, size // 8, size // 8, dtype=unet.dtype)
-        doubled = torch.cat([latents] * 2)
-        image_latents = torch.cat([torch.randn_like(latents)] * 2)
-        images = torch.randn(2 * jobs, 1, dim, dtype=unet.dtype)
-        prompts = torch.randn(2 * jobs, 77, dim, dtype=unet.dtype)
-        fps, timestep = torch.full((2 * jobs,), 16), torch.tensor(500)
-        prep = gpu_speed.prepare(unet, image_latents, images, prompts, fps)
+        inputs = GuidedInputs(unet, size, size, frames, jobs)
+        latents, doubled, timestep = inputs.latents, inputs.doubled, inputs.timestep
+        prep = gpu_speed.prepare(unet, inputs.image_latents, inputs.images, inputs.prompts, inputs.fps)
         deep = gpu_speed.step(unet, doubled, timestep, prep)[1]
-
-        def stock() -> Any:
-            return unet(
-                doubled,
-                timestep,
-                encoder_hidden_states=prompts,
-                fps=fps,
-                image_latents=image_latents,
-                image_embeddings=images,
-                return_dict=False,
-            )
-
         flops = {
-            "stock_forward": count(stock),
+            "stock_forward": count(lambda: inputs.stock_forward(unet)),
             "step_doubled": count(lambda: gpu_speed.step(unet, doubled, timestep, prep)),
             "step_guided": count(lambda: gpu_speed.step(unet, latents, timestep, prep, guided=True)),
             "shallow_doubled": count(lambda: gpu_speed.step(unet, doubled, timestep, prep, deep)),

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
 from diffusers.models.resnet import ResnetBlock2D
 
-from daemon.generate import precompile
+from daemon.generate import precompile, tiny
 
 pytestmark = pytest.mark.integration
 
@@ -46,3 +47,28 @@ def test_the_single_step_shape_is_a_known_tier_and_a_frame_count(gpu_bench: Modu
     assert gpu_bench.step_shape(argparse.Namespace(step_shape="512p:32")) == ("512p", 32)
     with pytest.raises(SystemExit, match="unknown tier '720p'"):
         gpu_bench.step_shape(argparse.Namespace(step_shape="720p:16"))
+
+
+def test_the_tflop_figure_is_the_stock_forward_on_plain_layers(gpu_bench: ModuleType, tmp_path: Path) -> None:
+    """`tflops` in a record divides by the stock forward's FLOPs (`step_flops.stock_forward_tflop`): counted
+    through the plain layers even with compiled calls installed on the shared UNet, the same on the CPU as on the
+    meta device (no weights), and per job in a batch. On the CPU, SDPA's fused kernel has no FLOP formula in
+    torch's counter (CUDA's kernels have), so the CPU count takes the math kernel, as the meta device does."""
+    import step_flops  # the bench's sibling script; the fixture put bench/ on sys.path
+    from diffusers import I2VGenXLUNet
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    config = json.loads((tiny.SHIPPED_DIR / "unet" / "config.json").read_text(encoding="utf-8"))
+    with torch.device("meta"):
+        meta_unet = I2VGenXLUNet.from_config(config).eval()
+    plain = step_flops.stock_forward_tflop(meta_unet, 64, 64, 4)
+    assert plain > 0
+    assert step_flops.stock_forward_tflop(meta_unet, 64, 64, 4, jobs=2) == pytest.approx(2 * plain)
+    unet = I2VGenXLUNet.from_config(config).eval()
+    resnets = [module for module in unet.modules() if isinstance(module, ResnetBlock2D)]
+    precompile.LayerGraphs(tmp_path, "default", "aot_eager").install(resnets)
+    parts = SimpleNamespace(unet=unet, vae=torch.nn.Identity())
+    with sdpa_kernel(SDPBackend.MATH):
+        assert gpu_bench.step_tflop(parts, 64, 64, 4, 1) == pytest.approx(plain)
+    assert all(module._compiled_call_impl is not None for module in resnets)  # given back afterwards
+    assert not list(tmp_path.iterdir())  # the count compiled nothing
