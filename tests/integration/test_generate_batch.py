@@ -5,6 +5,7 @@ boundary (`batch_render.decode` / `batch_render.denoise` raising `torch.cuda.Out
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from PIL import Image
 
 from daemon.config import ModelConfig
 from daemon.errors import TransientJobError
-from daemon.generate import batch_render, gpu_speed
+from daemon.generate import batch_render, gpu_speed, tiny
 from daemon.generate import i2vgenxl_loop as loop
 from daemon.generate import predict as pred
 from daemon.generate.base import GenerationRequest
@@ -154,6 +155,41 @@ def test_a_guided_step_computes_what_precedes_the_context_once(generator: I2VGen
         "temp_conv": once,
         "cross_attention": both,
     }
+
+
+def test_a_guided_step_with_a_first_block_without_context_shares_only_the_head() -> None:
+    """An I2VGen-XL-style UNet whose first down block has no cross-attention (a `DownBlock3D`): the guided step
+    shares the input convolution and temporal transformer only, runs that block on both halves, and is still the
+    doubled batch's step (float64, full and shallow pass)."""
+    from diffusers import I2VGenXLUNet
+
+    config = json.loads((tiny.SHIPPED_DIR / "unet" / "config.json").read_text(encoding="utf-8"))
+    config["down_block_types"] = ["DownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"]
+    config["up_block_types"] = ["UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "UpBlock3D"]
+    torch.manual_seed(5)
+    unet = I2VGenXLUNet.from_config(config).eval().double()
+    assert not getattr(unet.down_blocks[0], "has_cross_attention", False)
+    jobs, frames = 1, 8
+    latents, image_latents = (torch.randn(jobs, 4, frames, 8, 8, dtype=torch.float64) for _ in range(2))
+    images = torch.randn(2 * jobs, 1, 32, dtype=torch.float64)
+    prompts = torch.randn(2 * jobs, 77, 32, dtype=torch.float64)
+    fps, timestep = torch.tensor([16] * 2 * jobs), torch.tensor(300)
+    rows: list[int] = []
+    hook = unet.down_blocks[0].resnets[0].register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
+    try:
+        with torch.inference_mode():
+            prep = gpu_speed.prepare(unet, torch.cat([image_latents] * 2), images, prompts, fps)
+            doubled_noise, deep = gpu_speed.step(unet, torch.cat([latents] * 2), timestep, prep)
+            doubled_shallow, _ = gpu_speed.step(unet, torch.cat([latents] * 2), timestep, prep, deep)
+            rows.clear()
+            guided_noise, guided_deep = gpu_speed.step(unet, latents, timestep, prep, guided=True)
+            guided_shallow, _ = gpu_speed.step(unet, latents, timestep, prep, guided_deep, guided=True)
+    finally:
+        hook.remove()
+    assert rows == [2 * jobs * frames, 2 * jobs * frames]  # the block ran on both halves, in both passes
+    assert torch.allclose(guided_noise, doubled_noise, rtol=0, atol=1e-12)
+    assert torch.allclose(guided_deep, deep, rtol=0, atol=1e-12)
+    assert torch.allclose(guided_shallow, doubled_shallow, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("length", [8, 33])  # a short (temporal) and a long sequence
