@@ -35,6 +35,15 @@ def recover_jobs(store: JobStore) -> tuple[list[ClaimedJob], Counter[str]]:
     return recovery.run(), recovery.report
 
 
+def _manifest_job_id(manifest: Path) -> object:
+    """The `job_id` a delivered manifest names (None: none there, unreadable, or not one of ours)."""
+    try:
+        data = json.loads(manifest.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data.get("job_id") if isinstance(data, dict) else None
+
+
 class _Recovery:
     def __init__(self, store: JobStore) -> None:
         self.store = store
@@ -101,18 +110,18 @@ class _Recovery:
         return job
 
     def _publication_done(self, job: ClaimedJob, mark: PublishingMark | None) -> bool:
-        """A crash during delivery: manifest there (ours) -> done; else take the orphan outputs back out."""
+        """A crash during delivery: manifest there (ours) -> done; else take the orphan outputs back out.
+
+        Only reading the manifest decides which: once it is ours the outputs are published, so a failure to record
+        that (the ledger's disk full) leaves the job and its mark for the next start instead of removing them."""
         if mark is None:
             return False
         directory = Path(mark.directory)
         manifest = directory / f"{mark.base}.json"
-        try:
-            if json.loads(manifest.read_bytes()).get("job_id") == job.job_id:
-                names = [*mark.names, manifest.name]
-                self.store.record_published(job, [directory / name for name in names], manifest)
-                return True
-        except (OSError, ValueError, AttributeError):
-            pass
+        if _manifest_job_id(manifest) == job.job_id:
+            names = [*mark.names, manifest.name]
+            self.store.record_published(job, [directory / name for name in names], manifest)
+            return True
         for name, digest in zip(mark.names, mark.sha256, strict=True):
             path = directory / name
             if path.is_file() and not path.is_symlink() and sha256_file(path) == digest:

@@ -168,6 +168,33 @@ def test_crash_after_the_manifest_finishes_the_job_instead_of_publishing_twice(i
     assert restarted.find_duplicate(validated(restarted, drop(inbox))) is not None
 
 
+def test_a_failed_ledger_write_at_recovery_never_removes_the_published_outputs(
+    inbox: Path, outbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon died after the manifest; at the next start the ledger cannot be written (the disk the crash
+    filled is still full). Our manifest is there, so the outputs are published: they stay, the job is neither
+    re-run nor taken back, and the start after that completes it."""
+    store = open_store(inbox)
+    job = validated(store, drop(inbox))
+    published = publish(store, job, outbox)  # ... and the process dies here
+
+    def disk_full(_ledger: CompletedLedger, _entry: LedgerEntry) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(CompletedLedger, "record", disk_full)
+    full = open_store(inbox)
+    assert full.recover() == []
+    assert full.recovery_report["completed"] == 0
+    assert all(path.is_file() for path in published)
+    assert full.counts()["claimed"] == 1
+    monkeypatch.undo()
+    restarted = open_store(inbox)
+    assert restarted.recover() == []
+    assert restarted.recovery_report["completed"] == 1
+    assert restarted.counts() == {"claimed": 0, "done": 1, "failed": 0, "not_removed": 0}
+    assert all(path.is_file() for path in published)
+
+
 def test_crash_before_the_manifest_takes_the_orphan_outputs_back(inbox: Path, outbox: Path) -> None:
     """Checklist D27: the daemon dies after the outputs got their names but before the manifest. Without a
     manifest the set is not complete from a reader's view: the restart removes our orphan outputs (same bytes
