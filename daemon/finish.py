@@ -77,8 +77,9 @@ class Finisher:
         inputs = self._manifest_inputs(generated)
 
         def manifest_for(base: str) -> dict[str, object]:
-            """The publisher picks the final base name (a clash moves the whole set to `-2`), then asks for this.
-            The outputs already carry their final names: the job's state notes them before the manifest goes."""
+            """The publisher picks the final base name (a clash moves the whole set to `-2`), then asks for this
+            before the first output gets its name: the job's state notes the names first, so a crash after any
+            rename leaves recovery a record of what to take back or to finish."""
             names = [f"{base}{item.suffix}" for item in staged]
             digests = [digest for _, digest, _ in records]
             self._store.mark_publishing(generated.job, directory, base, names, digests, self._archive)

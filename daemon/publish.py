@@ -28,6 +28,8 @@ from datetime import datetime
 from pathlib import Path, PurePath
 from typing import Any
 
+import structlog
+
 from daemon.errors import OutputLost, StorageFull, TransientJobError
 from daemon.fsio import fsync_dir, is_storage_full, rename_no_replace, write_durable_temp
 
@@ -36,6 +38,8 @@ MANIFEST_SUFFIX = ".json"
 _COUNTER_SUFFIX = re.compile(r"^(.*)-(\d+)$")
 
 ManifestSource = Mapping[str, Any] | Callable[[str], Mapping[str, Any]]
+
+log = structlog.get_logger(__name__)
 
 
 def sha256_file(path: Path) -> str:
@@ -189,9 +193,13 @@ class Publisher:
         digests: Sequence[str],
         manifest: ManifestSource,
     ) -> list[Path] | None:
-        """Rename every file, then the manifest, under `base`; None (and everything moved back) on a clash."""
+        """Rename every file, then the manifest, under `base`; None (and everything moved back) on a clash.
+
+        A callable `manifest` is asked for its content before the first rename: the job's state notes the names
+        there, so a crash at any later point leaves a record of what to take back (or to finish)."""
         moved: list[tuple[Path, Path]] = []
         try:
+            content = manifest(base) if callable(manifest) else manifest
             for (staged, suffix), digest in zip(files, digests, strict=True):
                 target = directory / f"{base}{suffix}"
                 if not rename_no_replace(staged, target, digest):
@@ -199,7 +207,6 @@ class Publisher:
                     return None
                 moved.append((staged, target))
             fsync_dir(directory)
-            content = manifest(base) if callable(manifest) else manifest
             manifest_path = self._deliver_manifest(directory, base, content)
         except BaseException:
             self._move_back(moved)
@@ -220,7 +227,12 @@ class Publisher:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
-        fsync_dir(directory)
+        try:
+            fsync_dir(directory)
+        except OSError as exc:
+            # The manifest has its name, so the set is complete for readers, and the outputs' names were made
+            # durable before it. Moving the outputs back now would leave a manifest without its files.
+            log.warning("manifest_dir_fsync_failed", manifest=target.name, error=str(exc))
         return target
 
     def _move_back(self, moved: list[tuple[Path, Path]]) -> None:

@@ -118,10 +118,17 @@ class _Recovery:
             return False
         directory = Path(mark.directory)
         manifest = directory / f"{mark.base}.json"
-        if _manifest_job_id(manifest) == job.job_id:
+        owner = _manifest_job_id(manifest)
+        if owner == job.job_id:
             names = [*mark.names, manifest.name]
             self.store.record_published(job, [directory / name for name in names], manifest)
             return True
+        if owner is not None:
+            # The names are noted before the first rename, so another job can have taken this base meanwhile
+            # (its set is complete, with its manifest): none of these files is ours to remove.
+            log.warning("publication_base_taken", job_id=job.job_id, base=mark.base, by=owner)
+            self.store.update_state(job, publishing=None)
+            return False
         for name, digest in zip(mark.names, mark.sha256, strict=True):
             path = directory / name
             if path.is_file() and not path.is_symlink() and sha256_file(path) == digest:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -213,6 +215,22 @@ def test_crash_before_the_manifest_takes_the_orphan_outputs_back(inbox: Path, ou
     assert not orphan.exists() and foreign.read_bytes() == b"not ours"
 
 
+def test_a_base_another_job_published_meanwhile_is_never_taken_back(inbox: Path, outbox: Path) -> None:
+    """The names are noted before the first rename, so a crash can leave a mark on a base that another job then
+    published in full (same second, same stem; identical bytes when the same pair ran twice). Its manifest names
+    the other job: recovery removes nothing of that set and re-queues ours."""
+    store = open_store(inbox)
+    job = validated(store, drop(inbox))
+    theirs = outbox / "video_x_cat.mp4"
+    theirs.write_bytes(b"identical video")
+    (outbox / "video_x_cat.json").write_text(json.dumps({"job_id": "another-job"}))
+    store.mark_publishing(job, outbox, "video_x_cat", [theirs.name], [sha256_file(theirs)], True)
+    (recovered,) = open_store(inbox).recover()
+    assert recovered.job_id == job.job_id
+    assert theirs.read_bytes() == b"identical video"
+    assert sorted(path.name for path in outbox.iterdir()) == ["video_x_cat.json", "video_x_cat.mp4"]
+
+
 def test_ledger_is_bounded_compacted_and_survives_a_torn_line(inbox: Path) -> None:
     """Checklist C24 (ledger hygiene): memory holds only the newest `max_entries` keys; the file is compacted at
     2x; a torn last line (crash mid-append) is skipped on load, not fatal."""
@@ -248,3 +266,81 @@ def test_duplicate_policy_config_key() -> None:
     assert DaemonConfig(intake={"duplicate_policy": "skip"}).intake.duplicate_policy == "skip"  # type: ignore[arg-type]
     with pytest.raises(ValidationError):
         DaemonConfig(intake={"duplicate_policy": "ignore"})  # type: ignore[arg-type]
+
+
+KILL_DURING_FINISH = """\
+import os, signal, sys
+from pathlib import Path
+from daemon import fsio
+from daemon.config import EncodeConfig, GenerationConfig
+from daemon.jobspec import parse_sidecar, resolve_job
+from daemon.publish import Publisher, sha256_file
+from daemon.store import JobStore, Pair
+root, kill_at = Path(sys.argv[1]), int(sys.argv[2])
+inbox, outbox = root / "inbox", root / "outbox"
+store = JobStore(inbox, inbox / ".i2vd")
+job = store.claim(Pair("cat", inbox / "cat.png", inbox / "cat.yaml"))
+spec = parse_sidecar(job.sidecar_path.read_bytes())
+resolved = resolve_job(spec, GenerationConfig(), EncodeConfig(), stem=job.stem, image_size=(64, 48))
+job = store.mark_validated(job, resolved, sha256_file(job.image_path))
+publisher = Publisher(outbox)
+staged = publisher.staging_dir(job.job_id) / "main.mp4"
+staged.write_bytes(b"M" * 100_000)
+directory, base = publisher.reserve(job.stem)
+digest = sha256_file(staged)
+calls = [0]
+def step(real):
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    return wrapped
+for name in ("fsync", "write", "replace", "rename", "link", "unlink"):
+    setattr(os, name, step(getattr(os, name)))
+fsio._rename_noreplace_syscall = step(fsio._rename_noreplace_syscall)
+def manifest(final):
+    store.mark_publishing(job, directory, final, [final + ".mp4"], [digest], True)
+    return {"job_id": job.job_id}
+published = publisher.publish(base, [(staged, ".mp4")], manifest, directory)
+store.complete(job, archive=True, outputs=published)
+print(calls[0])
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_at_every_step_of_publishing_and_completing_leaves_one_set_or_none(tmp_path: Path) -> None:
+    """Checklist C20/D27 with the job's state: a real `kill -9` of the process that publishes a job and completes
+    it, before each of its fsync, write, rename, link and unlink calls in turn. After every kill the next start
+    either finishes the job (one complete set with our manifest, the job archived) or takes back what it delivered
+    and re-queues it (no output of ours left in the outbox); the job is never lost and never published twice."""
+    repo = Path(__file__).resolve().parents[2]
+
+    def run(root: Path, kill_at: int) -> subprocess.CompletedProcess[bytes]:
+        for folder in ("inbox", "outbox"):
+            (root / folder).mkdir(parents=True)
+        drop(root / "inbox")
+        return subprocess.run(
+            [sys.executable, "-c", KILL_DURING_FINISH, str(root), str(kill_at)], cwd=repo, capture_output=True
+        )
+
+    clean = run(tmp_path / "clean", 0)
+    assert clean.returncode == 0, clean.stderr.decode()
+    steps = int(clean.stdout.split()[-1])  # after the store's log lines
+    assert steps >= 8
+    for kill_at in range(1, steps + 1):
+        root = tmp_path / f"kill{kill_at}"
+        assert run(root, kill_at).returncode == -9
+        restarted = JobStore(root / "inbox", root / "inbox" / ".i2vd")
+        requeued = restarted.recover()
+        Publisher(root / "outbox").sweep_staging()
+        videos = sorted(p.name for p in (root / "outbox").glob("*.mp4"))
+        manifests = sorted((root / "outbox").glob("*.json"))
+        if requeued:
+            assert (videos, manifests) == ([], []), f"kill at {kill_at}: outputs left for a re-queued job"
+            assert restarted.counts()["done"] == 0
+        else:
+            assert restarted.counts()["done"] == 1, f"kill at {kill_at}: the job is neither re-queued nor done"
+            (manifest,) = manifests
+            assert videos == [manifest.with_suffix(".mp4").name]
+            assert (root / "outbox" / videos[0]).read_bytes() == b"M" * 100_000

@@ -20,6 +20,7 @@ import pytest
 from publish_helpers import outbox_names, stage_files
 
 from daemon import fsio
+from daemon import publish as publish_module
 from daemon.errors import OutputLost, StorageFull, TransientJobError
 from daemon.publish import STAGING_DIR_NAME, Publisher
 
@@ -181,6 +182,27 @@ def test_fsync_eio_on_the_manifest_rewrites_it_from_scratch_never_fsyncs_twice(
     rewritten = [path for path in synced if "manifest-" in path and path != bad]
     assert len(rewritten) == 1
     assert b'"job": "j"' in published[-1].read_bytes()
+
+
+def test_an_fsync_error_after_the_manifest_got_its_name_keeps_the_set_published(
+    publisher: Publisher, outbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The directory fsync after the manifest's rename fails. The set is complete for readers by then (and the
+    outputs' names were made durable before the manifest), so nothing is moved back: taking the outputs away
+    would leave a manifest without its files, which recovery would then trust."""
+    files = stage_files(publisher, {".mp4": b"main", ".png": b"png"})
+    real_fsync_dir = publish_module.fsync_dir
+
+    def fsync_dir(directory: Path) -> None:
+        if (directory / f"{BASE}.json").exists():
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync_dir(directory)
+
+    monkeypatch.setattr(publish_module, "fsync_dir", fsync_dir)
+    published = publisher.publish(BASE, files, {"job": "j"})
+    assert [path.name for path in published] == [f"{BASE}.mp4", f"{BASE}.png", f"{BASE}.json"]
+    assert outbox_names(outbox) == sorted(path.name for path in published)
+    assert (outbox / f"{BASE}.mp4").read_bytes() == b"main"
 
 
 def test_fsync_eio_on_a_staged_output_discards_it_for_a_rewrite(
