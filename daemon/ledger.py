@@ -10,14 +10,16 @@ manifest, at}` to `STATE_DIR/ledger.jsonl` (fsynced) *before* its inputs are mov
 - a job found claimed at start whose id is already in the ledger was published: it is archived, not re-run;
 - inputs that cannot be moved (read-only share) are never processed again.
 
-Bounded: memory holds only `key -> (job_id, manifest)` for the newest `max_entries` keys, and the file is
-compacted (rewritten atomically with only those) when it grows past twice that. A torn last line (crash mid
-append) is skipped on load.
+Bounded: memory holds only `key -> (job_id, manifest)` for the newest `max_entries` keys and the newest
+`max_entries` job ids, and the file is compacted (rewritten atomically with only the lines of those job ids) when it
+grows past twice that. A torn last line (crash mid append) is skipped on load, and the next append starts on a new
+line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -66,7 +68,7 @@ class CompletedLedger:
         self.max_entries = max_entries
         self._lock = threading.Lock()
         self._by_key: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
-        self._job_ids: dict[str, str] = {}
+        self._job_ids: OrderedDict[str, str] = OrderedDict()  # the newest `max_entries` job ids -> key
         self._lines = 0
         self._load()
 
@@ -89,14 +91,17 @@ class CompletedLedger:
                 self._remember(entry)
 
     def _remember(self, entry: LedgerEntry) -> None:
-        old = self._by_key.pop(entry.key, None)
-        if old is not None:
-            self._job_ids.pop(old[0], None)
+        """Note `entry` as the newest for its key. The job ids are kept apart from the keys: a second job of the
+        same inputs (`duplicate_policy: process`) must not make the first look unpublished, or a first job whose
+        inputs could not be moved away would run again at the next start."""
+        self._by_key.pop(entry.key, None)
         self._by_key[entry.key] = (entry.job_id, entry.manifest)
+        self._job_ids.pop(entry.job_id, None)
         self._job_ids[entry.job_id] = entry.key
         while len(self._by_key) > self.max_entries:
-            _key, (job_id, _manifest) = self._by_key.popitem(last=False)
-            self._job_ids.pop(job_id, None)
+            self._by_key.popitem(last=False)
+        while len(self._job_ids) > self.max_entries:
+            self._job_ids.popitem(last=False)
 
     def lookup(self, key: str) -> LedgerEntry | None:
         """The newest entry for `key`, read back from the file (memory holds only its job id)."""
@@ -123,9 +128,17 @@ class CompletedLedger:
         line = json.dumps(entry.model_dump(mode="json"), ensure_ascii=True).encode("ascii") + b"\n"
         with self._lock:
             created = not self.path.exists()
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             try:
-                os.write(fd, line)
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    line = b"\n" + line  # after a torn line (a crash or a short write mid-append): never glued to it
+                view = memoryview(line)
+                while view:  # a short write (nearly full disk) is continued, never left as half a line
+                    written = os.write(fd, view)
+                    if written <= 0:
+                        raise OSError(errno.ENOSPC, "the ledger append wrote nothing", str(self.path))
+                    view = view[written:]
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -138,7 +151,6 @@ class CompletedLedger:
 
     def _compact(self) -> None:
         """Rewrite the file with only the entries still remembered (atomic: old or new file after a crash)."""
-        keep = {job_id for job_id, _ in self._by_key.values()}
         kept: list[bytes] = []
         with self.path.open("rb") as handle:
             for raw in handle:
@@ -146,7 +158,7 @@ class CompletedLedger:
                     data: dict[str, Any] = json.loads(raw)
                 except ValueError:
                     continue
-                if data.get("job_id") in keep and self._by_key.get(data.get("key", ""), ("",))[0] == data["job_id"]:
+                if isinstance(data, dict) and data.get("job_id") in self._job_ids:
                     kept.append(raw if raw.endswith(b"\n") else raw + b"\n")
         atomic_write_bytes(self.path, b"".join(kept))
         self._lines = len(kept)

@@ -260,6 +260,59 @@ def test_ledger_is_bounded_compacted_and_survives_a_torn_line(inbox: Path) -> No
     assert reloaded.has_job("job18") and not reloaded.has_job("job17")
 
 
+def ledger_entry(index: int, key_index: int | None = None) -> LedgerEntry:
+    key = input_key(f"{index if key_index is None else key_index:064x}", "0" * 64)
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    return LedgerEntry(
+        key=key, job_id=f"job{index}", stem="s", image_sha256="i", sidecar_sha256="s", outputs=[], manifest=None, at=at
+    )
+
+
+def test_an_append_after_a_torn_line_or_a_short_write_starts_on_a_line_of_its_own(
+    inbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash mid-append leaves a line without its newline; the next append must not be glued onto it (it would
+    be unreadable, and its job would look unpublished at the next start). A short write is continued to the end of
+    the line; a write that makes no progress (the disk is full) raises instead of leaving half a line silently."""
+    path = inbox / "ledger.jsonl"
+    CompletedLedger(path).record(ledger_entry(1))
+    with path.open("ab") as handle:
+        handle.write(b'{"key": "torn')
+    CompletedLedger(path).record(ledger_entry(2))
+    reloaded = CompletedLedger(path)
+    assert reloaded.has_job("job1") and reloaded.has_job("job2")
+    assert reloaded.lookup(ledger_entry(2).key) == ledger_entry(2)
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data[:7])))  # 7 bytes per call
+    reloaded.record(ledger_entry(3))
+    monkeypatch.setattr(os, "write", lambda fd, data: 0)
+    with pytest.raises(OSError, match="wrote nothing"):
+        reloaded.record(ledger_entry(4))
+    monkeypatch.undo()
+    reloaded.record(ledger_entry(5))
+    again = CompletedLedger(path)
+    assert [again.has_job(f"job{index}") for index in range(1, 6)] == [True, True, True, False, True]
+
+
+def test_a_second_job_of_the_same_inputs_leaves_the_first_known_as_published(inbox: Path) -> None:
+    """`duplicate_policy: process` publishes the same inputs again under a new job: the ledger's newest entry for
+    the key is the second job, and the first stays known as published (also after compaction), so a first job
+    whose inputs could not be moved away is never run again."""
+    path = inbox / "ledger.jsonl"
+    ledger = CompletedLedger(path, max_entries=3)
+    ledger.record(ledger_entry(1, key_index=7))
+    ledger.record(ledger_entry(2, key_index=7))
+    assert ledger.has_job("job1") and ledger.has_job("job2")
+    assert ledger.lookup(ledger_entry(2, key_index=7).key) == ledger_entry(2, key_index=7)
+    assert CompletedLedger(path, max_entries=3).has_job("job1")
+    for index in range(10, 14):
+        ledger.record(ledger_entry(index))
+    ledger.record(ledger_entry(21, key_index=13))  # job13's key again: 7 lines, past 2 x max_entries: compacted
+    assert len(path.read_bytes().splitlines()) == 3  # the newest 3 job ids, job13's superseded line included
+    reloaded = CompletedLedger(path, max_entries=3)
+    assert [reloaded.has_job(f"job{index}") for index in (1, 11, 12, 13, 21)] == [False, False, True, True, True]
+
+
 def test_duplicate_policy_config_key() -> None:
     """Checklist C24: `intake.duplicate_policy` defaults to `process` and accepts only `process` or `skip`."""
     assert DaemonConfig().intake.duplicate_policy == "process"
