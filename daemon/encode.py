@@ -117,16 +117,21 @@ def _read_tail(handle: IO[bytes], limit: int) -> bytes:
     return handle.read()
 
 
+def launch_command(argv: list[str], niceness: int = 0) -> list[str]:
+    """`argv` under `setpriv --pdeathsig KILL` where available (ffmpeg dies with the daemon), at `niceness`
+    (through `nice`, where available). The systemd unit's system-call filter must allow what these make."""
+    deathsig = [SETPRIV, "--pdeathsig", "KILL", "--"] if SETPRIV is not None else []
+    nice = [NICE, "-n", str(niceness)] if niceness and NICE is not None else []
+    return [*deathsig, *nice, *argv]
+
+
 def _spawn(
     argv: list[str], *, stdin: int, stdout: IO[bytes], stderr: IO[bytes], niceness: int = 0
 ) -> subprocess.Popen[bytes]:
-    """Start `argv` in its own session, under `setpriv --pdeathsig KILL` where available, at `niceness` (through
-    `nice`, where available); track it."""
-    deathsig = [SETPRIV, "--pdeathsig", "KILL", "--"] if SETPRIV is not None else []
-    nice = [NICE, "-n", str(niceness)] if niceness and NICE is not None else []
-    if (deathsig or nice) and not os.access(argv[0], os.X_OK):  # a wrapper would report it as its exit status 127
+    """Start `argv` in its own session (`launch_command`); track it."""
+    command = launch_command(argv, niceness)
+    if command[0] != argv[0] and not os.access(argv[0], os.X_OK):  # a wrapper would report it as exit status 127
         raise FatalError(f"cannot run ffmpeg at {argv[0]}: not an executable file", detail={"ffmpeg": argv[0]})
-    command = [*deathsig, *nice, *argv]
     try:
         process = subprocess.Popen(command, stdin=stdin, stdout=stdout, stderr=stderr, start_new_session=True)
     except (FileNotFoundError, PermissionError) as exc:

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Install the operations tools the acceptance tests use: prometheus + promtool (Debian package `prometheus`) and
-# systemd-analyze (package `systemd`). Only when missing, only as root with apt-get; otherwise say so and go on
-# (those tests then skip with the reason).
+# Install the operations tools the acceptance tests use: prometheus + promtool (Debian package `prometheus`),
+# systemd-analyze (package `systemd`) and strace (package `strace`). Only when missing, only as root with apt-get;
+# otherwise say so and go on (those tests then skip with the reason).
 set -euo pipefail
 missing=()
 command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v strace >/dev/null 2>&1 || missing+=(strace)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import shutil
 import signal
 import socket
@@ -161,3 +162,52 @@ def test_systemd_analyze_verifies_the_unit(tmp_path: Path) -> None:
     if result.returncode != 0 and "Failed to" in result.stderr and "i2vd.service" not in result.stderr:
         pytest.skip(f"systemd-analyze cannot run here: {result.stderr.strip()[:200]}")
     assert result.returncode == 0 and "i2vd.service" not in result.stderr, result.stderr
+
+
+def _filter_group(analyze: str, name: str, seen: dict[str, set[str]]) -> set[str]:
+    """The system calls of a systemd filter group (`@system-service`), nested groups expanded."""
+    if name not in seen:
+        listing = subprocess.run([analyze, "syscall-filter", name], capture_output=True, text=True, check=True)
+        entries = [line.strip() for line in listing.stdout.splitlines()[1:]]
+        calls: set[str] = set()
+        for entry in entries:
+            if entry.startswith("@"):
+                calls |= _filter_group(analyze, entry, seen)
+            elif entry and not entry.startswith("#"):
+                calls.add(entry)
+        seen[name] = calls
+    return seen[name]
+
+
+def test_the_units_system_call_filter_lets_the_encoder_run_ffmpeg(tmp_path: Path) -> None:
+    """The unit's `SystemCallFilter=` lines (an allow list, `~` lines take away, later ones add back) kill the
+    process on any other call. Every call made by an encode as the encoder launches it (under setpriv and nice,
+    `encode.launch_command`) must be allowed: setpriv calls capset(2) even without capabilities, and capset is in
+    `@privileged`."""
+    analyze, strace = find_tool("systemd-analyze"), find_tool("strace")
+    unit = (REPO / "systemd" / "i2vd.service").read_text()
+    seen: dict[str, set[str]] = {}
+    allowed: set[str] = set()
+    for value in (line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("SystemCallFilter=")):
+        names: set[str] = set()
+        for item in value.removeprefix("~").split():
+            names |= _filter_group(analyze, item, seen) if item.startswith("@") else {item}
+        allowed = allowed - names if value.startswith("~") else allowed | names
+    assert "capset" in allowed and "setpriority" in allowed
+    import imageio_ffmpeg
+
+    from daemon import encode
+
+    ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
+    argv = [ffmpeg, "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i", "color=c=red:s=64x64:d=0.2"]
+    argv += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-f", "mp4", "-y", str(tmp_path / "out.mp4")]
+    command = encode.launch_command(argv, niceness=10)
+    assert command[0] != ffmpeg, "setpriv or nice expected on this machine"
+    trace = tmp_path / "trace.txt"
+    result = subprocess.run([strace, "-f", "-qq", "-o", str(trace), "--", *command], capture_output=True, timeout=60)
+    if result.returncode != 0 and b"ptrace" in result.stderr:
+        pytest.skip(f"strace cannot trace here: {result.stderr.decode()[:200]}")
+    assert result.returncode == 0, result.stderr.decode()
+    used = set(re.findall(r"^\d+\s+(\w+)\(", trace.read_text(), flags=re.MULTILINE))
+    assert {"capset", "execve", "setpriority"} <= used
+    assert used - allowed == set(), "the unit's filter would kill the encoder on these calls"
