@@ -30,7 +30,7 @@ from daemon.attempt import Attempt, CheckedVideo, StageTimer, generation_request
 from daemon.batching import batch_limit, take_companions
 from daemon.config import DaemonConfig
 from daemon.encode import Encoder
-from daemon.errors import JobInterrupted, JobRejected, TransientJobError
+from daemon.errors import FatalError, JobInterrupted, JobRejected, TransientJobError
 from daemon.finish import Finisher
 from daemon.generate.base import GenerationRequest, GenerationResult, Generator
 from daemon.intake import load_image_rgb
@@ -112,6 +112,8 @@ class Worker:
                 self._start(jobs)
         finally:
             self._pool.shutdown(wait=True)
+        if isinstance(self._pool_error, FatalError):
+            return  # logged as `worker_fatal`; the service sees this thread gone and exits 1
         if self._pool_error is not None:
             raise self._pool_error
 
@@ -258,6 +260,8 @@ class Worker:
                 # A failure while the service stops (e.g. the generation process killed by a second signal) is not
                 # the job's fault: it is released like an interrupted job and does not end in failed/.
                 outcome = self._interrupted(job)
+            elif isinstance(exc, FatalError):
+                outcome = self._daemon_cannot_go_on(job, exc)
             elif isinstance(exc, SanityCheckFailed):
                 self._store.fail(job, exc, exc.reason, exc.message, exc.detail)
                 log.warning("job_sanity_failed", message=exc.message)
@@ -277,6 +281,16 @@ class Worker:
         if self.current_job is None:  # not while the next job generates: its status wins
             self._on_status(f"idle; last job {outcome}")
         return outcome
+
+    def _daemon_cannot_go_on(self, job: ClaimedJob, exc: FatalError) -> str:
+        """A `FatalError` during a job (the model no longer loads, ffmpeg cannot be run): not the job's fault. It
+        stays claimed with its attempt uncounted, and the worker ends, so the service exits 1 and systemd starts it
+        again later, instead of every job in the queue using up its attempts on it."""
+        log.error("worker_fatal", error=str(exc))
+        self._metrics.pending.inc()  # still claimed on disk, resumed at the next start
+        self._store.release_attempt(job, "daemon_failed", str(exc))
+        self._pool_error = exc
+        return "interrupted"
 
     def _interrupted(self, job: ClaimedJob) -> str:
         """Interrupted between steps: cancelled by an operator (to failed/), or released because the service stops."""

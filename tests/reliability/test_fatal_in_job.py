@@ -1,0 +1,58 @@
+"""A `FatalError` during a job (the model no longer loads after a generation process died, ffmpeg cannot be run)
+ends the daemon with exit 1 for systemd to restart it later; the jobs are not at fault, so none of them uses an
+attempt on it or ends in failed/."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+from test_flood import InstantGenerator, drop_pairs
+
+from daemon.config import DaemonConfig
+from daemon.errors import FatalError
+from daemon.generate.base import GenerationRequest, GenerationResult
+from daemon.service import Service
+
+
+class NoLongerLoads(InstantGenerator):
+    """The first job's generation finds the model unloadable (what `genproc` raises after three failed loads)."""
+
+    def generate(
+        self, request: GenerationRequest, on_step: object = None, should_interrupt: object = None
+    ) -> GenerationResult:
+        raise FatalError("worker w0: loading the model failed (3 times in a row, injected)")
+
+
+def test_a_fatal_error_in_a_job_exits_1_and_leaves_every_job_claimed_with_its_attempts(tmp_path: Path) -> None:
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    drop_pairs(inbox, 3)
+    config = DaemonConfig(
+        inbox=inbox,
+        outbox=outbox,
+        metrics={"enabled": False},  # type: ignore[arg-type]
+        intake={"stable_seconds": 0.0, "rescan_seconds": 0.2},  # type: ignore[arg-type]
+        encode={"preset": "ultrafast", "default_variants": ()},  # type: ignore[arg-type]
+        worker={"retry_delay_seconds": 0.1},  # type: ignore[arg-type]
+    )
+    service = Service(config, once=True, generator_factory=lambda c: NoLongerLoads())
+    service.start()
+    result: list[int] = []
+    loop = threading.Thread(target=lambda: result.append(service.run_until_stopped()))
+    loop.start()
+    loop.join(timeout=60)
+    assert not loop.is_alive(), "the daemon did not stop on the fatal error"
+    assert result == [1]
+    assert service.store.counts() == {"claimed": 3, "done": 0, "failed": 0, "not_removed": 0}
+    assert list(outbox.glob("*.mp4")) == []
+    states = [json.loads(path.read_text()) for path in (inbox / ".i2vd" / "jobs").glob("*/job.json")]
+    assert all(state["attempts"] == 0 for state in states)
+    ended = [attempt for state in states for attempt in state.get("history", [])]
+    assert [attempt["outcome"] for attempt in ended] == ["daemon_failed"]
+    assert ended[0]["counted"] is False
+    restarted = Service(config, once=True, generator_factory=lambda c: InstantGenerator())
+    restarted.start()
+    assert restarted.run_until_stopped() == 0
+    assert len(list(outbox.glob("*.mp4"))) == 3
