@@ -215,6 +215,10 @@ def load_sidecar_mapping(data: bytes) -> dict[str, Any]:
         document = yaml.load(text, Loader=_StrictSafeLoader)
     except yaml.YAMLError as exc:
         raise JobRejected(f"sidecar is not valid YAML: {exc}", reason="sidecar_yaml") from exc
+    except (ValueError, OverflowError) as exc:
+        # PyYAML's constructors raise these for values it recognises but cannot build: an impossible date
+        # (2024-13-45), an integer past Python's 4300-digit limit, a sexagesimal float too large for a float.
+        raise JobRejected(f"sidecar has a value YAML cannot represent: {exc}", reason="sidecar_yaml") from exc
     if not isinstance(document, dict):
         raise JobRejected("sidecar must be a YAML mapping with at least a 'prompt' key", reason="sidecar_yaml")
     return document

@@ -128,6 +128,10 @@ def test_too_many_pixels_is_rejected() -> None:
         ("- prompt: x", "sidecar_yaml", "mapping"),
         ("", "sidecar_yaml", "mapping"),
         ("prompt: [unclosed", "sidecar_yaml", "not valid YAML"),
+        ("prompt: x\nseed: 2024-13-45", "sidecar_yaml", "cannot represent"),  # an impossible date
+        ("prompt: 2024-02-30", "sidecar_yaml", "cannot represent"),
+        ("prompt: x\nseed: " + "9" * 5000, "sidecar_yaml", "cannot represent"),  # past int's 4300-digit limit
+        ("prompt: x\nguidance_scale: 1" + ":59" * 400 + ".5", "sidecar_yaml", "cannot represent"),  # sexagesimal
         ("prompt: " + "x" * 2001, "sidecar_invalid", "prompt"),
     ],
 )
