@@ -117,7 +117,7 @@ class Finisher:
 
     def _manifest_inputs(self, generated: GeneratedJob) -> ManifestInputs:
         job, resolved, model = generated.job, generated.resolved, self._model
-        asked = parse_sidecar(job.sidecar_path.read_bytes()).model_dump(mode="json", exclude_none=True)
+        asked = parse_sidecar(job.sidecar_path.read_bytes()).model_dump(mode="json", exclude_unset=True)
         return ManifestInputs(
             job_id=job.job_id,
             image_name=job.image_name,

@@ -35,6 +35,8 @@ OUTCOMES = (
 )
 TERMINAL_OUTCOMES = ("succeeded", "failed", "rejected", "cancelled", "poison", "duplicate")
 """Outcomes that end a job: `received = sum(jobs_total{outcome in TERMINAL_OUTCOMES}) + in_progress + pending`."""
+DEGRADE_RUNGS = ("decode_chunk", "vae_tiling", "vae_slicing", "cpu_offload", "num_frames", "tier")
+"""The out-of-memory ladder's rungs: the bounded `rung` label of `i2vd_degrade_steps_total` (plus `other`)."""
 COMPONENTS = ("watcher", "intake", "worker", "model")
 STAGES = ("validate", "queue_wait", "load_image", "generate", "encode", "variants", "publish")
 # 0.1 s .. 1 h: a tiny CPU job takes well under a second, a 1024p GPU job can take many minutes.
@@ -212,6 +214,8 @@ class DaemonMetrics:
             self.jobs.labels(outcome=outcome)
         for stage in STAGES:
             self.stage_duration.labels(stage=stage)
+        for rung in (*DEGRADE_RUNGS, "other"):
+            self.degrade_steps.labels(rung=rung)
         for mode in ("inotify", "polling"):
             self.watcher_mode.labels(mode=mode).set(0)
 

@@ -16,14 +16,12 @@ from daemon.encode import Encoder
 from daemon.finish import GeneratedJob, StagedOutput
 from daemon.generate.base import GenerationResult
 from daemon.jobspec import ResolvedJob
-from daemon.metrics import DaemonMetrics
+from daemon.metrics import DEGRADE_RUNGS, DaemonMetrics
 from daemon.publish import Publisher
 from daemon.sanity import SanityCheckFailed, SanityReport, check_frames
 from daemon.store import ClaimedJob
 
 log = structlog.get_logger(__name__)
-
-DEGRADE_RUNGS = ("decode_chunk", "vae_tiling", "vae_slicing", "cpu_offload", "num_frames", "tier")
 
 
 def degrade_rung(step: str) -> str:
@@ -39,6 +37,7 @@ def check_generated(
     the sanity checks, the encode and the manifest's `used`; the steps go into `degradations`), then its checks."""
     if result.degradations:
         metrics.degraded_jobs.inc()
+        metrics.jobs.labels(outcome="degraded").inc()  # besides the outcome the job ends with
         for step in result.degradations:
             metrics.degrade_steps.labels(rung=degrade_rung(step)).inc()
         log.warning("job_degraded", steps=list(result.degradations), used=dict(result.used))

@@ -359,6 +359,8 @@ class Worker:
         """Degrade bookkeeping and sanity checks for one generated video (the GPU half's last step)."""
         assert attempt.job.resolved is not None
         attempt.peak_vram = result.peak_vram_bytes
+        if result.degradations:
+            self._metrics.worker_jobs.labels(worker=self.name, outcome="degraded").inc()
         return check_generated(attempt.job.resolved, result, self._config.sanity, self._metrics)
 
     def _finish_stages(self, attempt: Attempt) -> None:

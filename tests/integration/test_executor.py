@@ -413,7 +413,13 @@ def test_a_degraded_video_is_published_with_what_it_really_is(tmp_path: Path, ma
     [manifest] = published(config)
     assert manifest["degradations"] == ["decode_chunk=1", "vae_tiling", "num_frames=4"]
     assert manifest["used"]["num_frames"] == 4 and manifest["asked"].get("num_frames") is None
+    assert "priority" not in manifest["asked"]  # keys the sidecar did not set are absent, defaults included
     assert manifest["outputs"][0]["frames"] == 4
     assert metrics.registry.get_sample_value("i2vd_degraded_jobs_total") == 1
+    for outcome in ("succeeded", "degraded"):  # `degraded` marks a job besides the outcome it ends with
+        assert metrics.registry.get_sample_value("i2vd_jobs_total", {"outcome": outcome}) == 1
+        labels = {"worker": worker.name, "outcome": outcome}
+        assert metrics.registry.get_sample_value("i2vd_worker_jobs_total", labels) == 1
+    assert metrics.registry.get_sample_value("i2vd_degrade_steps_total", {"rung": "cpu_offload"}) == 0
     for rung in ("decode_chunk", "vae_tiling", "num_frames"):
         assert metrics.registry.get_sample_value("i2vd_degrade_steps_total", {"rung": rung}) == 1
