@@ -93,9 +93,24 @@ def inspect_inputs(
     return inspect_data(image_data, sidecar_data, names, config, known)
 
 
-def load_image_rgb(path: Path, max_pixels: int, max_bytes: int | None = None) -> Image.Image:
-    """Load a validated image for the model: same safety checks, EXIF rotation applied, RGB."""
-    image = decode_image(read_input(path, max_bytes, path.name), max_pixels, path.name)
+def load_image_rgb(
+    path: Path,
+    max_pixels: int,
+    max_bytes: int | None = None,
+    expected_sha256: str | None = None,
+    name: str | None = None,
+) -> Image.Image:
+    """Load a validated image for the model: same safety checks, EXIF rotation applied, RGB.
+
+    `expected_sha256`: the bytes intake validated. The claimed copy is still the dropper's file (its inode), so
+    it can be rewritten after validation; a changed image is rejected instead of run under the old checksum.
+    `name`: the file's name in messages (the claimed copy's own name is the daemon's)."""
+    name = name or path.name
+    data = read_input(path, max_bytes, name)
+    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
+        message = f"{name} changed after it was accepted; drop the pair again to run the new image."
+        raise rejected(name, "input_changed", message, {"expected_sha256": expected_sha256})
+    image = decode_image(data, max_pixels, name)
     try:
         image = ImageOps.exif_transpose(image) or image
     except Exception:

@@ -33,7 +33,7 @@ from daemon.encode import Encoder
 from daemon.errors import FatalError, JobInterrupted, JobRejected, TransientJobError
 from daemon.finish import Finisher
 from daemon.generate.base import GenerationRequest, GenerationResult, Generator
-from daemon.intake import load_image_rgb
+from daemon.intake import image_pixel_limit, load_image_rgb
 from daemon.jobqueue import JobQueue
 from daemon.metrics import DaemonMetrics
 from daemon.publish import Publisher
@@ -238,7 +238,9 @@ class Worker:
         if resolved is None:
             raise JobRejected("job was queued without a validated sidecar", reason="state_corrupt")
         with attempt.timer.stage("load_image"):
-            image = load_image_rgb(attempt.job.image_path, self._config.intake.max_image_pixels)
+            job, config = attempt.job, self._config
+            limits = (image_pixel_limit(config), config.intake.max_image_bytes)  # the limits intake applied
+            image = load_image_rgb(job.image_path, *limits, expected_sha256=job.image_sha256, name=job.image_name)
         return generation_request(resolved, image)
 
     def _complete(self, attempt: Attempt) -> str:

@@ -100,6 +100,21 @@ def test_a_job_is_published_and_its_inputs_archived(harness: Harness, make_image
     assert not (harness.config.outbox / ".i2vd-staging" / job.job_id).exists()
 
 
+def test_an_image_rewritten_after_it_was_accepted_is_refused_not_run(
+    harness: Harness, make_image: Callable[..., Path]
+) -> None:
+    """The claimed copy is still the dropper's file: rewriting it after validation (here: another, larger
+    picture) must not run under the checksum intake recorded. The worker reads it again under intake's limits and
+    refuses it as `input_changed`, naming the user's file; nothing is published."""
+    job = harness.claim(make_image, "swap", "prompt: fine\nvariants: []\n")
+    make_image(job.image_path.name, size=(96, 80), directory=job.image_path.parent)  # same inode's name, new bytes
+    assert harness.run_until_settled(job) == ["rejected"]
+    (folder,) = (harness.config.inbox / "failed").iterdir()
+    reason = json.loads((folder / "reason.json").read_text())
+    assert reason["reason"] == "input_changed" and "swap.png changed" in reason["message"]
+    assert published(harness.config.outbox) == []
+
+
 def test_transient_generator_oom_is_retried_then_succeeds(
     harness: Harness, make_image: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
