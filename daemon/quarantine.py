@@ -20,6 +20,25 @@ from daemon.jobstate import AttemptRecord, history_json
 REASON_FILE = "reason.json"
 
 
+NAME_MAX_BYTES = 255
+"""A file name's limit on Linux file systems, in bytes of its UTF-8."""
+
+
+def fit_name(name: str, limit: int) -> str:
+    """`name` cut to at most `limit` bytes of UTF-8, never inside a character. A stem can be longer than the file
+    name it came from: pairing normalises it to NFC, and some characters grow there (U+1D160: 4 bytes to 12)."""
+    raw = os.fsencode(name)  # a name that is not UTF-8 keeps its bytes (surrogate escapes)
+    if len(raw) <= limit:
+        return name
+    cut = raw[:limit]
+    for trailing in range(4):  # a UTF-8 character is at most 4 bytes: drop a cut one's first bytes
+        try:
+            return cut[: len(cut) - trailing].decode("utf-8") or "input"
+        except UnicodeDecodeError:
+            continue
+    return os.fsdecode(cut)
+
+
 def move_into(path: Path, target: Path) -> bool:
     """Rename `path` into the directory `target` (links not followed); False if it vanished meanwhile."""
     try:
@@ -38,11 +57,12 @@ class FailedFolder:
         self._lock = threading.Lock()
 
     def make_dir(self, name: str) -> Path:
-        """Create and return a fresh `failed/NAME`, or `NAME-2`, `NAME-3`... when taken."""
+        """Create and return a fresh `failed/NAME`, or `NAME-2`, `NAME-3`... when taken (NAME cut to fit)."""
         with self._lock:
             counter = 1
             while True:
-                candidate = self.failed_dir / (name if counter == 1 else f"{name}-{counter}")
+                suffix = "" if counter == 1 else f"-{counter}"
+                candidate = self.failed_dir / (fit_name(name, NAME_MAX_BYTES - len(suffix)) + suffix)
                 try:
                     candidate.mkdir()
                 except FileExistsError:

@@ -150,7 +150,14 @@ class Service:
                 self.metrics.jobs.labels(outcome=outcome).inc(count)
         for claimed in recovered:
             self.metrics.received.inc()
-            job = claimed if claimed.resolved is not None else self._revalidate(claimed)
+            try:
+                job = claimed if claimed.resolved is not None else self._revalidate(claimed)
+            except Exception:
+                # One job's trouble (its quarantine failing) must not stop the start: it stays claimed, counted
+                # as pending, and is tried again at the next start.
+                log.exception("job_recovery_failed", job_id=claimed.job_id)
+                self.metrics.pending.inc()
+                continue
             if job is not None:
                 self._enqueue(job)
                 log.info("job_recovered", job_id=job.job_id, attempts=job.attempts)

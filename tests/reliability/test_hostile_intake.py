@@ -348,6 +348,24 @@ def test_e42_255_byte_names_survive_repeated_quarantine(tmp_path: Path) -> None:
         assert (harness.failed(stem + attempt) / (stem + ".yml")).exists()
 
 
+def test_e42_a_stem_that_grows_in_nfc_past_255_bytes_is_quarantined_under_a_name_that_fits(tmp_path: Path) -> None:
+    """Pairing normalises stems to NFC, and some characters grow there (U+1D160, 4 bytes, is 12 in NFC): a
+    248-byte stem becomes 744 bytes. Its failed/ folder name is cut (never inside a character) to fit 255 bytes,
+    also with `-2`, and holds the files under their own names."""
+    harness = Harness(tmp_path / "inbox")
+    stem = "\U0001d160" * 62
+    for _ in range(2):
+        harness.drop(stem + ".png", image_bytes())
+        harness.drop(stem + ".yml", b"prompt: x\ncolour: blue\n")
+        assert [reason for _, reason in reasons(harness.settle())] == ["sidecar_invalid"]
+    folders = sorted((harness.inbox / "failed").iterdir())
+    assert len(folders) == 2
+    for folder in folders:
+        assert len(os.fsencode(folder.name)) <= 255
+        assert sorted(p.name for p in folder.iterdir()) == sorted([stem + ".png", stem + ".yml", "reason.json"])
+    assert list((harness.config.state_path / "jobs").iterdir()) == []
+
+
 def test_e42_non_utf8_name_is_quarantined_not_dropped(tmp_path: Path) -> None:
     """Checklist E42: a name that is not UTF-8 is quarantined with reason `bad_filename` (never silently skipped,
     as Unmanic does)."""
