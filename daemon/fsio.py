@@ -134,11 +134,14 @@ def link_no_clobber(source: Path, destination: Path) -> bool:
     """Atomically give `source` the name `destination` unless that name exists; True on success.
 
     Where hard links are unsupported (some SMB mounts) it falls back to check-then-rename, which is not atomic.
+    If `destination` already is `source` (a crash between the link and the unlink), the move is finished.
     """
     try:
         os.link(source, destination, follow_symlinks=False)
     except FileExistsError:
-        return False
+        if not _same_file(os.lstat(source), os.lstat(destination)):
+            return False
+        # A crash between our link and the unlink below left both names on one file: finish the move.
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
             raise

@@ -70,6 +70,19 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def _with_own_name(path: Path, name: str) -> Path:
+    """`path` renamed, inside its own folder, to the user's file name `name` (a single path component only; the
+    name comes from job.json); `path` itself where that is not possible."""
+    target = path.with_name(name)
+    if name in ("", ".", "..") or "/" in name or "\0" in name or os.path.lexists(target):
+        return path
+    try:
+        os.rename(path, target)
+    except OSError:
+        return path
+    return target
+
+
 def _count_dirs(directory: Path) -> int:
     try:
         return sum(1 for e in os.scandir(directory) if e.is_dir(follow_symlinks=False) and e.name[0] != ".")
@@ -182,9 +195,11 @@ class JobStore:
             if os.path.lexists(path) and link_no_clobber(path, self.inbox / name):
                 leftovers.remove(path)
         if leftovers:
-            # Someone dropped a new file with the same name meanwhile: keep ours visibly, never overwrite.
+            # Someone dropped a new file with the same name meanwhile: keep ours visibly, never overwrite, under
+            # the name it was dropped with.
+            names = dict(moved)
             self.quarantine(
-                leftovers,
+                [_with_own_name(path, names[path]) for path in leftovers],
                 "claim_conflict",
                 "A file with the same name appeared while this one was being claimed.",
             )

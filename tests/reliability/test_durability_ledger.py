@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from daemon.config import DaemonConfig, EncodeConfig, GenerationConfig
 from daemon.jobspec import parse_sidecar, resolve_job
+from daemon.jobstate import read_state, write_state
 from daemon.ledger import CompletedLedger, LedgerEntry, input_key
 from daemon.publish import Publisher, sha256_file
 from daemon.store import ClaimedJob, JobStore, Pair
@@ -229,6 +230,43 @@ def test_a_base_another_job_published_meanwhile_is_never_taken_back(inbox: Path,
     assert recovered.job_id == job.job_id
     assert theirs.read_bytes() == b"identical video"
     assert sorted(path.name for path in outbox.iterdir()) == ["video_x_cat.json", "video_x_cat.mp4"]
+
+
+def test_a_crash_inside_a_claim_rollback_is_finished_not_taken_for_a_conflict(inbox: Path) -> None:
+    """A claim cut short is rolled back at the next start by linking each claimed file to its inbox name, then
+    unlinking the claimed name. A crash between the two leaves one file with both names: the next rollback sees
+    its own file under the inbox name and finishes the move, instead of quarantining it as `claim_conflict` and
+    leaving the user's file with two links (which intake would then refuse as `hard_link`)."""
+    store = open_store(inbox)
+    job = store.claim(drop(inbox))
+    state = read_state(job.directory)
+    write_state(job.directory, state.model_copy(update={"phase": "claiming"}))  # died before the claim ended
+    os.link(job.sidecar_path, inbox / "cat.yaml")  # ... and the first rollback died after its link
+    restarted = open_store(inbox)
+    assert restarted.recover() == []
+    assert restarted.recovery_report["rolled_back"] == 1
+    assert sorted(p.name for p in inbox.iterdir()) == [".i2vd", "cat.png", "cat.yaml", "failed"]
+    assert list((inbox / "failed").iterdir()) == []
+    assert [os.stat(inbox / name).st_nlink for name in ("cat.png", "cat.yaml")] == [1, 1]
+    assert (inbox / "cat.yaml").read_bytes() == SIDECAR
+    assert restarted.counts() == {"claimed": 0, "done": 0, "failed": 0, "not_removed": 0}
+
+
+def test_a_claim_rolled_back_onto_a_new_file_of_the_same_name_keeps_both_under_their_names(inbox: Path) -> None:
+    """A claim cut short, and meanwhile a new `cat.yaml` dropped: the rollback never overwrites it. Our claimed
+    sidecar goes to failed/ as `claim_conflict`, under the name it was dropped with (not the daemon's own)."""
+    store = open_store(inbox)
+    job = store.claim(drop(inbox))
+    write_state(job.directory, read_state(job.directory).model_copy(update={"phase": "claiming"}))
+    (inbox / "cat.yaml").write_bytes(b"prompt: the new one\n")
+    assert open_store(inbox).recover() == []
+    assert (inbox / "cat.yaml").read_bytes() == b"prompt: the new one\n"
+    assert (inbox / "cat.png").is_file()
+    (folder,) = (inbox / "failed").iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["cat.yaml", "reason.json"]
+    assert (folder / "cat.yaml").read_bytes() == SIDECAR
+    reason = json.loads((folder / "reason.json").read_text())
+    assert (reason["reason"], reason["input"]) == ("claim_conflict", "cat.yaml")
 
 
 def test_ledger_is_bounded_compacted_and_survives_a_torn_line(inbox: Path) -> None:
