@@ -18,6 +18,7 @@ finishing already started is done, so a stop leaves every job published or still
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from daemon.finish import Finisher
 from daemon.generate.base import GenerationRequest, GenerationResult, Generator
 from daemon.intake import image_pixel_limit, load_image_rgb
 from daemon.jobqueue import JobQueue
+from daemon.jobstate import close_open_attempt
 from daemon.metrics import DaemonMetrics
 from daemon.publish import Publisher
 from daemon.sanity import SanityCheckFailed
@@ -274,6 +276,8 @@ class Worker:
                 outcome = "rejected"
             else:
                 outcome = self._handle_failure(job, exc)
+        except OSError as error:
+            outcome = self._state_unwritable(job, error)
         finally:
             self._metrics.in_progress.dec()
             self._publisher.discard_staging(job.job_id)
@@ -284,14 +288,28 @@ class Worker:
             self._on_status(f"idle; last job {outcome}")
         return outcome
 
+    def _state_unwritable(self, job: ClaimedJob, error: OSError) -> str:
+        """The end of an attempt could not be written (the state folder's disk is full as well, or read-only): the
+        attempt is released in memory and the job waits, as for a full outbox, instead of the worker dying and the
+        open attempt counting as a crash at the next start. The next attempt's record writes the released state."""
+        log.error("state_write_failed", job_id=job.job_id, error=error.strerror or str(error))
+        if not job.directory.is_dir():
+            return "failed"  # it reached failed/ (only its reason.json could not be written): nothing to retry
+        history = close_open_attempt(job.history, self._store.now(), "storage_full", str(error), counted=False)
+        released = dataclasses.replace(job, attempts=max(0, job.attempts - 1), history=history)
+        self._metrics.storage_full.set(1)
+        self._metrics.pending.inc()
+        self._requeue_later(released)
+        return "retried"
+
     def _daemon_cannot_go_on(self, job: ClaimedJob, exc: FatalError) -> str:
         """A `FatalError` during a job (the model no longer loads, ffmpeg cannot be run): not the job's fault. It
         stays claimed with its attempt uncounted, and the worker ends, so the service exits 1 and systemd starts it
         again later, instead of every job in the queue using up its attempts on it."""
         log.error("worker_fatal", error=str(exc))
-        self._metrics.pending.inc()  # still claimed on disk, resumed at the next start
-        self._store.release_attempt(job, "daemon_failed", str(exc))
         self._pool_error = exc
+        self._store.release_attempt(job, "daemon_failed", str(exc))
+        self._metrics.pending.inc()  # still claimed on disk, resumed at the next start
         return "interrupted"
 
     def _interrupted(self, job: ClaimedJob) -> str:
@@ -300,13 +318,13 @@ class Worker:
             self._store.fail(job, None, "cancelled", "Cancelled by an operator (i2vd cancel) while running.")
             log.info("job_cancelled", name=job.stem, state="running")
             return "cancelled"
+        released = self._store.release_attempt(job, "interrupted")  # not the job's fault: never counts to poison
         self._metrics.pending.inc()  # still claimed on disk
         if not self._interrupt.is_set():
             # Interrupted only because another job of its batch was cancelled: straight back into the queue.
             log.info("job_released", reason="batch companion cancelled")
-            self._requeue_now(self._store.release_attempt(job, "interrupted"))
+            self._requeue_now(released)
             return "retried"
-        self._store.release_attempt(job, "interrupted")  # a stop is not the job's fault: never counts to poison
         log.info("job_released", reason="service stopping")  # resumed at the next start
         return "interrupted"
 

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from daemon import fsio
+from daemon import store as store_module
 from daemon.config import DaemonConfig, load_config
 from daemon.errors import TransientJobError
 from daemon.generate import load_generator
@@ -182,6 +183,40 @@ def test_disk_full_during_publish_leaves_no_partial_output_and_is_retried(
     names = {o["name"] for o in manifest["outputs"]} | {f"{manifest['outputs'][0]['name'][:-4]}.json"}
     visible = {p.name for p in harness.config.outbox.iterdir() if not p.name.startswith(".")}
     assert visible == names, "only the complete second attempt is in the outbox"
+
+
+def test_a_disk_full_for_the_job_state_too_keeps_the_job_waiting_uncounted(
+    harness: Harness, make_image: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state folder usually shares the outbox's disk: when publishing fails for lack of space, writing the
+    attempt's end into job.json fails too. The worker must not die on it (its open attempt would count as a crash
+    at the next start, and enough such episodes would make the job poison): the attempt is released in memory, the
+    job waits, and once space is back it is published with one counted attempt."""
+    real_link, real_write_state = os.link, store_module.write_state
+    disk = {"phase": "space"}  # -> "full" at the first publication -> "space again" after one state write failed
+
+    def link(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        if "outbox" in str(dst) and disk["phase"] != "space again":
+            disk["phase"] = "full"
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_link(src, dst, *args, **kwargs)
+
+    def write_state(directory: Path, state: Any) -> None:
+        if disk["phase"] == "full":
+            disk["phase"] = "space again"
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_state(directory, state)
+
+    monkeypatch.setattr(fsio, "_renameat2", None)
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(store_module, "write_state", write_state)
+    job = harness.claim(make_image, "full", "prompt: disk fills\nvariants: []\n")
+    outcomes = harness.run_until_settled(job)
+    assert outcomes == ["retried", "succeeded"]
+    [manifest] = published(harness.config.outbox)
+    assert manifest["attempts"] == 1
+    state = json.loads((harness.config.state_path / "done" / job.job_id / "job.json").read_text())
+    assert [(a["outcome"], a["counted"]) for a in state["history"]] == [("storage_full", False), ("succeeded", True)]
 
 
 def test_unexpected_exception_never_stops_the_loop(
