@@ -139,6 +139,20 @@ def _unidentified(data: bytes, name: str) -> InputRejected:
     return rejected(name, "image_format", message, found)
 
 
+MAX_JPEG_SCANS = 100
+"""A progressive JPEG has about 10 scans; libjpeg decodes every scan over the whole image, so thousands of tiny
+repeated scans make a small file take minutes of CPU (libjpeg-turbo's own tools cap them for the same reason)."""
+
+
+def _check_jpeg_scans(data: bytes, name: str) -> None:
+    """Refuse a JPEG with more than `MAX_JPEG_SCANS` start-of-scan markers, before decoding. Entropy-coded data
+    stuffs every 0xFF byte, so 0xFFDA only appears as a marker (or in metadata, which can only over-count)."""
+    scans = data.count(b"\xff\xda")
+    if scans > MAX_JPEG_SCANS:
+        message = f"{name} is a JPEG of {scans} scans (more than {MAX_JPEG_SCANS}): too costly to decode safely."
+        raise rejected(name, "decompression_bomb", message, {"scans": scans, "max_scans": MAX_JPEG_SCANS})
+
+
 def decode_image(data: bytes, max_pixels: int, name: str) -> Image.Image:
     """Decode PNG/JPEG/WEBP bytes fully, after checking the header's size against `max_pixels`."""
     try:
@@ -156,6 +170,8 @@ def decode_image(data: bytes, max_pixels: int, name: str) -> Image.Image:
             f"{max_pixels:,}. Scale it down and try again."
         )
         raise rejected(name, "decompression_bomb", message, f"{width}x{height} > {max_pixels} pixels")
+    if image.format == "JPEG":
+        _check_jpeg_scans(data, name)
     try:
         image.load()
     except Exception as exc:

@@ -28,7 +28,7 @@ from daemon.errors import JobRejected
 from daemon.intake import image_pixel_limit
 from daemon.jobspec import parse_sidecar, resolve_job
 from daemon.logs import configure_logging
-from daemon.safeopen import InputRejected, read_input
+from daemon.safeopen import MAX_JPEG_SCANS, InputRejected, read_input
 from daemon.systemd import SystemdNotifier
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -79,6 +79,25 @@ def test_e34_the_pixel_limit_is_tied_to_the_models_maximum(tmp_path: Path) -> No
     harness.drop_pair(image=png_header_only(5000, 4000))
     assert reasons(harness.settle()) == [("cat", "decompression_bomb")]
     assert f"{64 * 512 * 512:,}" in harness.reason("cat")["message"]
+
+
+def test_e34_a_jpeg_of_thousands_of_repeated_scans_is_refused_before_decoding(tmp_path: Path) -> None:
+    """Every scan of a progressive JPEG is decoded over the whole image, so a small file of thousands of repeated
+    scans costs minutes of CPU on the intake thread (and the watchdog's ping with it). More than `MAX_JPEG_SCANS`
+    start-of-scan markers is a `decompression_bomb`, found before decoding; an ordinary progressive JPEG (about 10
+    scans) still passes."""
+    progressive = image_bytes((256, 256), "JPEG", progressive=True, quality=90)
+    scans = progressive.count(b"\xff\xda")
+    assert 2 <= scans <= 20
+    last = progressive.rindex(b"\xff\xda")
+    bomb = progressive[:-2] + progressive[last:-2] * (MAX_JPEG_SCANS + 1 - scans + 1) + progressive[-2:]
+    harness = Harness(tmp_path / "inbox")
+    harness.drop_pair("fine", image=progressive)
+    harness.drop_pair("bomb", image=bomb)
+    result = harness.settle()
+    assert [job.stem for job in result.accepted] == ["fine"]
+    assert reasons(result) == [("bomb", "decompression_bomb")]
+    assert harness.reason("bomb")["detail"] == {"scans": MAX_JPEG_SCANS + 2, "max_scans": MAX_JPEG_SCANS}
 
 
 # ----- E35 --------------------------------------------------------------------------------------------------------
