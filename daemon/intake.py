@@ -152,11 +152,7 @@ class Intake:
         info = os.stat(self._config.inbox)
         if info.st_dev != self._inbox_device:
             raise OSError(0, "the inbox is on another filesystem than at start (unmounted?)")
-        store = self._store
-        folders = (store.state_dir, store.jobs_dir, store.done_dir, store.trash_dir, store.failed_dir)
-        missing = [directory for directory in folders if not directory.is_dir()]
-        for directory in missing:
-            directory.mkdir(exist_ok=True)  # never `parents`: that would recreate an inbox deleted meanwhile
+        missing = self._store.ensure_folders()  # a file or a link in a folder's place is moved aside first
         if missing:
             log.warning("inbox_state_recreated", folders=[str(d) for d in missing])
 

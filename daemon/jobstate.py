@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from daemon.fsio import atomic_write_bytes
 from daemon.jobspec import ResolvedJob
@@ -98,6 +98,15 @@ class JobState(BaseModel):
     resolved: ResolvedJob | None = None
     history: list[AttemptRecord] = []
     publishing: PublishingMark | None = None
+
+    @field_validator("job_id", "stem", "image_name", "sidecar_name", "image_file")
+    @classmethod
+    def _single_name(cls, value: str) -> str:
+        """Every name here becomes one path component under the inbox or the state folder: a job.json that says
+        otherwise (`../../elsewhere`) is damaged or forged, and must never steer a rename."""
+        if value in ("", ".", "..") or "/" in value or "\0" in value:
+            raise ValueError(f"not a single file name: {value!r}")
+        return value
 
 
 def image_file_name(image_name: str) -> str:

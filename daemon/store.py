@@ -21,6 +21,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -115,8 +116,9 @@ class JobStore:
         self.failed_dir = inbox / "failed"
         self.now = now
         self._lock = threading.Lock()
-        for directory in (inbox, self.jobs_dir, self.done_dir, self.trash_dir, self.failed_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+        inbox.mkdir(parents=True, exist_ok=True)
+        state_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.ensure_folders()
         if os.stat(inbox).st_dev != os.stat(state_dir).st_dev:
             raise FatalError(f"state_dir {state_dir} must be on the same filesystem as the inbox {inbox}")
         self._sequence = self._last_sequence()
@@ -126,6 +128,28 @@ class JobStore:
         """What the last `recover()` did besides re-queueing: `poison`, `completed`, `rolled_back`, `corrupt`..."""
         self.not_removed: set[str] = set()
         """Published jobs whose inputs could not be moved away (read-only share); never run again (ledger)."""
+
+    def ensure_folders(self) -> list[Path]:
+        """Make the store's folders where missing, and return those made. Anything else found under one of their
+        names (a file, or a symbolic link that an inbox user put there, perhaps to a folder outside the inbox) is
+        renamed aside first: the daemon only ever moves, writes and deletes inside folders it made itself."""
+        made = []
+        for directory in (self.state_dir, self.jobs_dir, self.done_dir, self.trash_dir, self.failed_dir):
+            try:
+                kind = stat.S_IFMT(os.lstat(directory).st_mode)
+            except FileNotFoundError:
+                kind = None
+            if kind is not None and kind != stat.S_IFDIR:
+                aside = directory.with_name(f"{directory.name}.displaced-{secrets.token_hex(4)}")
+                os.rename(directory, aside)
+                log.error(
+                    "state_folder_displaced", folder=str(directory), moved_to=aside.name, symlink=kind == stat.S_IFLNK
+                )
+                kind = None
+            if kind is None:
+                directory.mkdir()  # never `parents`: that would recreate an inbox deleted meanwhile
+                made.append(directory)
+        return made
 
     # ----- sequence -----------------------------------------------------------------------------------------
     def _last_sequence(self) -> int:

@@ -29,6 +29,7 @@ from daemon.intake import image_pixel_limit
 from daemon.jobspec import parse_sidecar, resolve_job
 from daemon.logs import configure_logging
 from daemon.safeopen import MAX_JPEG_SCANS, InputRejected, read_input
+from daemon.store import JobStore, Pair
 from daemon.systemd import SystemdNotifier
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -517,3 +518,72 @@ def test_e42_status_line_stays_single_line_utf8(tmp_path: Path, stem: str) -> No
     finally:
         server.close()
     assert message.startswith("STATUS=generating ") and "\n" not in message and message.isprintable()
+
+
+# ----- the daemon's own folders inside the inbox ------------------------------------------------------------------
+@pytest.mark.parametrize("replacement", ["symlink_outside", "file", "dangling_symlink"])
+def test_failed_replaced_by_an_inbox_user_is_moved_aside_and_made_again(tmp_path: Path, replacement: str) -> None:
+    """Anyone who can write to the inbox can rename `failed/` and put something in its place: a symbolic link to
+    a folder outside the inbox (quarantined files and reasons would be written there), a plain file or a dangling
+    link (every later mkdir in it would fail and intake would stop). The next poll moves the impostor aside and
+    makes the folder again; nothing is written outside the inbox."""
+    harness = Harness(tmp_path / "inbox")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    failed = harness.inbox / "failed"
+    failed.rmdir()
+    if replacement == "symlink_outside":
+        failed.symlink_to(outside)
+    elif replacement == "file":
+        failed.write_bytes(b"not a folder")
+    else:
+        failed.symlink_to(tmp_path / "nowhere")
+    harness.drop_pair("bad", sidecar=b"prompt: x\ncolour: blue\n")
+    harness.drop_pair("good")
+    result = harness.settle()
+    assert [job.stem for job in result.accepted] == ["good"]
+    assert reasons(result) == [("bad", "sidecar_invalid")]
+    assert failed.is_dir() and not failed.is_symlink()
+    assert (failed / "bad" / "reason.json").is_file()
+    assert list(outside.iterdir()) == []
+    (aside,) = harness.inbox.glob("failed.displaced-*")
+    assert aside.is_symlink() == (replacement != "file")
+
+
+def test_a_trash_folder_replaced_by_a_link_is_never_emptied_through_it(tmp_path: Path) -> None:
+    """The start empties the state folder's `trash/`. If an inbox user replaced it with a link to someone's
+    folder, that folder's files must survive: the link is moved aside and a real `trash/` made before recovery."""
+    inbox = tmp_path / "inbox"
+    store = JobStore(inbox, inbox / ".i2vd")
+    victim = tmp_path / "victim"
+    (victim / "photos").mkdir(parents=True)
+    (victim / "thesis.tex").write_text("years of work")
+    store.trash_dir.rmdir()
+    store.trash_dir.symlink_to(victim)
+    restarted = JobStore(inbox, inbox / ".i2vd")
+    assert restarted.recover() == []
+    assert sorted(p.name for p in victim.iterdir()) == ["photos", "thesis.tex"]
+    assert restarted.trash_dir.is_dir() and not restarted.trash_dir.is_symlink()
+
+
+def test_a_forged_job_json_cannot_steer_a_rename_outside_its_folders(tmp_path: Path) -> None:
+    """A job.json whose names are not single file names (`../../victim/thesis.tex`) is damaged or forged: it is
+    quarantined as `state_corrupt`, and no file outside the job's folder is moved or overwritten."""
+    inbox = tmp_path / "inbox"
+    store = JobStore(inbox, inbox / ".i2vd")
+    harness_image = inbox / "cat.png"
+    harness_image.write_bytes(image_bytes())
+    (inbox / "cat.yaml").write_bytes(SIDECAR)
+    job = store.claim(Pair("cat", harness_image, inbox / "cat.yaml"))
+    victim = tmp_path / "victim" / "thesis.tex"
+    victim.parent.mkdir()
+    victim.write_text("years of work")
+    state = json.loads((job.directory / "job.json").read_text())
+    state["image_name"] = "../../../victim/thesis.tex"
+    (job.directory / "job.json").write_text(json.dumps(state))
+    restarted = JobStore(inbox, inbox / ".i2vd")
+    assert restarted.recover() == []
+    assert restarted.recovery_report["corrupt"] == 1
+    assert victim.read_text() == "years of work"
+    (folder,) = (inbox / "failed").iterdir()
+    assert json.loads((folder / "reason.json").read_text())["reason"] == "state_corrupt"
