@@ -102,7 +102,8 @@ class Intake:
     def __init__(self, config: DaemonConfig, store: JobStore, clock: Callable[[], float] = time.monotonic) -> None:
         self._config = config
         self._store = store
-        self._tracker = StabilityTracker(config.intake.stable_seconds, clock)
+        grace = config.intake.incomplete_grace_seconds  # an empty file waits as long as an incomplete one
+        self._tracker = StabilityTracker(config.intake.stable_seconds, clock, empty_grace_seconds=grace)
         self._clock = clock
         self._announced: set[tuple[str, str]] = set()
         self._inspected: dict[str, tuple[tuple[bytes, bytes], float, Inspection | InputRejected | None]] = {}

@@ -90,12 +90,19 @@ def signature_of(info: os.stat_result) -> Signature:
 class StabilityTracker:
     """Says when a file stopped changing: same (size, mtime_ns, inode) for `stable_seconds` of `clock`.
 
-    The clock is injected so tests need no sleeps. An empty regular file is never stable: a copy that has not
-    written its first byte yet looks exactly like that.
+    The clock is injected so tests need no sleeps. An empty regular file needs `empty_grace_seconds` more: a copy
+    that has not written its first byte yet looks exactly like that. After it, the file is checked (and refused,
+    with a reason file) like any other, so an empty file never sits in the inbox unanswered (None: never stable).
     """
 
-    def __init__(self, stable_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        stable_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+        empty_grace_seconds: float | None = None,
+    ) -> None:
         self.stable_seconds = stable_seconds
+        self.empty_grace_seconds = empty_grace_seconds
         self._clock = clock
         self._seen: dict[Path, tuple[Signature, float]] = {}
 
@@ -107,9 +114,12 @@ class StabilityTracker:
         if previous is None or previous[0] != signature:
             previous = (signature, now)
             self._seen[path] = previous
+        wait = self.stable_seconds
         if S_ISREG(stat.st_mode) and stat.st_size == 0:
-            return False
-        return now - previous[1] >= self.stable_seconds
+            if self.empty_grace_seconds is None:
+                return False
+            wait += self.empty_grace_seconds
+        return now - previous[1] >= wait
 
     def unchanged_for(self, path: Path) -> float:
         """Seconds since `path` was first seen with its current signature (0 if never observed)."""

@@ -325,3 +325,22 @@ def test_a_file_replaced_during_the_in_place_check_restarts_the_wait(
     assert harness.poll(0.1).accepted == []  # the new inode starts a new window
     (job,) = harness.poll(harness.stable).accepted
     assert job.resolved is not None and (job.resolved.width, job.resolved.height) == (512, 512)
+
+
+@pytest.mark.parametrize("empty", ["image", "sidecar"])
+def test_an_empty_file_that_stays_empty_is_refused_after_the_grace(tmp_path: Path, empty: str) -> None:
+    """An empty file may be a copy that has not begun: it waits the stability window and the grace, like an
+    incomplete one. One that stays empty is then refused with a reason (before, it waited forever, unanswered,
+    and `run --once` never finished)."""
+    harness = Harness(tmp_path / "inbox")
+    harness.drop_pair(image=b"" if empty == "image" else None, sidecar=b"" if empty == "sidecar" else SIDECAR)
+    assert harness.poll().settling == 1
+    assert harness.poll(harness.stable).settling == 1  # still within the grace
+    result = harness.settle()
+    for _ in range(3):
+        if result.rejected:
+            break
+        result = harness.poll(harness.grace)
+    expected = "image_unreadable" if empty == "image" else "sidecar_yaml"
+    assert reasons(result) == [("cat", expected)]
+    assert result.settling == 0

@@ -265,6 +265,20 @@ def test_stability_tracker_never_calls_an_empty_file_stable(tmp_path: Path) -> N
     tracker.retain([])
 
 
+def test_stability_tracker_gives_an_empty_file_its_grace_then_calls_it_stable(tmp_path: Path) -> None:
+    """An empty file may be a copy that has not written its first byte: it waits the window and the grace, then
+    counts as stable so it is checked and answered (refused) like any other file."""
+    clock = FakeClock()
+    tracker = StabilityTracker(2.0, clock, empty_grace_seconds=30.0)
+    path = tmp_path / "a.png"
+    path.write_bytes(b"")
+    assert not tracker.observe(path, os.lstat(path))
+    clock.advance(31.0)
+    assert not tracker.observe(path, os.lstat(path))
+    clock.advance(1.0)
+    assert tracker.observe(path, os.lstat(path))
+
+
 # ----- Intake.poll end to end --------------------------------------------------------------------------------
 
 
