@@ -136,10 +136,16 @@ def command_submit(args: argparse.Namespace) -> int:
     if suffix not in IMAGE_EXTENSIONS:
         print(f"{image}: extension must be one of {sorted(IMAGE_EXTENSIONS)}", file=sys.stderr)
         return EXIT_DATAERR
+    if not image.is_file():
+        print(f"{image}: no such image file", file=sys.stderr)
+        return EXIT_DATAERR
     try:
         sidecar = _sidecar_bytes(args, config)
     except JobRejected as exc:
         print(f"invalid sidecar: {exc.message}", file=sys.stderr)
+        return EXIT_DATAERR
+    except OSError as exc:
+        print(f"{args.sidecar}: cannot read the sidecar: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_DATAERR
     inbox = config.inbox
     inbox.mkdir(parents=True, exist_ok=True)
@@ -217,6 +223,9 @@ def command_cancel(args: argparse.Namespace) -> int:
 
 def command_check_config(args: argparse.Namespace) -> int:
     config = load_config(Path(args.file))
+    from daemon.encode import Encoder
+
+    Encoder(config.encode)  # `encode.ffmpeg` must be runnable: found now, not after the model has loaded
     print(json.dumps(config.model_dump(mode="json"), indent=2) if args.show else f"{args.file}: OK")
     return EXIT_OK
 

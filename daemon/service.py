@@ -31,6 +31,7 @@ import structlog
 
 from daemon.config import DaemonConfig
 from daemon.controller import Controller
+from daemon.encode import Encoder
 from daemon.errors import FatalError, JobRejected
 from daemon.generate.base import Generator
 from daemon.intake import Intake, IntakeResult, validate_claimed
@@ -99,6 +100,7 @@ class Service:
     # ----- start -----------------------------------------------------------------------------------------
     def start(self) -> None:
         check_mounts(self.config.require_mounts)  # before anything is created in a mount point (checklist D33)
+        Encoder(self.config.encode)  # `encode.ffmpeg` runnable: a config error now, not after the model loaded
         for directory in (self.config.inbox, self.config.outbox, self.config.state_path):
             directory.mkdir(parents=True, exist_ok=True)
         self._lock.acquire()  # before recovery: a second daemon must not take the first one's claimed jobs

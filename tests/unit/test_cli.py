@@ -62,6 +62,10 @@ def test_check_config(repo_root: Path, tmp_path: Path, capsys: pytest.CaptureFix
     bad.write_text("logging:\n  level: loud\n")
     assert main(["check-config", str(bad)]) == EXIT_CONFIG
     assert "logging.level" in capsys.readouterr().err
+    no_ffmpeg = tmp_path / "no-ffmpeg.yaml"
+    no_ffmpeg.write_text(f"encode:\n  ffmpeg: {tmp_path / 'nonexistent' / 'ffmpeg'}\n")
+    assert main(["check-config", str(no_ffmpeg)]) == EXIT_CONFIG  # found here, not after the model has loaded
+    assert "encode.ffmpeg" in capsys.readouterr().err
 
 
 def test_submit_drops_a_valid_pair_sidecar_last(
@@ -85,6 +89,19 @@ def test_submit_refuses_an_invalid_sidecar(tmp_path: Path, make_image: Callable[
     sidecar.write_text(yaml.safe_dump({"prompt": "x", "steps": 0}))
     inbox = tmp_path / "inbox"
     assert main(["submit", str(make_image()), "--sidecar", str(sidecar), "--inbox", str(inbox)]) == EXIT_DATAERR
+    assert not inbox.exists() or not any(inbox.iterdir())
+
+
+def test_submit_of_files_that_are_not_there_is_invalid_input_not_a_traceback(
+    tmp_path: Path, make_image: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    inbox = tmp_path / "inbox"
+    missing = tmp_path / "missing.png"
+    assert main(["submit", str(missing), "--prompt", "x", "--inbox", str(inbox)]) == EXIT_DATAERR
+    assert "no such image file" in capsys.readouterr().err
+    sidecar = tmp_path / "missing.yaml"
+    assert main(["submit", str(make_image()), "--sidecar", str(sidecar), "--inbox", str(inbox)]) == EXIT_DATAERR
+    assert "cannot read the sidecar" in capsys.readouterr().err
     assert not inbox.exists() or not any(inbox.iterdir())
 
 
