@@ -26,6 +26,8 @@ class StageTimer:
 
     def __init__(self, metrics: DaemonMetrics) -> None:
         self.timings: dict[str, float] = {}
+        self.running: dict[str, float] = {}
+        """Stages still running, by their start (`time.perf_counter`): the manifest is written inside `publish`."""
         self._metrics = metrics
 
     def add(self, name: str, seconds: float) -> None:
@@ -34,10 +36,11 @@ class StageTimer:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
+        started = self.running[name] = time.perf_counter()
         try:
             yield
         finally:
+            del self.running[name]
             self.add(name, time.perf_counter() - started)
 
 

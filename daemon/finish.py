@@ -7,6 +7,7 @@ touches only the job's own staging directory, claimed directory and outputs, so 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -40,6 +41,9 @@ class GeneratedJob:
     main: StagedOutput
     timings: dict[str, float]
     generate_timings: Mapping[str, float] = field(default_factory=dict)
+    running: Mapping[str, float] = field(default_factory=dict)
+    """Stages still running, by their `time.perf_counter` start (StageTimer.running): `publish` when the
+    manifest is made; the manifest gives it its time so far."""
     peak_vram_bytes: int = 0
     sanity: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     degradations: tuple[str, ...] = ()
@@ -128,7 +132,11 @@ class Finisher:
             used=resolved.model_dump(mode="json"),
             model={"id": model.model_id, "revision": model.revision, "device": model.device, "dtype": model.dtype},
             library_versions=dict(model.library_versions),
-            timings={**generated.timings, **{f"generate.{k}": v for k, v in generated.generate_timings.items()}},
+            timings={
+                **generated.timings,
+                **{stage: time.perf_counter() - started for stage, started in generated.running.items()},
+                **{f"generate.{k}": v for k, v in generated.generate_timings.items()},
+            },
             peak_vram_bytes=generated.peak_vram_bytes,
             attempts=job.attempts,
             finished_at=datetime.now().astimezone(),

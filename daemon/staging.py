@@ -77,6 +77,7 @@ def encode_main(
         resolved=checked.resolved,
         main=StagedOutput(main_path, ".mp4", "main", main_info),
         timings=timer.timings,
+        running=timer.running,
         generate_timings=dict(result.timings),
         peak_vram_bytes=result.peak_vram_bytes,
         sanity=checked.sanity,

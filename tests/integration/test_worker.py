@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,27 @@ def test_a_job_is_published_and_its_inputs_archived(harness: Harness, make_image
     assert {o["role"] for o in manifest["outputs"]} == {"main", "first_frame"}
     assert (harness.config.state_path / "done" / job.job_id).is_dir()
     assert not (harness.config.outbox / ".i2vd-staging" / job.job_id).exists()
+
+
+def test_the_manifest_times_every_stage_and_the_duration_runs_from_the_claim(
+    harness: Harness, make_image: Callable[..., Path]
+) -> None:
+    """`timings_seconds` has each documented stage, `publish` included (the manifest is made inside it: its time
+    up to the manifest), and `i2vd_job_duration_seconds` is claim to publish: a job that waited in the queue
+    before its attempt has that wait in it."""
+    job = harness.claim(make_image, "timed", "prompt: fine\nvariants: [first_frame]\n")
+    time.sleep(1.0)  # queued for a second before the worker takes it
+    started = time.monotonic()
+    assert harness.run_until_settled(job) == ["succeeded"]
+    attempt_seconds = time.monotonic() - started
+    [manifest] = published(harness.config.outbox)
+    stages = set(manifest["timings_seconds"])
+    assert {"load_image", "generate", "encode", "variants", "publish"} <= stages
+    assert manifest["timings_seconds"]["publish"] >= 0
+    registry = harness.metrics.registry
+    duration = registry.get_sample_value("i2vd_job_duration_seconds_sum")
+    assert registry.get_sample_value("i2vd_job_duration_seconds_count") == 1
+    assert duration is not None and duration >= attempt_seconds + 0.9
 
 
 def test_an_image_rewritten_after_it_was_accepted_is_refused_not_run(
