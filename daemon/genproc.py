@@ -151,6 +151,25 @@ class ProcessGenerator:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
+    def model_alive(self) -> bool:
+        """Whether the child runs with the model loaded (False while a replacement loads)."""
+        process = self._process
+        return process is not None and process.is_alive() and self._info is not None and not self._waiting_for_ready
+
+    def revive_if_dead(self) -> bool:
+        """Start a new child if this one died while idle (OOM-killed, crashed between jobs), so the model is
+        loading again before the next job needs it. Never waits: while a job holds the child it does nothing (the
+        job's own call replaces a dead child). True if a new child was started."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self._closed or self._process is None or self._process.is_alive():
+                return False
+            self._restart("the generation process died while idle")
+            return True
+        finally:
+            self._lock.release()
+
     def close(self, timeout: float = KILL_GRACE_SECONDS) -> None:
         """Ask the child to exit; kill it if it does not within `timeout`. Safe to call twice."""
         self._closed = True

@@ -234,7 +234,7 @@ class Service:
             "watcher": self.once or (self._watcher is not None and self._watcher.is_alive()),
             "intake": self._intake_thread is not None and self._intake_thread.is_alive(),
             "worker": self.pool.all_alive(),
-            "model": self.pool.generator is not None,
+            "model": self.pool.models_alive(),
         }
 
     def run_until_stopped(self) -> int:
@@ -272,6 +272,8 @@ class Service:
             self.metrics.watcher_up.set(1 if up else 0)
             self.metrics.set_watcher_mode(self._watcher.mode_in_use)
         self.metrics.inputs_not_removed.set(len(self.store.not_removed))
+        self.pool.revive_dead_generators()
+        self.metrics.model_loaded.set(1 if self.pool.models_alive() else 0)
         if self._metrics_server is not None and not self._metrics_server.is_alive():
             log.error("metrics_server_died")
             self._fail("metrics server thread died")

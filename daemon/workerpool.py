@@ -32,6 +32,12 @@ log = structlog.get_logger(__name__)
 JOIN_SECONDS = 0.5
 
 
+def model_alive(generator: Generator) -> bool:
+    """A generator's model is usable: in-process ones always are; a process generator while its child runs."""
+    alive = getattr(generator, "model_alive", None)
+    return True if alive is None else bool(alive())
+
+
 @dataclass(frozen=True)
 class WorkerView:
     """One worker as the per-worker metrics and `i2vd status` see it."""
@@ -43,7 +49,8 @@ class WorkerView:
     generator: Generator
 
     def up(self) -> bool:
-        return self.thread.is_alive()
+        """The worker thread and its generator run (a generation process that died counts as down)."""
+        return self.thread.is_alive() and model_alive(self.generator)
 
     def busy(self) -> bool:
         return self.worker.busy.is_set()
@@ -210,6 +217,17 @@ class WorkerPool:
 
     def all_alive(self) -> bool:
         return bool(self.threads) and all(thread.is_alive() for thread in self.threads)
+
+    def models_alive(self) -> bool:
+        """Every worker's model is loaded and its generation process (if any) runs."""
+        return bool(self.generators) and all(model_alive(generator) for generator in self.generators)
+
+    def revive_dead_generators(self) -> None:
+        """Replace generation processes that died while idle (`ProcessGenerator.revive_if_dead`)."""
+        for generator in self.generators:
+            revive = getattr(generator, "revive_if_dead", None)
+            if revive is not None:
+                revive()
 
     def idle(self) -> bool:
         return bool(self.workers) and not any(worker.busy.is_set() for worker in self.workers)

@@ -76,6 +76,30 @@ def test_a_dying_child_is_a_transient_error_and_is_replaced(tmp_path: Path, beha
         generator.close()
 
 
+def test_a_child_that_dies_while_idle_reports_the_model_down_and_is_revived() -> None:
+    """A generation process killed between jobs (the kernel's OOM killer, a crash): the generator says its model
+    is not alive (for /healthz and `i2vd_model_loaded`), `revive_if_dead` starts a new child at once instead of at
+    the next job, and the next job runs on it."""
+    generator = start()
+    try:
+        assert generator.model_alive()
+        first = generator.pid
+        assert first is not None
+        os.kill(first, 9)
+        deadline = time.monotonic() + 10
+        while generator.model_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not generator.model_alive()
+        assert generator.revive_if_dead()
+        assert not generator.revive_if_dead()  # the new child runs: nothing to do
+        result = generator.generate(request())
+        assert result.frames.shape == (4, 32, 32, 3)
+        assert generator.model_alive() and generator.pid != first and generator.restarts == 1
+    finally:
+        generator.close()
+    assert not generator.revive_if_dead()  # a closed generator starts no child
+
+
 def test_a_hung_job_is_killed_at_the_timeout_and_the_next_job_runs(tmp_path: Path) -> None:
     generator = start("hang_once", tmp_path / "marker", timeout=1.5)
     try:
