@@ -453,12 +453,30 @@ class DaemonConfig(BaseSettings):
         """Jobs are resolved with `generation` only, so it carries the model's backend (set once, in `model`)."""
         return _share_backend(data)
 
+    def _check_defaults_and_presets_resolve(self) -> None:
+        """A job that sets nothing but its prompt (and one per preset) must resolve under the model's rules:
+        defaults the model cannot do (`num_frames: 40` for I2VGen-XL) are a configuration error at start, not a
+        rejection of every sidecar that relied on them. Presets are checked where the configuration sets them (a
+        shipped preset beyond a lowered `max_pixels` is only unavailable, as a sidecar asking for it learns)."""
+        from daemon.errors import JobRejected
+        from daemon.jobspec import JobSpec, resolve_job
+
+        presets = self.generation.presets if "presets" in self.generation.model_fields_set else {}
+        for preset in (None, *presets):
+            spec = JobSpec(prompt="configuration check", preset=preset)
+            try:
+                resolve_job(spec, self.generation, self.encode, stem="config", seed=0)
+            except JobRejected as exc:
+                where = "generation.defaults" if preset is None else f"generation.presets.{preset} (over the defaults)"
+                raise ValueError(f"{where}: a job that sets only its prompt would be refused: {exc.message}") from exc
+
     @model_validator(mode="after")
     def _settings_fit_the_backend(self) -> DaemonConfig:
         # Imported here: modelrules builds on this module's types.
         from daemon.modelrules import check_generation_config
 
         check_generation_config(self.generation)
+        self._check_defaults_and_presets_resolve()
         largest = max(self.model.warm_up_batch_sizes)
         if largest > self.worker.max_batch_size:
             raise ValueError(

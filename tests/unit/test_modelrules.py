@@ -153,6 +153,20 @@ def test_config_settings_a_backend_does_not_use_fail_at_load(tmp_path: Path) -> 
         load_config(path)
 
 
+def test_defaults_or_presets_the_model_cannot_do_fail_at_load_not_per_job(tmp_path: Path) -> None:
+    """`generation.defaults.num_frames: 40` passes every key check, but I2VGen-XL makes 8 to 32 frames: every
+    sidecar that does not set `num_frames` would be refused, blamed on the sidecar. It is a configuration error
+    at load (check-config exits 78), naming where; a preset that breaks a rule over the defaults too."""
+    path = tmp_path / "config.yaml"
+    path.write_text("generation:\n  defaults:\n    num_frames: 40\n")
+    with pytest.raises(ConfigError, match=r"generation\.defaults: a job that sets only its prompt .*num_frames"):
+        load_config(path)
+    path.write_text("generation:\n  presets:\n    high:\n      num_frames: 48\n")
+    with pytest.raises(ConfigError, match=r"generation\.presets\.high \(over the defaults\).*num_frames"):
+        load_config(path)
+    assert main(["check-config", str(path)]) == 78
+
+
 def test_validate_applies_the_configured_backend(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "config.yaml"
     config.write_text("model:\n  backend: svd\n  source: /models/svd-xt\n")
