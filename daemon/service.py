@@ -160,9 +160,19 @@ class Service:
                 log.exception("job_recovery_failed", job_id=claimed.job_id)
                 self.metrics.pending.inc()
                 continue
+            if job is not None and not job.history and self._skipped_as_duplicate(job):
+                continue
             if job is not None:
                 self._enqueue(job)
                 log.info("job_recovered", job_id=job.job_id, attempts=job.attempts)
+
+    def _skipped_as_duplicate(self, job: ClaimedJob) -> bool:
+        """`intake.duplicate_policy` for a job that never started: intake applies it right after validating, so a
+        stop in between (or a job validated only now) gets it here, instead of being published again."""
+        if self.store.settle_duplicate(job, self.config.intake.duplicate_policy) is None:
+            return False
+        self.metrics.jobs.labels(outcome="duplicate").inc()
+        return True
 
     def _revalidate(self, job: ClaimedJob) -> ClaimedJob | None:
         """A job claimed but not yet validated when the last run stopped: validate it now, like intake would."""

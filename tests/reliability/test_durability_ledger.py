@@ -435,3 +435,33 @@ def test_kill_9_at_every_step_of_publishing_and_completing_leaves_one_set_or_non
             (manifest,) = manifests
             assert videos == [manifest.with_suffix(".mp4").name]
             assert (root / "outbox" / videos[0]).read_bytes() == b"M" * 100_000
+
+
+def test_the_skip_policy_holds_for_a_job_validated_just_before_a_stop(inbox: Path, outbox: Path) -> None:
+    """`duplicate_policy: skip` is applied right after validation. A stop between the two left a validated job
+    that the ledger knows as published already: the next start skips it (inputs archived with a pointer) instead
+    of publishing it a second time."""
+    from test_flood import InstantGenerator
+
+    from daemon.service import Service
+
+    store = open_store(inbox)
+    first = validated(store, drop(inbox))
+    publish(store, first, outbox)
+    store.complete(first, archive=True, outputs=sorted(outbox.glob("*")))
+    second = validated(store, drop(inbox))  # ... and the daemon stopped before applying the policy
+    config = DaemonConfig(
+        inbox=inbox,
+        outbox=outbox,
+        metrics={"enabled": False},  # type: ignore[arg-type]
+        intake={"duplicate_policy": "skip", "stable_seconds": 0.0},  # type: ignore[arg-type]
+    )
+    service = Service(config, once=True, generator_factory=lambda c: InstantGenerator())
+    service.start()
+    try:
+        assert len(service.queue) == 0
+        assert (service.store.done_dir / second.job_id / "duplicate_of.json").is_file()
+        assert service.metrics.registry.get_sample_value("i2vd_jobs_total", {"outcome": "duplicate"}) == 1
+    finally:
+        service.stop()
+    assert len(list(outbox.glob("*.mp4"))) == 1
