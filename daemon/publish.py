@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -34,6 +35,8 @@ from daemon.errors import OutputLost, StorageFull, TransientJobError
 from daemon.fsio import fsync_dir, is_storage_full, rename_no_replace, write_durable_temp
 
 STAGING_DIR_NAME = ".i2vd-staging"
+STAGING_LOCK_NAME = ".in-use.lock"
+"""In the staging folder: every daemon publishing into this outbox holds a shared lock on it (`share_staging`)."""
 MANIFEST_SUFFIX = ".json"
 _COUNTER_SUFFIX = re.compile(r"^(.*)-(\d+)$")
 
@@ -94,14 +97,33 @@ class Publisher:
         directory.mkdir(parents=True, exist_ok=True)
         return directory
 
+    def share_staging(self) -> tuple[int, int | None]:
+        """Use the outbox's staging area for as long as the returned descriptor stays open, and sweep what
+        earlier runs left there if no other daemon uses this outbox now; returns (descriptor, entries swept, or
+        None when another daemon uses the outbox: its staged files are not ours to remove, so the sweep waits
+        for a start that has the outbox alone).
+
+        Every daemon holds a shared `flock` on `STAGING_LOCK_NAME` while it runs; the sweep needs it exclusive."""
+        self.staging_root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.staging_root / STAGING_LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            return fd, None
+        swept = self.sweep_staging()
+        fcntl.flock(fd, fcntl.LOCK_SH)  # converted in place: from now on others may share it, not sweep
+        return fd, swept
+
     def sweep_staging(self) -> int:
         """Remove every staging directory and temp manifest a previous run left; return how many entries.
 
         Call once at start, before any job runs (a crash leaves half-written outputs there; they are never
-        published, and a recovered job writes its outputs again from scratch).
+        published, and a recovered job writes its outputs again from scratch), and only while no other daemon
+        uses the outbox (`share_staging` decides).
         """
         try:
-            entries = list(os.scandir(self.staging_root))
+            entries = [entry for entry in os.scandir(self.staging_root) if entry.name != STAGING_LOCK_NAME]
         except FileNotFoundError:
             return 0
         for entry in entries:

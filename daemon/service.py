@@ -96,6 +96,7 @@ class Service:
         self.controller = Controller(config.state_path, self.queue, self.store, self.metrics, lambda: self.pool.workers)
         self.exit_code = 0
         self._lock = StateLock(config.state_path)
+        self._staging_fd: int | None = None
 
     # ----- start -----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -126,7 +127,13 @@ class Service:
         generation processes and the state-dir lock are given back, so an in-process caller can build another
         Service on the same folders. A daemon process exits anyway; this is for embedding callers and tests."""
         self._stop_parts(self.config.worker.stop_timeout_seconds)
+        self._release_staging()
         self._lock.release()
+
+    def _release_staging(self) -> None:
+        if self._staging_fd is not None:
+            os.close(self._staging_fd)  # drops this daemon's share of the outbox's staging lock
+            self._staging_fd = None
 
     def _start_metrics_server(self) -> None:
         settings = self.config.metrics
@@ -141,8 +148,10 @@ class Service:
         log.info("metrics_serving", host=settings.host, port=self._metrics_server.port)
 
     def _recover_claimed_jobs(self) -> None:
-        swept = Publisher(self.config.outbox).sweep_staging()
-        if swept:
+        self._staging_fd, swept = Publisher(self.config.outbox).share_staging()
+        if swept is None:
+            log.info("staging_sweep_skipped", reason="another daemon publishes into this outbox now")
+        elif swept:
             log.info("staging_swept", entries=swept)
         recovered = self.store.recover()
         for outcome in ("poison",):
@@ -321,6 +330,7 @@ class Service:
         if not self._stop_parts(timeout):
             self.exit_code = self.exit_code or 1
         self._write_status("stopped")
+        self._release_staging()
         self._lock.release()
         log.info("service_stopped", exit_code=self.exit_code)
 

@@ -22,7 +22,7 @@ from publish_helpers import outbox_names, stage_files
 from daemon import fsio
 from daemon import publish as publish_module
 from daemon.errors import OutputLost, StorageFull, TransientJobError
-from daemon.publish import STAGING_DIR_NAME, Publisher
+from daemon.publish import STAGING_DIR_NAME, STAGING_LOCK_NAME, Publisher
 
 FIXED = datetime(2026, 11, 25, 8, 30, 0)
 BASE = "video_20261125_083000_cat"
@@ -316,6 +316,27 @@ def test_sweep_staging_removes_what_a_crash_left(publisher: Publisher, outbox: P
     assert publisher.sweep_staging() == 2
     assert list((outbox / STAGING_DIR_NAME).iterdir()) == []
     assert Publisher(outbox / "missing").sweep_staging() == 0
+
+
+def test_a_daemon_never_sweeps_the_staging_of_another_publishing_into_the_same_outbox(outbox: Path) -> None:
+    """Two daemons (each its own inbox and state folder) may publish into one outbox. The staging sweep at start
+    removes what earlier runs left only while no other daemon uses the outbox: a second daemon starting while
+    the first one stages a job leaves that job's files alone; a start with the outbox to itself sweeps."""
+    first = Publisher(outbox)
+    first_fd, swept = first.share_staging()
+    assert swept == 0
+    staged = first.staging_dir("job-of-the-first") / "main.mp4"
+    staged.write_bytes(b"being written")
+    second_fd, swept = Publisher(outbox).share_staging()
+    assert swept is None and staged.read_bytes() == b"being written"
+    os.close(first_fd)
+    os.close(second_fd)
+    third_fd, swept = Publisher(outbox).share_staging()  # alone now: what is left is from runs that ended
+    try:
+        assert swept == 1 and not staged.exists()
+        assert [p.name for p in (outbox / STAGING_DIR_NAME).iterdir()] == [STAGING_LOCK_NAME]
+    finally:
+        os.close(third_fd)
 
 
 KILL_CHILD = """\
