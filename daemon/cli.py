@@ -20,7 +20,7 @@ import yaml
 
 from daemon import __version__
 from daemon.config import DaemonConfig, load_config
-from daemon.errors import ConfigError, FatalError, JobRejected
+from daemon.errors import ConfigError, FatalError, JobRejected, StartAbandoned
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -45,10 +45,18 @@ def command_run(args: argparse.Namespace) -> int:
     configure_logging(config.logging.level, config.logging.format)
     signals = StopSignals()
     signals.install()
-    # The service polls the signal flags: a signal during start-up (model loading can take minutes) stops it
-    # as soon as it is up; a second signal makes the stop stop waiting for the running job.
+    # The service polls the signal flags: a signal while the model loads (minutes on a first compile) gives the
+    # start up at once; once running, a first signal stops gracefully and a second stops waiting for the job.
     service = Service(config, once=args.once, stop_requested=signals.stop_requested, force=signals.force_requested)
-    service.start()
+    try:
+        service.start()
+    except StartAbandoned:
+        # The model was still loading: its thread (and the library threads under it) would keep the interpreter
+        # from exiting until the load ends. Nothing is lost: claimed jobs are recovered at the next start, and
+        # the generation processes exit when they see their parent gone.
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(EXIT_OK)
     return service.run_until_stopped()
 
 

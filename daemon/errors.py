@@ -42,6 +42,10 @@ class FatalError(I2vdError):
     """The daemon cannot continue."""
 
 
+class StartAbandoned(I2vdError):
+    """A stop was asked for while the model was still loading: the start is given up (not a failure)."""
+
+
 class ConfigError(FatalError):
     """The configuration is invalid."""
 

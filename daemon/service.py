@@ -32,7 +32,7 @@ import structlog
 from daemon.config import DaemonConfig
 from daemon.controller import Controller
 from daemon.encode import Encoder
-from daemon.errors import FatalError, JobRejected
+from daemon.errors import FatalError, JobRejected, StartAbandoned
 from daemon.generate.base import Generator
 from daemon.intake import Intake, IntakeResult, validate_claimed
 from daemon.jobqueue import JobQueue
@@ -194,8 +194,29 @@ class Service:
         return self.store.mark_validated(job, resolved, image_sha256)
 
     def _load_model(self) -> None:
+        """Load in a thread and watch the stop flag meanwhile: a first compile takes minutes, and a stop asked for
+        then (systemd's stop, Ctrl-C) gives the start up at once instead of after READY, or SIGKILL at
+        `TimeoutStopSec`. The loading thread is left behind: the process exits, and the generation processes
+        follow their parent out (`genchild.exit_with_parent`)."""
         self.notifier.extend_timeout(MODEL_LOAD_EXTEND_SECONDS, "loading model")
-        self.pool.load()
+        failure: list[BaseException] = []
+
+        def load() -> None:
+            try:
+                self.pool.load()
+            except BaseException as exc:
+                failure.append(exc)
+
+        loader = threading.Thread(target=load, name="i2vd-load-model", daemon=True)
+        loader.start()
+        while loader.is_alive():
+            if self.stop_requested.wait(timeout=0.2):
+                log.warning("start_abandoned", reason="a stop was asked for while the model was loading")
+                self.notifier.stopping("stopping: the model was still loading")
+                raise StartAbandoned("a stop was asked for while the model was loading")
+            loader.join(timeout=0.3)
+        if failure:
+            raise failure[0]
 
     def _start_watcher(self) -> None:
         watcher = InboxWatcher(self.config.inbox, self.config.intake.observer, on_hint=self._hint.set)

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 from test_flood import InstantGenerator, drop_pairs
 
 from daemon.config import DaemonConfig
-from daemon.errors import FatalError
+from daemon.errors import FatalError, StartAbandoned
 from daemon.generate.base import GenerationRequest, GenerationResult
 from daemon.service import Service
 
@@ -56,3 +57,43 @@ def test_a_fatal_error_in_a_job_exits_1_and_leaves_every_job_claimed_with_its_at
     restarted.start()
     assert restarted.run_until_stopped() == 0
     assert len(list(outbox.glob("*.mp4"))) == 3
+
+
+def test_a_stop_while_the_model_loads_gives_the_start_up_at_once(tmp_path: Path) -> None:
+    """A first compile takes minutes; a stop asked for meanwhile (systemd's stop, Ctrl-C) must not wait for it
+    (systemd would SIGKILL at TimeoutStopSec) nor announce READY: the start raises `StartAbandoned` within a
+    second and leaves the state folder unlocked for the next start."""
+    loading = threading.Event()
+
+    def slow_model(_config: object) -> InstantGenerator:
+        loading.set()
+        time.sleep(30)
+        return InstantGenerator()
+
+    config = DaemonConfig(
+        inbox=tmp_path / "inbox",
+        outbox=tmp_path / "outbox",
+        metrics={"enabled": False},  # type: ignore[arg-type]
+    )
+    stop = threading.Event()
+    service = Service(config, once=True, generator_factory=slow_model, stop_requested=stop)
+    raised: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            service.start()
+        except BaseException as exc:
+            raised.append(exc)
+
+    starter = threading.Thread(target=start)
+    starter.start()
+    assert loading.wait(10)
+    asked = time.monotonic()
+    stop.set()
+    starter.join(timeout=5)
+    assert not starter.is_alive()
+    assert time.monotonic() - asked < 2.0
+    assert [type(exc) for exc in raised] == [StartAbandoned]
+    again = Service(config, once=True, generator_factory=lambda c: InstantGenerator())
+    again.start()  # the state-dir lock was given back
+    again.stop()
