@@ -35,6 +35,8 @@ def check_generated(
 ) -> CheckedVideo:
     """What the video really is after any out-of-memory degrade (e.g. fewer frames wins over what was asked, for
     the sanity checks, the encode and the manifest's `used`; the steps go into `degradations`), then its checks."""
+    if result.out_of_memory_errors:
+        metrics.oom.inc(result.out_of_memory_errors)  # recovered by the ladder; counted like those that end a job
     if result.degradations:
         metrics.degraded_jobs.inc()
         metrics.jobs.labels(outcome="degraded").inc()  # besides the outcome the job ends with

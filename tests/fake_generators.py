@@ -75,7 +75,10 @@ class InstantGenerator:
             fewer = dataclasses.replace(request, num_frames=max(1, request.num_frames // 2))
             steps = ("decode_chunk=1", "vae_tiling", f"num_frames={fewer.num_frames}")
             return GenerationResult(
-                frames=synthetic_frames(fewer), degradations=steps, used={"num_frames": fewer.num_frames}
+                frames=synthetic_frames(fewer),
+                degradations=steps,
+                used={"num_frames": fewer.num_frames},
+                out_of_memory_errors=len(steps),  # one caught OOM per rung climbed
             )
         return GenerationResult(frames=synthetic_frames(request), timings={"denoise": 0.0})
 

@@ -59,6 +59,9 @@ class GenerationResult:
     `vae_tiling`, `cpu_offload`, `num_frames=12`); recorded in the manifest and counted in metrics."""
     used: Mapping[str, object] = field(default_factory=dict)
     """Parameters that differ from the request because of a degradation (e.g. `{"num_frames": 12}`)."""
+    out_of_memory_errors: int = 0
+    """Out-of-memory errors the degrade ladder caught and recovered from (`i2vd_oom_total` counts them: an
+    OOM that ended the job is counted where it is raised)."""
 
 
 @dataclass(frozen=True)

@@ -266,6 +266,7 @@ class DiffusersGenerator:
             nonfinite_values=nonfinite,
             degradations=taken,
             used={key: overrides[key] for key in overrides if key in ("decode_chunk_size",)},
+            out_of_memory_errors=len(taken),  # each step of the ladder was taken on a caught out-of-memory error
         )
 
     def _release_cached_memory(self) -> None:

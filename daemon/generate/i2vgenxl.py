@@ -65,6 +65,8 @@ class RenderedVideo:
     peak_vram_bytes: int
     degradations: tuple[str, ...] = ()
     used: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    out_of_memory_errors: int = 0
+    """Out-of-memory errors the degrade ladder caught and recovered from for this render."""
 
 
 def load_generator(config: ModelConfig, *, clip_skip: int | None = DEFAULT_CLIP_SKIP) -> I2VGenXLGenerator:
@@ -324,6 +326,7 @@ class I2VGenXLGenerator:
         # unless the layers are compiled: their failures are caught only inside the guarded step.
         prepared_path = self._device.type == "cuda" or len(requests) > 1 or fast is not None or self.step_fn.active
         step_fn = self.step_fn if prepared_path else None
+        out_of_memory = 0
         while True:
             clock = _StageClock(self._device, self._offloader(plan))
             self._reset_peak_memory()
@@ -344,6 +347,7 @@ class I2VGenXLGenerator:
                     vae = self._parts.vae
                     videos = self.step_fn.run(batch_render.decode, vae, latents, plan, through=vae.decoder)
             except torch.cuda.OutOfMemoryError as exc:
+                out_of_memory += 1
                 stage = clock.current
                 self._release()
                 following = ladder.next_plan(plan, stage)
@@ -362,7 +366,14 @@ class I2VGenXLGenerator:
             if fast is not None and fast.steps_for(first.steps) != first.steps:
                 used["steps"] = fast.steps_for(first.steps)
             return [
-                RenderedVideo(frames=v, timings=clock.timings, peak_vram_bytes=peak, degradations=plan.taken, used=used)
+                RenderedVideo(
+                    frames=v,
+                    timings=clock.timings,
+                    peak_vram_bytes=peak,
+                    degradations=plan.taken,
+                    used=used,
+                    out_of_memory_errors=out_of_memory,
+                )
                 for v in videos
             ]
 
@@ -449,6 +460,7 @@ def _to_result(video: RenderedVideo) -> GenerationResult:
         nonfinite_values=nonfinite,
         degradations=video.degradations,
         used=video.used,
+        out_of_memory_errors=video.out_of_memory_errors,
     )
 
 

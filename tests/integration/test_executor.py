@@ -421,5 +421,6 @@ def test_a_degraded_video_is_published_with_what_it_really_is(tmp_path: Path, ma
         labels = {"worker": worker.name, "outcome": outcome}
         assert metrics.registry.get_sample_value("i2vd_worker_jobs_total", labels) == 1
     assert metrics.registry.get_sample_value("i2vd_degrade_steps_total", {"rung": "cpu_offload"}) == 0
+    assert metrics.registry.get_sample_value("i2vd_oom_total") == 3  # the fake recovered from one OOM per rung
     for rung in ("decode_chunk", "vae_tiling", "num_frames"):
         assert metrics.registry.get_sample_value("i2vd_degrade_steps_total", {"rung": rung}) == 1

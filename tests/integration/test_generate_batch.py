@@ -327,6 +327,7 @@ def test_oom_while_decoding_climbs_the_decode_rungs_and_keeps_the_latents(
     assert denoised == [1]
     assert result.used == {"decode_chunk_size": 2}
     assert result.frames.shape == (8, 64, 64, 3)
+    assert result.out_of_memory_errors == 2  # both caught and recovered from: `i2vd_oom_total` counts them
 
 
 def test_oom_while_denoising_offloads_then_gives_up_frames(
