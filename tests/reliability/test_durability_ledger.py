@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from clocks import SteppingClock
+from publish_helpers import KILL_AT_CALL
 from pydantic import ValidationError
 
 from daemon.config import DaemonConfig, EncodeConfig, GenerationConfig
@@ -359,7 +360,8 @@ def test_duplicate_policy_config_key() -> None:
         DaemonConfig(intake={"duplicate_policy": "ignore"})  # type: ignore[arg-type]
 
 
-KILL_DURING_FINISH = """\
+KILL_DURING_FINISH = (
+    """\
 import os, signal, sys
 from pathlib import Path
 from daemon import fsio
@@ -379,14 +381,9 @@ staged = publisher.staging_dir(job.job_id) / "main.mp4"
 staged.write_bytes(b"M" * 100_000)
 directory, base = publisher.reserve(job.stem)
 digest = sha256_file(staged)
-calls = [0]
-def step(real):
-    def wrapped(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(*args, **kwargs)
-    return wrapped
+"""
+    + KILL_AT_CALL
+    + """\
 for name in ("fsync", "write", "replace", "rename", "link", "unlink"):
     setattr(os, name, step(getattr(os, name)))
 fsio._rename_noreplace_syscall = step(fsio._rename_noreplace_syscall)
@@ -397,6 +394,7 @@ published = publisher.publish(base, [(staged, ".mp4")], manifest, directory)
 store.complete(job, archive=True, outputs=published)
 print(calls[0])
 """
+)
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from publish_helpers import outbox_names, stage_files
+from publish_helpers import KILL_AT_CALL, outbox_names, stage_files
 
 from daemon import fsio
 from daemon import publish as publish_module
@@ -339,7 +339,8 @@ def test_a_daemon_never_sweeps_the_staging_of_another_publishing_into_the_same_o
         os.close(third_fd)
 
 
-KILL_CHILD = """\
+KILL_CHILD = (
+    """\
 import os, signal, sys
 from pathlib import Path
 from daemon import fsio
@@ -349,20 +350,16 @@ publisher = Publisher(outbox)
 staging = publisher.staging_dir("job1")
 (staging / "a.mp4").write_bytes(b"M" * 200_000)
 (staging / "b.png").write_bytes(b"P" * 50_000)
-calls = [0]
-def step(real):
-    def wrapped(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(*args, **kwargs)
-    return wrapped
+"""
+    + KILL_AT_CALL
+    + """\
 os.fsync = step(os.fsync)
 os.write = step(os.write)
 fsio._rename_noreplace_syscall = step(fsio._rename_noreplace_syscall)
 publisher.publish("video_x_cat", [(staging / "a.mp4", ".mp4"), (staging / "b.png", ".png")], {"job_id": "job1"})
 print(calls[0])
 """
+)
 
 
 @pytest.mark.slow
