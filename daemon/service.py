@@ -317,6 +317,9 @@ class Service:
         if self._metrics_server is not None and not self._metrics_server.is_alive():
             log.error("metrics_server_died")
             self._fail("metrics server thread died")
+        fatal = self.pool.fatal_error()
+        if fatal is not None:
+            self._fail(f"a worker cannot go on: {fatal}")
         for name, thread in (*((t.name, t) for t in self.pool.threads), ("intake", self._intake_thread)):
             if thread is not None and not thread.is_alive():
                 self._fail(f"{name} thread died")

@@ -92,6 +92,13 @@ class Worker:
         self._idle_since: float | None = None
         """When the last generation ended, if a job was queued then (only then is the next gap the daemon's)."""
 
+    @property
+    def fatal(self) -> FatalError | None:
+        """The `FatalError` that ended (or is ending) this worker: the service exits 1 on it, also when it came
+        from a finishing thread while this worker's thread waits for the next job."""
+        error = self._pool_error
+        return error if isinstance(error, FatalError) else None
+
     def cancel(self, job_id: str) -> None:
         """Interrupt job `job_id` between denoising steps if it is running; it ends in failed/ as `cancelled`."""
         self._cancel_id = job_id

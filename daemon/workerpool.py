@@ -218,6 +218,10 @@ class WorkerPool:
     def all_alive(self) -> bool:
         return bool(self.threads) and all(thread.is_alive() for thread in self.threads)
 
+    def fatal_error(self) -> Exception | None:
+        """A worker's `FatalError`, if one hit any (the daemon cannot go on)."""
+        return next((worker.fatal for worker in self.workers if worker.fatal is not None), None)
+
     def models_alive(self) -> bool:
         """Every worker's model is loaded and its generation process (if any) runs."""
         return bool(self.generators) and all(model_alive(generator) for generator in self.generators)

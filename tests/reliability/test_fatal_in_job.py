@@ -97,3 +97,34 @@ def test_a_stop_while_the_model_loads_gives_the_start_up_at_once(tmp_path: Path)
     again = Service(config, once=True, generator_factory=lambda c: InstantGenerator())
     again.start()  # the state-dir lock was given back
     again.stop()
+
+
+def test_a_fatal_error_while_finishing_stops_the_daemon_too(tmp_path: Path) -> None:
+    """The same from the finishing half (ffmpeg gone after the start's check): the worker's thread may be waiting
+    for the next job by then, so the service's supervision notices the worker's fatal error and exits 1; the
+    job stays claimed, its attempt uncounted."""
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    drop_pairs(inbox, 1)
+    config = DaemonConfig(
+        inbox=inbox,
+        outbox=outbox,
+        metrics={"enabled": False},  # type: ignore[arg-type]
+        intake={"stable_seconds": 0.0, "rescan_seconds": 0.2},  # type: ignore[arg-type]
+        encode={"preset": "ultrafast", "default_variants": ()},  # type: ignore[arg-type]
+    )
+    service = Service(config, once=True, generator_factory=lambda c: InstantGenerator())
+    service.start()
+    gone = tmp_path / "ffmpeg-removed"
+    gone.write_text("")  # not executable: what is left where ffmpeg was
+    for worker in service.pool.workers:
+        worker._encoder.ffmpeg = str(gone)
+    result: list[int] = []
+    loop = threading.Thread(target=lambda: result.append(service.run_until_stopped()))
+    loop.start()
+    loop.join(timeout=60)
+    assert not loop.is_alive(), "the daemon did not stop on the fatal error"
+    assert result == [1]
+    assert service.store.counts()["claimed"] == 1
+    (state,) = [json.loads(path.read_text()) for path in (inbox / ".i2vd" / "jobs").glob("*/job.json")]
+    assert state["attempts"] == 0 and state["history"][-1]["outcome"] == "daemon_failed"
