@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import structlog
 from pydantic import ValidationError
 
+from daemon.fsio import fsync_dir
 from daemon.jobstate import CRASHED, JOB_FILE, ClaimedJob, PublishingMark, close_open_attempt, read_state, to_job
 from daemon.publish import sha256_file
 
@@ -129,11 +130,15 @@ class _Recovery:
             log.warning("publication_base_taken", job_id=job.job_id, base=mark.base, by=owner)
             self.store.update_state(job, publishing=None)
             return False
+        removed = False
         for name, digest in zip(mark.names, mark.sha256, strict=True):
             path = directory / name
             if path.is_file() and not path.is_symlink() and sha256_file(path) == digest:
                 path.unlink()  # ours, delivered without its manifest: never complete from a reader's view
+                removed = True
                 log.warning("orphan_output_removed", job_id=job.job_id, output=name)
+        if removed:
+            fsync_dir(directory)  # the removals are durable before the mark that lists them goes
         self.store.update_state(job, publishing=None)
         return False
 
