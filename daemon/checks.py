@@ -7,7 +7,9 @@ the image's hash is the same, so a large image is decoded once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,10 +64,37 @@ def read_pair(image: Path, sidecar: Path, names: tuple[str, str], config: Daemon
     return read_input(image, limits.max_image_bytes, names[0]), sidecar_data
 
 
+@contextlib.contextmanager
+def decoding_guarded(guard_dir: Path | None, digest: str, name: str) -> Iterator[None]:
+    """Leave a mark (`guard_dir/<sha256>`) while an image decodes in this process. A mark found before decoding
+    means a previous process died decoding these very bytes (a decoder crash, not an exception): the image is
+    refused instead of killing the daemon again at every start. The mark goes with the refusal, so the same
+    bytes dropped again get one more try (a kill that was not the image's fault costs one refusal)."""
+    if guard_dir is None:
+        yield
+        return
+    mark = guard_dir / digest
+    if mark.exists():
+        mark.unlink(missing_ok=True)
+        message = f"Decoding {name} stopped the daemon the last time it was tried; it was not decoded again."
+        raise rejected(name, "decode_crashed", message, {"sha256": digest})
+    mark.write_bytes(b"")  # no fsync: it has to outlive the process, not the machine
+    try:
+        yield
+    finally:
+        mark.unlink(missing_ok=True)
+
+
 def inspect_data(
-    image_data: bytes, sidecar_data: bytes, names: tuple[str, str], config: DaemonConfig, known: Inspection | None
+    image_data: bytes,
+    sidecar_data: bytes,
+    names: tuple[str, str],
+    config: DaemonConfig,
+    known: Inspection | None,
+    guard_dir: Path | None = None,
 ) -> Inspection:
-    """Parse the sidecar, check its `sha256`, decode the image fully (unless `known` already did, same hash)."""
+    """Parse the sidecar, check its `sha256`, decode the image fully (unless `known` already did, same hash);
+    `guard_dir`: where `decoding_guarded` leaves its marks (the daemon's; None: no guard, as for the CLI)."""
     image_name, sidecar_name = names
     spec = _parse_spec(sidecar_data, sidecar_name)
     digest = hashlib.sha256(image_data).hexdigest()
@@ -77,12 +106,18 @@ def inspect_data(
         raise rejected(image_name, "sha256_mismatch", message, {"expected": spec.sha256, "actual": digest})
     if known is not None and known.image_sha256 == digest:
         return Inspection(spec, digest, known.image_size)
-    size = _oriented_size(decode_image(image_data, image_pixel_limit(config), image_name))
+    with decoding_guarded(guard_dir, digest, image_name):
+        size = _oriented_size(decode_image(image_data, image_pixel_limit(config), image_name))
     return Inspection(spec, digest, size)
 
 
 def inspect_inputs(
-    image: Path, sidecar: Path, names: tuple[str, str], config: DaemonConfig, known: Inspection | None = None
+    image: Path,
+    sidecar: Path,
+    names: tuple[str, str],
+    config: DaemonConfig,
+    known: Inspection | None = None,
+    guard_dir: Path | None = None,
 ) -> Inspection:
     """Safely read both files, parse the sidecar, check the sidecar's `sha256`, decode the image fully.
 
@@ -90,7 +125,7 @@ def inspect_inputs(
     repeated.
     """
     image_data, sidecar_data = read_pair(image, sidecar, names, config)
-    return inspect_data(image_data, sidecar_data, names, config, known)
+    return inspect_data(image_data, sidecar_data, names, config, known, guard_dir)
 
 
 def load_image_rgb(

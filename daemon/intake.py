@@ -52,13 +52,15 @@ HOLD_REASONS = frozenset(
 )
 
 
-def validate_claimed(job: ClaimedJob, config: DaemonConfig, known: Inspection | None = None) -> tuple[ResolvedJob, str]:
+def validate_claimed(
+    job: ClaimedJob, config: DaemonConfig, known: Inspection | None = None, guard_dir: Path | None = None
+) -> tuple[ResolvedJob, str]:
     """Check a claimed pair and decide every setting; return (resolved job, image sha256) or raise JobRejected.
 
     A job validated before (recovered after a restart) keeps its seed, so it still makes the same video.
     """
     names = (job.image_name, job.sidecar_name)
-    inspection = inspect_inputs(job.image_path, job.sidecar_path, names, config, known)
+    inspection = inspect_inputs(job.image_path, job.sidecar_path, names, config, known, guard_dir)
     seed = job.resolved.seed if job.resolved is not None else None
     try:
         resolved = resolve_job(
@@ -200,6 +202,10 @@ class Intake:
             log.info("pair_vanished", stem=_printable(pair.stem))
             return 0
         log.info("job_claimed", job_id=job.job_id, stem=job.stem, image=job.image_name, sidecar=job.sidecar_name)
+        if isinstance(inspection, InputRejected) and inspection.reason == "decode_crashed":
+            # Final, and not to be tried again on the claimed copy: that decode is what killed the last process.
+            self._reject(job, inspection, result)
+            return 0
         self._admit(job, result, inspection if isinstance(inspection, Inspection) else None)
         return 0
 
@@ -219,7 +225,7 @@ class Intake:
             return cached[2]
         outcome: Inspection | InputRejected | None
         try:
-            outcome = inspect_data(image_data, sidecar_data, names, self._config, None)
+            outcome = inspect_data(image_data, sidecar_data, names, self._config, None, self._store.decoding_dir)
         except InputRejected as exc:
             outcome = exc
         except Exception:
@@ -262,7 +268,7 @@ class Intake:
     def _admit(self, job: ClaimedJob, result: IntakeResult, known: Inspection | None) -> None:
         """Validate a claimed job into `result.accepted`, or quarantine it into `result.rejected`."""
         try:
-            resolved, image_sha256 = validate_claimed(job, self._config, known)
+            resolved, image_sha256 = validate_claimed(job, self._config, known, self._store.decoding_dir)
         except JobRejected as exc:
             rejection = exc
         except Exception as exc:
@@ -281,6 +287,9 @@ class Intake:
             else:
                 result.accepted.append(validated)
             return
+        self._reject(job, rejection, result)
+
+    def _reject(self, job: ClaimedJob, rejection: JobRejected, result: IntakeResult) -> None:
         failed_dir = self._store.fail(job, rejection)
         log.warning(
             "job_rejected", job_id=job.job_id, stem=job.stem, reason=rejection.reason, failed_dir=str(failed_dir)

@@ -186,7 +186,7 @@ class Service:
     def _revalidate(self, job: ClaimedJob) -> ClaimedJob | None:
         """A job claimed but not yet validated when the last run stopped: validate it now, like intake would."""
         try:
-            resolved, image_sha256 = validate_claimed(job, self.config)
+            resolved, image_sha256 = validate_claimed(job, self.config, guard_dir=self.store.decoding_dir)
         except JobRejected as exc:
             self.store.fail(job, exc, exc.reason, exc.message, exc.detail)
             self.metrics.jobs.labels(outcome="rejected").inc()

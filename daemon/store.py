@@ -113,6 +113,8 @@ class JobStore:
         self.jobs_dir = state_dir / "jobs"
         self.done_dir = state_dir / "done"
         self.trash_dir = state_dir / "trash"
+        self.decoding_dir = state_dir / "decoding"
+        """Marks of images being decoded in this process (`checks.decoding_guarded`)."""
         self.failed_dir = inbox / "failed"
         self.now = now
         self._lock = threading.Lock()
@@ -134,7 +136,8 @@ class JobStore:
         names (a file, or a symbolic link that an inbox user put there, perhaps to a folder outside the inbox) is
         renamed aside first: the daemon only ever moves, writes and deletes inside folders it made itself."""
         made = []
-        for directory in (self.state_dir, self.jobs_dir, self.done_dir, self.trash_dir, self.failed_dir):
+        folders = (self.state_dir, self.jobs_dir, self.done_dir, self.trash_dir, self.decoding_dir, self.failed_dir)
+        for directory in folders:
             try:
                 kind = stat.S_IFMT(os.lstat(directory).st_mode)
             except FileNotFoundError:

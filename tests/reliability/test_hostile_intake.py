@@ -6,6 +6,7 @@ at the `os.open` boundary, as the docstring says.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -13,6 +14,8 @@ import re
 import socket
 import stat
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ from PIL import Image, ImageFile
 
 from daemon.config import DaemonConfig, GenerationConfig, IntakeConfig
 from daemon.errors import JobRejected
-from daemon.intake import image_pixel_limit
+from daemon.intake import image_pixel_limit, validate_claimed
 from daemon.jobspec import parse_sidecar, resolve_job
 from daemon.logs import configure_logging
 from daemon.safeopen import MAX_JPEG_SCANS, InputRejected, read_input
@@ -587,3 +590,55 @@ def test_a_forged_job_json_cannot_steer_a_rename_outside_its_folders(tmp_path: P
     assert victim.read_text() == "years of work"
     (folder,) = (inbox / "failed").iterdir()
     assert json.loads((folder / "reason.json").read_text())["reason"] == "state_corrupt"
+
+
+DECODE_KILLS_THE_PROCESS = """\
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, "tests")
+import daemon.checks
+from intake_helpers import SIDECAR, Harness, image_bytes
+daemon.checks.decode_image = lambda *args: os.kill(os.getpid(), signal.SIGKILL)  # a decoder crash, not an error
+harness = Harness(Path(sys.argv[1]), stable_seconds=0.0)
+harness.drop_pair("crash", image=image_bytes((40, 30)))
+harness.settle()
+"""
+
+
+def test_an_image_whose_decode_kills_the_daemon_is_refused_at_the_next_start_not_decoded_again(
+    tmp_path: Path,
+) -> None:
+    """A decoder that crashes the process (not an exception) on some bytes would kill the daemon at every start,
+    for the pair stays in the inbox. The decode leaves a mark while it runs: the next process finds it and refuses
+    the pair as `decode_crashed` without decoding it again; an ordinary pair beside it is accepted."""
+    inbox = tmp_path / "inbox"
+    repo = Path(__file__).resolve().parents[2]
+    child = subprocess.run([sys.executable, "-c", DECODE_KILLS_THE_PROCESS, str(inbox)], cwd=repo, timeout=60)
+    assert child.returncode == -9
+    assert len(list((inbox / ".i2vd" / "decoding").iterdir())) == 1
+    harness = Harness(inbox, stable_seconds=0.0)
+    harness.drop_pair("fine")
+    result = harness.settle()
+    assert [job.stem for job in result.accepted] == ["fine"]
+    assert reasons(result) == [("crash", "decode_crashed")]
+    assert list((inbox / ".i2vd" / "decoding").iterdir()) == []
+    again = Harness(inbox, stable_seconds=0.0)  # the same bytes dropped again get one more try
+    again.drop_pair("retry", image=image_bytes((40, 30)))
+    assert [job.stem for job in again.settle().accepted] == ["retry"]
+
+
+def test_a_claimed_job_whose_validation_killed_the_daemon_is_refused_when_revalidated(tmp_path: Path) -> None:
+    """The same for a pair claimed but not yet validated when the process died: the start validates it again,
+    finds the mark of its image, and refuses it (`decode_crashed`) instead of decoding it."""
+    inbox = tmp_path / "inbox"
+    store = JobStore(inbox, inbox / ".i2vd")
+    data = image_bytes((40, 30))
+    (inbox / "cat.png").write_bytes(data)
+    (inbox / "cat.yaml").write_bytes(SIDECAR)
+    job = store.claim(Pair("cat", inbox / "cat.png", inbox / "cat.yaml"))
+    (store.decoding_dir / hashlib.sha256(data).hexdigest()).write_bytes(b"")  # what the killed decode left
+    config = DaemonConfig(inbox=inbox)
+    with pytest.raises(JobRejected) as caught:
+        validate_claimed(job, config, guard_dir=store.decoding_dir)
+    assert caught.value.reason == "decode_crashed" and "cat.png" in caught.value.message
+    assert validate_claimed(job, config, guard_dir=store.decoding_dir)[1] == hashlib.sha256(data).hexdigest()
