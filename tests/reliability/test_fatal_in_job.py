@@ -26,26 +26,37 @@ class NoLongerLoads(InstantGenerator):
         raise FatalError("worker w0: loading the model failed (3 times in a row, injected)")
 
 
-def test_a_fatal_error_in_a_job_exits_1_and_leaves_every_job_claimed_with_its_attempts(tmp_path: Path) -> None:
-    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+def config_with_pairs(tmp_path: Path, pairs: int) -> DaemonConfig:
+    """`pairs` pairs dropped into a fresh inbox, and a quick `--once` configuration over it."""
+    inbox = tmp_path / "inbox"
     inbox.mkdir()
-    drop_pairs(inbox, 3)
-    config = DaemonConfig(
+    drop_pairs(inbox, pairs)
+    return DaemonConfig(
         inbox=inbox,
-        outbox=outbox,
+        outbox=tmp_path / "outbox",
         metrics={"enabled": False},  # type: ignore[arg-type]
         intake={"stable_seconds": 0.0, "rescan_seconds": 0.2},  # type: ignore[arg-type]
         encode={"preset": "ultrafast", "default_variants": ()},  # type: ignore[arg-type]
         worker={"retry_delay_seconds": 0.1},  # type: ignore[arg-type]
     )
-    service = Service(config, once=True, generator_factory=lambda c: NoLongerLoads())
-    service.start()
+
+
+def exit_code_of(service: Service, timeout: float = 60) -> int:
+    """Run the started service until it stops by itself (within `timeout`); its exit code."""
     result: list[int] = []
     loop = threading.Thread(target=lambda: result.append(service.run_until_stopped()))
     loop.start()
-    loop.join(timeout=60)
+    loop.join(timeout=timeout)
     assert not loop.is_alive(), "the daemon did not stop on the fatal error"
-    assert result == [1]
+    return result[0]
+
+
+def test_a_fatal_error_in_a_job_exits_1_and_leaves_every_job_claimed_with_its_attempts(tmp_path: Path) -> None:
+    config = config_with_pairs(tmp_path, 3)
+    inbox, outbox = config.inbox, config.outbox
+    service = Service(config, once=True, generator_factory=lambda c: NoLongerLoads())
+    service.start()
+    assert exit_code_of(service) == 1
     assert service.store.counts() == {"claimed": 3, "done": 0, "failed": 0, "not_removed": 0}
     assert list(outbox.glob("*.mp4")) == []
     states = [json.loads(path.read_text()) for path in (inbox / ".i2vd" / "jobs").glob("*/job.json")]
@@ -103,28 +114,15 @@ def test_a_fatal_error_while_finishing_stops_the_daemon_too(tmp_path: Path) -> N
     """The same from the finishing half (ffmpeg gone after the start's check): the worker's thread may be waiting
     for the next job by then, so the service's supervision notices the worker's fatal error and exits 1; the
     job stays claimed, its attempt uncounted."""
-    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
-    inbox.mkdir()
-    drop_pairs(inbox, 1)
-    config = DaemonConfig(
-        inbox=inbox,
-        outbox=outbox,
-        metrics={"enabled": False},  # type: ignore[arg-type]
-        intake={"stable_seconds": 0.0, "rescan_seconds": 0.2},  # type: ignore[arg-type]
-        encode={"preset": "ultrafast", "default_variants": ()},  # type: ignore[arg-type]
-    )
+    config = config_with_pairs(tmp_path, 1)
+    inbox = config.inbox
     service = Service(config, once=True, generator_factory=lambda c: InstantGenerator())
     service.start()
     gone = tmp_path / "ffmpeg-removed"
     gone.write_text("")  # not executable: what is left where ffmpeg was
     for worker in service.pool.workers:
         worker._encoder.ffmpeg = str(gone)
-    result: list[int] = []
-    loop = threading.Thread(target=lambda: result.append(service.run_until_stopped()))
-    loop.start()
-    loop.join(timeout=60)
-    assert not loop.is_alive(), "the daemon did not stop on the fatal error"
-    assert result == [1]
+    assert exit_code_of(service) == 1
     assert service.store.counts()["claimed"] == 1
     (state,) = [json.loads(path.read_text()) for path in (inbox / ".i2vd" / "jobs").glob("*/job.json")]
     assert state["attempts"] == 0 and state["history"][-1]["outcome"] == "daemon_failed"
