@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install everything from scratch (scripts/setup.sh, scripts/install-ops-tools.sh for promtool and
-# systemd-analyze), then lint, type-check and run the whole test suite.
+# Install everything from scratch (scripts/setup.sh, scripts/install-ops-tools.sh for promtool,
+# systemd-analyze and strace), then lint, type-check and run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
