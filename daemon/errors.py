@@ -50,6 +50,11 @@ class ConfigError(FatalError):
     """The configuration is invalid."""
 
 
+class DeviceUnavailable(FatalError):
+    """The configured GPU is not there (yet): exit 1, so systemd starts the daemon again later (a driver that
+    loads late at boot), where a `ConfigError` (exit 78) would keep it stopped."""
+
+
 class StorageFull(TransientJobError):
     """There is no space left to write the job's outputs; it stays pending until space returns."""
 

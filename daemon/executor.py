@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon.config import DaemonConfig
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, DeviceUnavailable
 from daemon.generate import load_generator
 from daemon.generate.base import Generator
 from daemon.genproc import ChildSettings, ProcessGenerator
@@ -70,7 +70,7 @@ def plan_local_slots(
     else:
         devices = cuda_devices() or ["cpu"]
         if wanted == "cuda" and devices == ["cpu"]:
-            raise ConfigError("model.device is 'cuda' but no CUDA device is visible (CUDA_VISIBLE_DEVICES, /dev)")
+            raise DeviceUnavailable("model.device is 'cuda' but no CUDA device is visible (CUDA_VISIBLE_DEVICES, /dev)")
     per_device = settings.workers_per_device
     cpu_workers = per_device * devices.count("cpu")
     threads = str(max(1, (os.cpu_count() or 1) // max(1, cpu_workers)))

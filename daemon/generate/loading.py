@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from daemon.config import ModelConfig
-from daemon.errors import ConfigError, FatalError
+from daemon.errors import ConfigError, DeviceUnavailable, FatalError
 from daemon.generate import i2vgenxl_loop as loop
 from daemon.generate.tiny import materialize_tiny_model
 
@@ -52,9 +52,9 @@ def resolve_device_dtype(config: ModelConfig) -> tuple[torch.device, torch.dtype
     name = config.device if config.device != "auto" else ("cuda" if cuda else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not cuda:
-        raise ConfigError(f"model.device: {name!r} was requested but CUDA is not available; use 'auto' or 'cpu'")
+        raise DeviceUnavailable(f"model.device: {name!r} was requested but CUDA is not available; use 'auto' or 'cpu'")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"model.device: {name!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+        raise DeviceUnavailable(f"model.device: {name!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
     dtype_name = config.dtype if config.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
     if dtype_name == "float16" and device.type == "cpu":
         raise ConfigError("model.dtype: float16 is not supported on the CPU; use 'auto', 'float32' or 'bfloat16'")

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from daemon.config import ModelConfig
-from daemon.errors import ConfigError, FatalError, JobInterrupted, TransientJobError
+from daemon.errors import ConfigError, DeviceUnavailable, FatalError, JobInterrupted, TransientJobError
 from daemon.generate import reference
 from daemon.generate.base import GenerationRequest
 from daemon.generate.i2vgenxl import I2VGenXLGenerator, load_generator, resolve_device_dtype
@@ -241,7 +241,7 @@ def test_device_and_dtype_resolution() -> None:
         resolve_device_dtype(ModelConfig(device="cpu", dtype="float16"))
     if not torch.cuda.is_available():
         assert resolve_device_dtype(ModelConfig())[0].type == "cpu"
-        with pytest.raises(ConfigError, match=r"model\.device"):
+        with pytest.raises(DeviceUnavailable, match=r"model\.device"):
             resolve_device_dtype(ModelConfig(device="cuda"))
 
 
