@@ -48,6 +48,8 @@ from daemon.workerpool import WorkerPool
 log = structlog.get_logger(__name__)
 SUPERVISE_SECONDS = 0.5
 MODEL_LOAD_EXTEND_SECONDS = 1800.0
+STOP_MARGIN_SECONDS = 15.0
+"""Asked of systemd's stop timeout beyond the stop's own bounds (status file, metrics server, lock)."""
 """Start timeout extension asked of systemd before the model loads (real weights from a slow disk take minutes)."""
 INTAKE_STALL_SECONDS = 60.0
 """An intake loop without a finished poll for this long (plus one rescan period) counts as hung for the watchdog."""
@@ -350,6 +352,10 @@ class Service:
         """Stop in the order given in the module docstring; never blocks longer than `timeout` per thread."""
         timeout = timeout if timeout is not None else self.config.worker.stop_timeout_seconds
         self.notifier.stopping("stopping")
+        # The stop may take the running jobs' grace and then each thread's timeout: ask systemd for that much,
+        # so a grace longer than the unit's TimeoutStopSec is not cut short by SIGKILL.
+        worst = self.config.worker.stop_grace_seconds + timeout + STOP_MARGIN_SECONDS
+        self.notifier.extend_timeout(worst, "stopping: letting running jobs finish")
         log.info("service_stopping")
         if not self._stop_parts(timeout):
             self.exit_code = self.exit_code or 1

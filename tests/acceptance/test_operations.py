@@ -88,7 +88,11 @@ def test_sd_notify_ready_status_watchdog_stopping(ops_daemon: Callable[..., OpsD
         daemon.wait_for(lambda: len(pings()) >= 3, 10, "WATCHDOG=1 every WATCHDOG_USEC/2")
         assert max(b - a for a, b in itertools.pairwise(pings())) < 1.5
         assert daemon.stop(signal.SIGTERM) == 0
-        assert "STOPPING=1" in listener.lines()
+        lines = listener.lines()
+        assert "STOPPING=1" in lines
+        stopping = lines.index("STOPPING=1")
+        # the stop's own bounds asked of TimeoutStopSec: no grace here, the 60 s thread timeout plus a margin
+        assert "EXTEND_TIMEOUT_USEC=75000000" in lines[stopping:]
     finally:
         listener.close()
 
