@@ -258,10 +258,16 @@ class Publisher:
         return target
 
     def _move_back(self, moved: list[tuple[Path, Path]]) -> None:
-        """Undo a partial delivery: rename the published names back to their staged names (best effort)."""
+        """Undo a partial delivery: rename the published names back to their staged names. One that cannot go
+        back is removed instead (it is ours, and the retry writes it again), so no part of a set stays visible
+        without its manifest."""
         for staged, target in reversed(moved):
-            with contextlib.suppress(OSError):
+            try:
                 os.rename(target, staged)
+            except OSError as exc:
+                log.warning("publish_move_back_failed", output=target.name, error=str(exc))
+                with contextlib.suppress(OSError):
+                    target.unlink()
         directories = {target.parent for _, target in moved}
         moved.clear()
         for directory in directories:

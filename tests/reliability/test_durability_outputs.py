@@ -184,6 +184,34 @@ def test_fsync_eio_on_the_manifest_rewrites_it_from_scratch_never_fsyncs_twice(
     assert b'"job": "j"' in published[-1].read_bytes()
 
 
+def test_an_output_that_cannot_be_moved_back_after_a_failed_delivery_is_removed_not_left_visible(
+    publisher: Publisher, outbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second output's rename fails, and moving the first one back to staging fails too: the first is
+    removed from the outbox (the retry writes it again), so no part of a set is left visible without a
+    manifest."""
+    files = stage_files(publisher, {".mp4": b"main", ".png": b"png"})
+    real_rename_noreplace, real_rename = fsio._rename_noreplace_syscall, os.rename
+    calls = {"n": 0}
+
+    def rename_noreplace(*args: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_rename_noreplace(*args)
+
+    def rename(source: Any, target: Any) -> None:
+        if str(source).startswith(str(outbox / BASE)):  # a move back into staging
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_rename(source, target)
+
+    monkeypatch.setattr(fsio, "_rename_noreplace_syscall", rename_noreplace)
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(TransientJobError):
+        publisher.publish(BASE, files, {"job": "j"})
+    assert outbox_names(outbox) == []
+
+
 def test_an_fsync_error_after_the_manifest_got_its_name_keeps_the_set_published(
     publisher: Publisher, outbox: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
