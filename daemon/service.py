@@ -48,9 +48,9 @@ from daemon.workerpool import WorkerPool
 log = structlog.get_logger(__name__)
 SUPERVISE_SECONDS = 0.5
 MODEL_LOAD_EXTEND_SECONDS = 1800.0
+"""Start timeout extension asked of systemd before the model loads (real weights from a slow disk take minutes)."""
 STOP_MARGIN_SECONDS = 15.0
 """Asked of systemd's stop timeout beyond the stop's own bounds (status file, metrics server, lock)."""
-"""Start timeout extension asked of systemd before the model loads (real weights from a slow disk take minutes)."""
 INTAKE_STALL_SECONDS = 60.0
 """An intake loop without a finished poll for this long (plus one rescan period) counts as hung for the watchdog."""
 
@@ -212,11 +212,11 @@ class Service:
         loader = threading.Thread(target=load, name="i2vd-load-model", daemon=True)
         loader.start()
         while loader.is_alive():
-            if self.stop_requested.wait(timeout=0.2):
+            if self.stop_requested.is_set():
                 log.warning("start_abandoned", reason="a stop was asked for while the model was loading")
                 self.notifier.stopping("stopping: the model was still loading")
                 raise StartAbandoned("a stop was asked for while the model was loading")
-            loader.join(timeout=0.3)
+            loader.join(timeout=0.2)
         if failure:
             raise failure[0]
 
