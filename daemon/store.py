@@ -258,8 +258,12 @@ class JobStore:
     def release_attempt(self, job: ClaimedJob, outcome: str, error: str | None = None) -> ClaimedJob:
         """End the running attempt *without* counting it (disk full: `StorageFull.consumes_attempt` is False;
         service stopping): the job stays claimed and pending, with the same attempts left as before."""
+        return self.update_state(job, **self.released(job, outcome, error))
+
+    def released(self, job: ClaimedJob, outcome: str, error: str | None = None) -> dict[str, Any]:
+        """The state changes of `release_attempt`, unwritten (for a job whose state cannot be written now)."""
         history = close_open_attempt(job.history, self.now(), outcome, error, counted=False)
-        return self.update_state(job, attempts=max(0, job.attempts - 1), history=history)
+        return {"attempts": max(0, job.attempts - 1), "history": history}
 
     def mark_publishing(
         self, job: ClaimedJob, directory: Path, base: str, names: Sequence[str], digests: Sequence[str], archive: bool

@@ -36,7 +36,6 @@ from daemon.finish import Finisher
 from daemon.generate.base import GenerationRequest, GenerationResult, Generator
 from daemon.intake import image_pixel_limit, load_image_rgb
 from daemon.jobqueue import JobQueue
-from daemon.jobstate import close_open_attempt
 from daemon.metrics import DaemonMetrics
 from daemon.publish import Publisher
 from daemon.sanity import SanityCheckFailed
@@ -302,8 +301,7 @@ class Worker:
         log.error("state_write_failed", job_id=job.job_id, error=error.strerror or str(error))
         if not job.directory.is_dir():
             return "failed"  # it reached failed/ (only its reason.json could not be written): nothing to retry
-        history = close_open_attempt(job.history, self._store.now(), "storage_full", str(error), counted=False)
-        released = dataclasses.replace(job, attempts=max(0, job.attempts - 1), history=history)
+        released = dataclasses.replace(job, **self._store.released(job, "storage_full", str(error)))
         self._metrics.storage_full.set(1)
         self._metrics.pending.inc()
         self._requeue_later(released)
