@@ -130,6 +130,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def check_single_name(value: str, what: str) -> None:
+    """Raise ValueError unless `value` is one non-empty path component (no `/`, not `.` or `..`, no NUL): a name
+    that becomes part of a path under the inbox, the state folder or the outbox must never lead out of it."""
+    if not value or value in (".", "..") or "/" in value or "\0" in value:
+        raise ValueError(f"{what} {value!r} must be a single non-empty path component")
+
+
 def link_no_clobber(source: Path, destination: Path) -> bool:
     """Atomically give `source` the name `destination` unless that name exists; True on success.
 

@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from daemon.fsio import atomic_write_bytes
+from daemon.fsio import atomic_write_bytes, check_single_name
 from daemon.jobspec import ResolvedJob
 
 JOB_FILE = "job.json"
@@ -104,8 +104,7 @@ class JobState(BaseModel):
     def _single_name(cls, value: str) -> str:
         """Every name here becomes one path component under the inbox or the state folder: a job.json that says
         otherwise (`../../elsewhere`) is damaged or forged, and must never steer a rename."""
-        if value in ("", ".", "..") or "/" in value or "\0" in value:
-            raise ValueError(f"not a single file name: {value!r}")
+        check_single_name(value, "job.json name")
         return value
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import structlog
 
 from daemon.errors import OutputLost, StorageFull, TransientJobError
-from daemon.fsio import fsync_dir, is_storage_full, rename_no_replace, write_durable_temp
+from daemon.fsio import check_single_name, fsync_dir, is_storage_full, rename_no_replace, write_durable_temp
 
 STAGING_DIR_NAME = ".i2vd-staging"
 STAGING_LOCK_NAME = ".in-use.lock"
@@ -62,11 +62,6 @@ def _json_default(value: object) -> str:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def _check_single_name(value: str, what: str) -> None:
-    if not value or value in (".", "..") or "/" in value or "\0" in value:
-        raise ValueError(f"{what} {value!r} must be a single non-empty path component")
-
-
 def next_base_name(base: str) -> str:
     """The name to try after `base` clashed: `x` -> `x-2`, `x-2` -> `x-3`."""
     match = _COUNTER_SUFFIX.match(base)
@@ -92,7 +87,7 @@ class Publisher:
 
     def staging_dir(self, job_id: str) -> Path:
         """`outbox/.i2vd-staging/<job_id>/`, created if needed (existing content is kept)."""
-        _check_single_name(job_id, "job id")
+        check_single_name(job_id, "job id")
         directory = self.staging_root / job_id
         directory.mkdir(parents=True, exist_ok=True)
         return directory
@@ -138,7 +133,7 @@ class Publisher:
 
     def discard_staging(self, job_id: str) -> None:
         """Remove the job's staging directory and whatever a failed attempt left in it."""
-        _check_single_name(job_id, "job id")
+        check_single_name(job_id, "job id")
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(self.staging_root / job_id)
 
@@ -161,7 +156,7 @@ class Publisher:
         `video_YYYYMMDD_HHMMSS_<output_name>` from one reading of the injected clock, with `-2`, `-3`...
         appended when published files already use that base. Only a check: `publish` checks again and moves on
         if it lost a race. Names sort by time because the timestamp leads."""
-        _check_single_name(output_name, "output name")
+        check_single_name(output_name, "output name")
         now = self.now()
         directory = self.outbox / f"{now:%Y-%m-%d}" if self.daily_subfolders else self.outbox
         return directory, self._first_free(directory, f"video_{now:%Y%m%d_%H%M%S}_{output_name}")
@@ -184,7 +179,7 @@ class Publisher:
         and `TransientJobError` is raised (`StorageFull` for a full disk or quota); the staged files stay for a
         retry or discard. An fsync error on a staged file discards that file and raises `OutputLost`.
         """
-        _check_single_name(base, "base name")
+        check_single_name(base, "base name")
         suffixes = [suffix for _, suffix in files]
         if len(set(suffixes)) != len(suffixes) or MANIFEST_SUFFIX in suffixes:
             raise ValueError(f"suffixes must be distinct and not {MANIFEST_SUFFIX!r}: {suffixes}")

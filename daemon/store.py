@@ -72,10 +72,10 @@ def _utc_now() -> datetime:
 
 
 def _with_own_name(path: Path, name: str) -> Path:
-    """`path` renamed, inside its own folder, to the user's file name `name` (a single path component only; the
-    name comes from job.json); `path` itself where that is not possible."""
+    """`path` renamed, inside its own folder, to the user's file name `name` (from job.json, whose names are
+    single path components: `JobState`); `path` itself where that is not possible."""
     target = path.with_name(name)
-    if name in ("", ".", "..") or "/" in name or "\0" in name or os.path.lexists(target):
+    if os.path.lexists(target):
         return path
     try:
         os.rename(path, target)
