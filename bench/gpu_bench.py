@@ -780,7 +780,7 @@ def phase_sharing(b: Bench) -> None:
             "doubled": lambda: gpu_speed.step(unet, latents, t, prep),
             "guided": lambda: guided_step(unet, latents, t, prep),
             "doubled_shallow": lambda: gpu_speed.step(unet, latents, t, prep, deep=deep),
-            "guided_shallow": lambda: gpu_speed.step(unet, latents[:1], t, prep, deep=deep, guided=True),
+            "guided_shallow": lambda: guided_step(unet, latents, t, prep, deep),
         }
         rounds: dict[str, list[float]] = {name: [] for name in cases}
         for _ in range(5):
@@ -820,10 +820,16 @@ def step_inputs(
     return cond, latents, torch.tensor(500, device="cuda")
 
 
-def guided_step(unet: Any, latents: torch.Tensor, timestep: torch.Tensor, prep: gpu_speed.Prepared) -> Any:
-    """One guided UNet step as the exact predictor runs it: `latents` holds both guidance halves (`step_inputs`),
-    the step takes them once (`gpu_speed.step(..., guided=True)`)."""
-    return gpu_speed.step(unet, latents[: latents.shape[0] // 2], timestep, prep, guided=True)
+def guided_step(
+    unet: Any,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    prep: gpu_speed.Prepared,
+    deep: torch.Tensor | None = None,
+) -> Any:
+    """One guided UNet step as the predictors run it: `latents` holds both guidance halves (`step_inputs`), the
+    step takes them once (`gpu_speed.step(..., guided=True)`); with `deep`, the shallow (DeepCache) pass."""
+    return gpu_speed.step(unet, latents[: latents.shape[0] // 2], timestep, prep, deep, guided=True)
 
 
 def batch_cond(generator: I2VGenXLGenerator, req: GenerationRequest) -> loop.Conditioning:
