@@ -13,9 +13,11 @@ Phases: `ref` (fp32 reference loop, stock attention: the PSNR reference), `stock
 convolution of a step alone, cuDNN's heuristic or `--cudnn-benchmark`'s measured algorithm), `layout` (NCHW vs
 channels-last weights), `vram` (peak per stage for the VRAM model), `creep` (allocated memory over many jobs),
 `tuning` (each compiled layer alone under inductor's tuning options: `--tunings`, `--tuning-budget`), `sharing`
-(the guided step against the doubled batch, alternating in one process), `ready` (load + compile + first video: run
+(the guided step against the doubled batch, alternating in one process), `roofline` (one compiled step's kernels
+against the GPU's bandwidth and FLOP rate: `--roofline triton|extern`), `ready` (load + compile + first video: run
 twice in fresh processes to see the cold and the warm compile cache).
-`profile`, `attn`, `conv`, `tuning`, `sharing` and `layout` look at one step of `--step-shape` (default 512p:16).
+`profile`, `attn`, `conv`, `tuning`, `sharing`, `roofline` and `layout` look at one step of `--step-shape`
+(default 512p:16).
 """
 
 from __future__ import annotations
@@ -801,6 +803,173 @@ def phase_sharing(b: Bench) -> None:
     b.rec.emit(row)
 
 
+def phase_roofline(b: Bench) -> None:
+    """Where one compiled guided step at `--step-shape` stands against the GPU's limits, kernel by kernel.
+
+    `--roofline triton`: inductor's own kernels, compiled with `profile_bandwidth` (each kernel benchmarked alone,
+    with the bytes it must move): per kernel its time, bytes and GB/s, and the time it takes beyond what the bytes
+    need at the bandwidth of a plain device copy measured here ("excess"); the generated modules of the kernels
+    with the most excess are kept beside `--out`. The kernels then no longer compute (they are timed once and
+    skipped), so this needs a process of its own. `--roofline extern`: the library calls inside the compiled
+    graphs (GEMMs, convolutions, attention) under torch's profiler with their shapes: TFLOP/s per call shape."""
+    import shutil
+
+    from torch._inductor import config as inductor_config
+
+    kind = b.args.roofline
+    report = b.args.out.parent / "bandwidth.txt"
+    if kind == "triton":
+        report.unlink(missing_ok=True)
+        inductor_config.profile_bandwidth = True
+        inductor_config.profile_bandwidth_regex = ""
+        inductor_config.profile_bandwidth_output = str(report)
+    generator = make_generator(
+        b.parts,
+        torch.float16,
+        compile_mode=b.args.compile,
+        compile_scope=b.args.compile_scope,
+        channels_last=b.args.channels_last,
+    )
+    cond, latents, t = step_inputs(generator, *step_shape(b.args))
+    unet = b.parts.unet
+    with torch.inference_mode():
+        prep = pred.prepare(unet, cond)
+        guided_step(unet, latents, t, prep)
+        torch.cuda.synchronize()
+        if kind == "triton":
+            copy_gb_s = _copy_bandwidth()
+            inductor_config.profile_bandwidth_output = None
+            kernels = _bandwidth_report(report.read_text(), copy_gb_s)
+            kept = b.args.out.parent / "roofline-kernels"
+            kept.mkdir(exist_ok=True)
+            for entry in kernels["top"][:25]:
+                source = Path(entry["module"])
+                if source.is_file():
+                    shutil.copyfile(source, kept / source.name)
+            b.rec.emit({"roofline": {"kind": "triton", "shape": b.args.step_shape} | kernels})
+            return
+        extern = _extern_report(unet, latents, t, prep)
+        b.rec.emit({"roofline": {"kind": "extern", "shape": b.args.step_shape} | extern})
+
+
+def _copy_bandwidth() -> float:
+    """GB/s of a 1 GiB device-to-device copy (bytes read + written): the bandwidth a pointwise kernel can reach."""
+    source = torch.empty(2**29, dtype=torch.float16, device="cuda")
+    target = torch.empty_like(source)
+    ms = _median_ms(lambda: target.copy_(source))
+    return 2 * source.numel() * 2 / 1e9 / (ms / 1e3)
+
+
+def _bandwidth_report(text: str, copy_gb_s: float) -> dict[str, Any]:
+    """`profile_bandwidth_output`'s sections (one per graph call: "ms  GB  GB/s  share  kernel") summed per kernel
+    of a generated module over the step; excess = time beyond bytes / `copy_gb_s`."""
+    per_kernel: dict[tuple[str, str], list[float]] = {}
+    module = ""
+    for line in text.splitlines():
+        if line.startswith("TRITON KERNELS BANDWIDTH INFO ("):
+            module = line[len("TRITON KERNELS BANDWIDTH INFO (") : -1]
+            continue
+        fields = line.split()
+        if len(fields) < 5 or not fields[0].endswith("ms") or fields[1] == "":
+            continue
+        try:
+            ms, gb = float(fields[0][:-2]), float(fields[1])
+        except ValueError:
+            continue
+        entry = per_kernel.setdefault((module, fields[-1]), [0.0, 0.0, 0])
+        entry[0] += ms
+        entry[1] += gb
+        entry[2] += 1
+    rows = []
+    for (source, name), (ms, gb, calls) in per_kernel.items():
+        floor = gb / copy_gb_s * 1e3
+        rows.append(
+            {
+                "kernel": name,
+                "module": source,
+                "calls": int(calls),
+                "ms": round(ms, 4),
+                "gb": round(gb, 4),
+                "gb_s": round(gb / (ms / 1e3), 1) if ms else 0.0,
+                "excess_ms": round(ms - floor, 4),
+            }
+        )
+    rows.sort(key=lambda row: -row["excess_ms"])
+    total = sum(row["ms"] for row in rows)
+    by_kind: dict[str, list[float]] = {}
+    for row in rows:
+        kind = row["kernel"].split("_")[1] if row["kernel"].count("_") > 1 else "other"
+        entry = by_kind.setdefault(kind, [0.0, 0.0])
+        entry[0] += row["ms"]
+        entry[1] += row["excess_ms"]
+    return {
+        "copy_gb_s": round(copy_gb_s, 1),
+        "kernel_ms": round(total, 3),
+        "excess_ms": round(sum(row["excess_ms"] for row in rows), 3),
+        "by_kind": {kind: {"ms": round(ms, 3), "excess_ms": round(ex, 3)} for kind, (ms, ex) in by_kind.items()},
+        "kernels": len(rows),
+        "top": rows[:60],
+    }
+
+
+EXTERN_OPS = {
+    "aten::mm": "gemm",
+    "aten::addmm": "gemm",
+    "aten::bmm": "gemm",
+    "aten::baddbmm": "gemm",
+    "aten::convolution": "convolution",
+    "aten::_convolution": None,  # inside aten::convolution: counted there
+    "aten::_scaled_dot_product_cudnn_attention": "attention",
+    "aten::_scaled_dot_product_efficient_attention": "attention",
+    "aten::_scaled_dot_product_flash_attention": "attention",
+}
+
+
+def _extern_report(unet: Any, latents: torch.Tensor, t: torch.Tensor, prep: gpu_speed.Prepared) -> dict[str, Any]:
+    """The library calls of one compiled guided step by op and input shapes: calls, CUDA ms, TFLOP and TFLOP/s
+    (torch's FLOP formulas for GEMMs and convolutions; 4 B H Sq Sk D for attention), summed per kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    guided_step(unet, latents, t, prep)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True, with_flops=True) as prof:
+        guided_step(unet, latents, t, prep)
+        torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages(group_by_input_shape=True):
+        kind = EXTERN_OPS.get(event.key)
+        if kind is None:
+            continue
+        shapes = [list(shape) for shape in event.input_shapes if shape]
+        flops = float(event.flops or 0)
+        if kind == "attention" and len(shapes) >= 2:
+            (batch, heads, sq, dim), (_, _, sk, _) = shapes[0][:4], shapes[1][:4]
+            flops = 4.0 * batch * heads * sq * sk * dim * event.count
+        ms = event.device_time_total / 1000
+        rows.append(
+            {
+                "op": event.key,
+                "kind": kind,
+                "shapes": shapes[:3],
+                "calls": int(event.count),
+                "ms": round(ms, 3),
+                "tflop": round(flops / 1e12, 4),
+                "tflops": round(flops / 1e12 / (ms / 1e3), 1) if ms else 0.0,
+            }
+        )
+    rows.sort(key=lambda row: -row["ms"])
+    kinds: dict[str, list[float]] = {}
+    for row in rows:
+        entry = kinds.setdefault(row["kind"], [0.0, 0.0])
+        entry[0] += row["ms"]
+        entry[1] += row["tflop"]
+    summary = {
+        kind: {"ms": round(ms, 3), "tflop": round(tf, 3), "tflops": round(tf / (ms / 1e3), 1) if ms else 0.0}
+        for kind, (ms, tf) in kinds.items()
+    }
+    return {"by_kind": summary, "top": rows[:60]}
+
+
 def step_shape(args: argparse.Namespace) -> tuple[str, int]:
     """`--step-shape` ("768p:16") as (tier, frames)."""
     tier, frames = args.step_shape.split(":")
@@ -970,6 +1139,9 @@ def main() -> None:
         "--tunings", default="default,coordinate-descent,max-autotune", help=f"tuning phase: of {', '.join(TUNINGS)}"
     )
     parser.add_argument("--tuning-budget", type=float, default=150.0, help="tuning phase: compile seconds per tuning")
+    parser.add_argument(
+        "--roofline", default="extern", choices=("extern", "triton"), help="roofline phase: which kernels"
+    )
     parser.add_argument("--save-ref", type=Path, help="write the fp32 reference frames (512p x 16) here")
     parser.add_argument("--load-ref", type=Path, help="read them from here instead of running `ref`")
     parser.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "i2vd")
@@ -1002,6 +1174,7 @@ def main() -> None:
         ("conv", phase_conv),
         ("tuning", phase_tuning),
         ("sharing", phase_sharing),
+        ("roofline", phase_roofline),
         ("profile", phase_profile),
         ("vram", phase_vram),
         ("fast", phase_fast),
