@@ -677,11 +677,20 @@ TUNINGS: dict[str, dict[str, Any]] = {
     "coordinate-descent": {"coordinate_descent_tuning": True},
     "max-autotune": {"max_autotune": True},
     "looped-reductions": {"triton.persistent_reductions": False},
+    "unfused-addmm": {"keep_addmm_fused_for_half_dtypes": False},
+    "multi-kernel": {"triton.multi_kernel": 1},
+    "combo-kernels": {"combo_kernels": True},
+    "aggressive-fusion": {"aggressive_fusion": True},
 }
 """Inductor options per `--tunings` name: coordinate descent tunes the block sizes of inductor's own pointwise and
 reduction kernels; max-autotune also benchmarks Triton GEMM/convolution templates against cuBLAS/cuDNN (and can
 then fuse the epilogue into them); looped reductions stop inductor from reducing a whole row in one block (the
-channels-last GroupNorm statistics at 768p ran as such persistent reductions at 2.7x the NCHW ones' time)."""
+channels-last GroupNorm statistics at 768p ran as such persistent reductions at 2.7x the NCHW ones' time).
+Unfused addmm: a linear's bias is added in the pointwise kernel that follows instead of in cuBLAS's epilogue (the
+320-wide addmm ran at 278 TFLOP/s, the mm of the same shape at 486, `--phases roofline`); multi-kernel: inductor
+compiles both a persistent and a looped variant of each reduction and keeps the faster per kernel at run time;
+combo kernels: independent small kernels (the GroupNorm statistics' later stages) launched as one; aggressive
+fusion: nodes fused even without shared reads."""
 
 
 def phase_tuning(b: Bench) -> None:
