@@ -687,10 +687,30 @@ reduction kernels; max-autotune also benchmarks Triton GEMM/convolution template
 then fuse the epilogue into them); looped reductions stop inductor from reducing a whole row in one block (the
 channels-last GroupNorm statistics at 768p ran as such persistent reductions at 2.7x the NCHW ones' time).
 Unfused addmm: a linear's bias is added in the pointwise kernel that follows instead of in cuBLAS's epilogue (the
-320-wide addmm ran at 278 TFLOP/s, the mm of the same shape at 486, `--phases roofline`); multi-kernel: inductor
+320-wide addmm ran at 278 TFLOP/s, the mm of the same shape at 486, `--phases roofline`; torch 2.11 has no such
+option); multi-kernel: inductor
 compiles both a persistent and a looped variant of each reduction and keeps the faster per kernel at run time;
 combo kernels: independent small kernels (the GroupNorm statistics' later stages) launched as one; aggressive
 fusion: nodes fused even without shared reads."""
+
+
+def _time_tuning(tuning: str, ordered: list[dict[str, Any]], rows: list[dict[str, Any]], budget: float) -> float:
+    """Compile and time the layers of `ordered` (heaviest first) under `tuning` into `rows` until `budget` compile
+    seconds are spent; returns the seconds spent."""
+    spent = 0.0
+    for layer, row in zip(ordered, rows, strict=True):
+        if spent > budget:
+            break
+        compiled = torch.compile(layer["module"], dynamic=False, options=TUNINGS[tuning] or None)
+        call = functools.partial(compiled, *layer["args"], **layer["kwargs"])
+        with torch.inference_mode():
+            begin = time.perf_counter()
+            call()
+            torch.cuda.synchronize()
+            spent += time.perf_counter() - begin
+            row[tuning] = round(_median_ms(call), 3)
+        print(json.dumps({"tuning": tuning, "spent_s": round(spent, 1)} | row), flush=True)
+    return spent
 
 
 def phase_tuning(b: Bench) -> None:
@@ -736,21 +756,17 @@ def phase_tuning(b: Bench) -> None:
     ]
     tunings = b.args.tunings.split(",")
     compile_s: dict[str, float] = {}
-    for tuning in tunings:
+    for tuning in list(tunings):
         torch._dynamo.reset()
-        spent = 0.0
-        for layer, row in zip(ordered, rows, strict=True):
-            if spent > b.args.tuning_budget:
-                break
-            compiled = torch.compile(layer["module"], dynamic=False, options=TUNINGS[tuning] or None)
-            call = functools.partial(compiled, *layer["args"], **layer["kwargs"])
-            with torch.inference_mode():
-                begin = time.perf_counter()
-                call()
-                torch.cuda.synchronize()
-                spent += time.perf_counter() - begin
-                row[tuning] = round(_median_ms(call), 3)
-            print(json.dumps({"tuning": tuning, "spent_s": round(spent, 1)} | row), flush=True)
+        try:
+            spent = _time_tuning(tuning, ordered, rows, b.args.tuning_budget)
+        except Exception:  # an option this torch lacks, or a failed compile: the other tunings still count
+            traceback.print_exc()
+            print(json.dumps({"tuning": tuning, "failed": True}), flush=True)
+            tunings.remove(tuning)
+            for row in rows:
+                row.pop(tuning, None)
+            continue
         compile_s[tuning] = round(spent, 1)
         print(json.dumps({"tuning": tuning, "compile_s": compile_s[tuning]}), flush=True)
     covered = [row for row in rows if all(tuning in row for tuning in tunings)]
