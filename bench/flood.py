@@ -11,7 +11,7 @@ Reports: count, wall time from start to drained, jobs/s, peak RSS (ru_maxrss) an
 outcomes, duplicates (must be 0). Then, separately, `JobStore.claim` and `Publisher.publish` rates per second on
 the same filesystem (temp dir under --root). Writes `bench/results/flood-<date>-<count>.json`.
 
-    PYTHONPATH=. .venv/bin/python bench/flood.py [--count 10000] [--root DIR] [--real-ffmpeg]
+    PYTHONPATH=. .venv/bin/python bench/flood.py [--count 10000] [--root DIR] [--real-ffmpeg] [--decode-in-process]
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def rss_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_flood(root: Path, count: int, real_ffmpeg: bool) -> dict[str, Any]:
+def run_flood(root: Path, count: int, real_ffmpeg: bool, decode_in_child: bool = True) -> dict[str, Any]:
     inbox, outbox = root / "inbox", root / "outbox"
     inbox.mkdir(parents=True)
     drop_pairs(inbox, count)
@@ -102,7 +102,7 @@ def run_flood(root: Path, count: int, real_ffmpeg: bool) -> dict[str, Any]:
         inbox=inbox,
         outbox=outbox,
         metrics={"enabled": False},  # type: ignore[arg-type]
-        intake={"stable_seconds": 0.0, "rescan_seconds": 1.0},  # type: ignore[arg-type]
+        intake={"stable_seconds": 0.0, "rescan_seconds": 1.0, "decode_in_child": decode_in_child},  # type: ignore[arg-type]
         encode={"preset": "ultrafast", "default_variants": ()},  # type: ignore[arg-type]
         logging={"level": "warning"},  # type: ignore[arg-type]
     )
@@ -173,11 +173,14 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=None, help="work dir (default: a temp dir, removed after)")
     parser.add_argument("--real-ffmpeg", action="store_true")
     parser.add_argument("--rate-samples", type=int, default=500)
+    parser.add_argument(
+        "--decode-in-process", action="store_true", help="intake.decode_in_child: false (images decoded in the daemon)"
+    )
     args = parser.parse_args()
     configure_logging("warning")
     root = Path(tempfile.mkdtemp(prefix="i2vd-flood-", dir=args.root))
     try:
-        result = run_flood(root / "flood", args.count, args.real_ffmpeg)
+        result = run_flood(root / "flood", args.count, args.real_ffmpeg, not args.decode_in_process)
         result |= claim_and_publish_rates(root, args.rate_samples)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -188,7 +191,9 @@ def main() -> None:
             ["stat", "-f", "-c", "%T", str(root.parent)], capture_output=True, text=True, check=False
         ).stdout.strip(),
     }
-    out = REPO / "bench" / "results" / f"flood-{result['date'][:10]}-{args.count}.json"
+    result["decode_in_child"] = not args.decode_in_process
+    suffix = "-in-process" if args.decode_in_process else ""
+    out = REPO / "bench" / "results" / f"flood-{result['date'][:10]}-{args.count}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -17,13 +17,12 @@ import structlog
 from PIL import Image, ImageOps
 
 from daemon.config import DaemonConfig
+from daemon.decodebox import DecodeLimits, isolated_oriented_size
 from daemon.errors import JobRejected
 from daemon.jobspec import JobSpec, parse_sidecar
-from daemon.safeopen import INPUT_PIXELS_PER_OUTPUT_PIXEL, decode_image, read_input, rejected
+from daemon.safeopen import INPUT_PIXELS_PER_OUTPUT_PIXEL, decode_image, oriented_size, read_input, rejected
 
 log = structlog.get_logger(__name__)
-
-_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
 
 
 def image_pixel_limit(config: DaemonConfig) -> int:
@@ -38,16 +37,6 @@ class Inspection:
     spec: JobSpec
     image_sha256: str
     image_size: tuple[int, int]
-
-
-def _oriented_size(image: Image.Image) -> tuple[int, int]:
-    """The size after EXIF rotation, which is what the worker will feed the model."""
-    width, height = image.size
-    try:
-        orientation = image.getexif().get(0x0112)
-    except Exception:
-        return width, height
-    return (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)
 
 
 def _parse_spec(data: bytes, name: str) -> JobSpec:
@@ -106,9 +95,23 @@ def inspect_data(
         raise rejected(image_name, "sha256_mismatch", message, {"expected": spec.sha256, "actual": digest})
     if known is not None and known.image_sha256 == digest:
         return Inspection(spec, digest, known.image_size)
-    with decoding_guarded(guard_dir, digest, image_name):
-        size = _oriented_size(decode_image(image_data, image_pixel_limit(config), image_name))
-    return Inspection(spec, digest, size)
+    return Inspection(spec, digest, decoded_size(image_data, image_name, digest, config, guard_dir))
+
+
+def decoded_size(data: bytes, name: str, digest: str, config: DaemonConfig, guard_dir: Path | None) -> tuple[int, int]:
+    """Decode the image fully and return its size after EXIF rotation: in a child under limits
+    (`intake.decode_in_child`, `decodebox`), or in this process under `decoding_guarded`'s mark."""
+    limit = image_pixel_limit(config)
+    settings = config.intake
+    if settings.decode_in_child:
+        limits = DecodeLimits.for_image(limit, settings.max_image_bytes, settings.decode_cpu_seconds)
+        return isolated_oriented_size(data, limit, name, limits)
+    with decoding_guarded(guard_dir, digest, name):
+        try:
+            return oriented_size(decode_image(data, limit, name))
+        except MemoryError as exc:
+            message = f"Decoding {name} ran out of memory; it was not accepted."
+            raise rejected(name, "decode_too_costly", message, {"limit": "memory"}) from exc
 
 
 def inspect_inputs(

@@ -198,6 +198,13 @@ class IntakeConfig(_Frozen):
     max_sidecar_bytes: Annotated[int, Field(ge=256, le=1024 * 1024)] = 64 * 1024
     max_image_bytes: Annotated[int, Field(ge=1024)] = 50 * 1024 * 1024
     max_image_pixels: Annotated[int, Field(ge=64 * 64)] = 50_000_000
+    decode_in_child: bool = True
+    """Decode each image in a child process with an address-space and a CPU limit (`daemon/decodebox.py`): a
+    decoder crash or a runaway decode refuses that pair (`decode_crashed`, `decode_too_costly`) and the daemon goes
+    on. false: decode in the daemon's process (a crash then costs a restart, and the pair is refused after it)."""
+    decode_cpu_seconds: Annotated[float, Field(gt=0.0, le=3600.0)] = 20.0
+    """CPU seconds one image's decode may take in the child (whole seconds, rounded up); the wall-clock limit is
+    twice that plus 5 s."""
     incomplete_grace_seconds: Annotated[float, Field(ge=0.0, le=86400.0)] = 30.0
     """A stable pair that looks unfinished (truncated image, sidecar sha256 not matching yet, half a YAML file) waits
     this much longer, files unchanged, before it is rejected; any change restarts the wait."""

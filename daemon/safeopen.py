@@ -161,6 +161,8 @@ def decode_image(data: bytes, max_pixels: int, name: str) -> Image.Image:
         raise rejected(name, "decompression_bomb", f"{name} has far too many pixels to open safely.", str(exc)) from exc
     except UnidentifiedImageError as exc:
         raise _unidentified(data, name) from exc
+    except MemoryError:
+        raise  # the decode's limit, not damage (`decodebox`)
     except Exception as exc:  # a hostile header can raise anything from a plugin (ValueError, struct.error...)
         raise rejected(name, "image_unreadable", f"{name} has a damaged header and cannot be read.", str(exc)) from exc
     width, height = image.size
@@ -174,7 +176,22 @@ def decode_image(data: bytes, max_pixels: int, name: str) -> Image.Image:
         _check_jpeg_scans(data, name)
     try:
         image.load()
+    except MemoryError:
+        raise
     except Exception as exc:
         message = f"{name} is damaged or cut short and cannot be decoded."
         raise rejected(name, "image_unreadable", message, str(exc)) from exc
     return image
+
+
+_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """The size after EXIF rotation, which is what the worker will feed the model."""
+    width, height = image.size
+    try:
+        orientation = image.getexif().get(0x0112)
+    except Exception:
+        return width, height
+    return (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)

@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -183,12 +184,10 @@ def _filter_group(analyze: str, name: str, seen: dict[str, set[str]]) -> set[str
     return seen[name]
 
 
-def test_the_units_system_call_filter_lets_the_encoder_run_ffmpeg(tmp_path: Path) -> None:
-    """The unit's `SystemCallFilter=` lines (an allow list, `~` lines take away, later ones add back) kill the
-    process on any other call. Every call made by an encode as the encoder launches it (under setpriv and nice,
-    `encode.launch_command`) must be allowed: setpriv calls capset(2) even without capabilities, and capset is in
-    `@privileged`."""
-    analyze, strace = find_tool("systemd-analyze"), find_tool("strace")
+def _unit_allowed_calls() -> set[str]:
+    """The system calls the unit's `SystemCallFilter=` lines allow (an allow list, `~` lines take away, later
+    ones add back), with systemd's groups expanded by `systemd-analyze`."""
+    analyze = find_tool("systemd-analyze")
     unit = (REPO / "systemd" / "i2vd.service").read_text()
     seen: dict[str, set[str]] = {}
     allowed: set[str] = set()
@@ -197,6 +196,24 @@ def test_the_units_system_call_filter_lets_the_encoder_run_ffmpeg(tmp_path: Path
         for item in value.removeprefix("~").split():
             names |= _filter_group(analyze, item, seen) if item.startswith("@") else {item}
         allowed = allowed - names if value.startswith("~") else allowed | names
+    return allowed
+
+
+def _traced_calls(command: list[str], trace: Path, **run: Any) -> set[str]:
+    """The system calls `command` and its children make, by `strace -f` (skips where ptrace is not allowed)."""
+    strace = find_tool("strace")
+    result = subprocess.run([strace, "-f", "-qq", "-o", str(trace), "--", *command], capture_output=True, **run)
+    if result.returncode != 0 and b"ptrace" in result.stderr:
+        pytest.skip(f"strace cannot trace here: {result.stderr.decode()[:200]}")
+    assert result.returncode == 0, result.stderr.decode()
+    return set(re.findall(r"^\d+\s+(\w+)\(", trace.read_text(), flags=re.MULTILINE))
+
+
+def test_the_units_system_call_filter_lets_the_encoder_run_ffmpeg(tmp_path: Path) -> None:
+    """The unit's `SystemCallFilter=` lines kill the process on any other call. Every call made by an encode as
+    the encoder launches it (under setpriv and nice, `encode.launch_command`) must be allowed: setpriv calls
+    capset(2) even without capabilities, and capset is in `@privileged`."""
+    allowed = _unit_allowed_calls()
     assert "capset" in allowed and "setpriority" in allowed
     import imageio_ffmpeg
 
@@ -207,11 +224,31 @@ def test_the_units_system_call_filter_lets_the_encoder_run_ffmpeg(tmp_path: Path
     argv += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-f", "mp4", "-y", str(tmp_path / "out.mp4")]
     command = encode.launch_command(argv, niceness=10)
     assert command[0] != ffmpeg, "setpriv or nice expected on this machine"
-    trace = tmp_path / "trace.txt"
-    result = subprocess.run([strace, "-f", "-qq", "-o", str(trace), "--", *command], capture_output=True, timeout=60)
-    if result.returncode != 0 and b"ptrace" in result.stderr:
-        pytest.skip(f"strace cannot trace here: {result.stderr.decode()[:200]}")
-    assert result.returncode == 0, result.stderr.decode()
-    used = set(re.findall(r"^\d+\s+(\w+)\(", trace.read_text(), flags=re.MULTILINE))
+    used = _traced_calls(command, tmp_path / "trace.txt", timeout=60)
     assert {"capset", "execve", "setpriority"} <= used
     assert used - allowed == set(), "the unit's filter would kill the encoder on these calls"
+
+
+ISOLATED_DECODE = """\
+import io, sys
+from PIL import Image
+from daemon.decodebox import DecodeLimits, isolated_oriented_size
+
+if __name__ == "__main__":
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(buffer, "PNG")
+    limits = DecodeLimits.for_image(1_000_000, 1_000_000, 5.0)
+    assert isolated_oriented_size(buffer.getvalue(), 1_000_000, "cat.png", limits) == (64, 48)
+"""
+
+
+def test_the_units_system_call_filter_lets_an_image_decode_in_its_child(tmp_path: Path) -> None:
+    """Intake decodes each image in a child of multiprocessing's fork server under resource limits
+    (`daemon/decodebox.py`): starting the server, forking, setting the limits and decoding must all pass the
+    unit's filter, or every pair would be refused as `decode_crashed`."""
+    allowed = _unit_allowed_calls()
+    script = tmp_path / "decode.py"
+    script.write_text(ISOLATED_DECODE)
+    used = _traced_calls([sys.executable, str(script)], tmp_path / "trace.txt", timeout=60, cwd=REPO)
+    assert {"prlimit64", "sendmsg"} <= used or {"setrlimit", "sendmsg"} <= used
+    assert used - allowed == set(), "the unit's filter would kill the decode on these calls"

@@ -19,7 +19,6 @@ from structlog.testing import capture_logs
 
 import daemon.checks as checks_module
 from daemon.config import IntakeConfig
-from daemon.safeopen import decode_image as safeopen_decode
 
 
 def sidecar_with_hash(data: bytes, prompt: str = "a cat") -> bytes:
@@ -190,13 +189,13 @@ def test_b16_decode_of_a_held_image_is_not_repeated_while_it_is_unchanged(
     what was checked in place."""
     harness = Harness(tmp_path / "inbox")
     calls: list[str] = []
-    real_decode = safeopen_decode
+    real_decode = checks_module.decoded_size
 
-    def counting(data: bytes, max_pixels: int, name: str) -> object:
+    def counting(data: bytes, name: str, *args: Any) -> tuple[int, int]:
         calls.append(name)
-        return real_decode(data, max_pixels, name)
+        return real_decode(data, name, *args)
 
-    monkeypatch.setattr(checks_module, "decode_image", counting)
+    monkeypatch.setattr(checks_module, "decoded_size", counting)
     data = noise_image()
     harness.drop_pair(image=data[:-200])
     harness.poll()

@@ -599,7 +599,7 @@ sys.path.insert(0, "tests")
 import daemon.checks
 from intake_helpers import SIDECAR, Harness, image_bytes
 daemon.checks.decode_image = lambda *args: os.kill(os.getpid(), signal.SIGKILL)  # a decoder crash, not an error
-harness = Harness(Path(sys.argv[1]), stable_seconds=0.0)
+harness = Harness(Path(sys.argv[1]), stable_seconds=0.0, decode_in_child=False)  # decoding here
 harness.drop_pair("crash", image=image_bytes((40, 30)))
 harness.settle()
 """
@@ -608,21 +608,22 @@ harness.settle()
 def test_an_image_whose_decode_kills_the_daemon_is_refused_at_the_next_start_not_decoded_again(
     tmp_path: Path,
 ) -> None:
-    """A decoder that crashes the process (not an exception) on some bytes would kill the daemon at every start,
-    for the pair stays in the inbox. The decode leaves a mark while it runs: the next process finds it and refuses
+    """With `intake.decode_in_child: false` (decoding in the daemon's own process), a decoder that crashes the
+    process (not an exception) on some bytes would kill the daemon at every start, for the pair stays in the inbox.
+    The decode leaves a mark while it runs: the next process finds it and refuses
     the pair as `decode_crashed` without decoding it again; an ordinary pair beside it is accepted."""
     inbox = tmp_path / "inbox"
     repo = Path(__file__).resolve().parents[2]
     child = subprocess.run([sys.executable, "-c", DECODE_KILLS_THE_PROCESS, str(inbox)], cwd=repo, timeout=60)
     assert child.returncode == -9
     assert len(list((inbox / ".i2vd" / "decoding").iterdir())) == 1
-    harness = Harness(inbox, stable_seconds=0.0)
+    harness = Harness(inbox, stable_seconds=0.0, decode_in_child=False)
     harness.drop_pair("fine")
     result = harness.settle()
     assert [job.stem for job in result.accepted] == ["fine"]
     assert reasons(result) == [("crash", "decode_crashed")]
     assert list((inbox / ".i2vd" / "decoding").iterdir()) == []
-    again = Harness(inbox, stable_seconds=0.0)  # the same bytes dropped again get one more try
+    again = Harness(inbox, stable_seconds=0.0, decode_in_child=False)  # the same bytes get one more try
     again.drop_pair("retry", image=image_bytes((40, 30)))
     assert [job.stem for job in again.settle().accepted] == ["retry"]
 
@@ -637,7 +638,7 @@ def test_a_claimed_job_whose_validation_killed_the_daemon_is_refused_when_revali
     (inbox / "cat.yaml").write_bytes(SIDECAR)
     job = store.claim(Pair("cat", inbox / "cat.png", inbox / "cat.yaml"))
     (store.decoding_dir / hashlib.sha256(data).hexdigest()).write_bytes(b"")  # what the killed decode left
-    config = DaemonConfig(inbox=inbox)
+    config = DaemonConfig(inbox=inbox, intake=IntakeConfig(decode_in_child=False))  # decoding in this process
     with pytest.raises(JobRejected) as caught:
         validate_claimed(job, config, guard_dir=store.decoding_dir)
     assert caught.value.reason == "decode_crashed" and "cat.png" in caught.value.message

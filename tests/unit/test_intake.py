@@ -504,7 +504,7 @@ def test_a_crash_inside_validation_quarantines_instead_of_losing_the_job(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(checks_module, "decode_image", broken)
+    monkeypatch.setattr(checks_module, "decoded_size", broken)
     harness.drop_pair()
     assert_rejected(harness.settle(), harness, "validation_error", "cat.png")
 

@@ -1,0 +1,165 @@
+"""Decoding an inbox image in a child process, under memory and CPU limits.
+
+Why: Pillow's decoders are C code, and inbox files are hostile. The checks in `safeopen.decode_image` refuse the
+bombs that announce themselves (header pixel counts, JPEG scan counts), but a decoder bug can still crash the
+process that decodes, and a crafted file can still cost far more memory or CPU than its size suggests. In the
+daemon's own process, a crash would stop every job, and a runaway decode would stall intake until the service
+watchdog killed the daemon. Decoding in a child with `RLIMIT_AS` and `RLIMIT_CPU` (and no core dumps and no file
+writes) turns each of these into the refusal of that one pair, while the daemon goes on.
+
+The children fork from multiprocessing's fork server, not from the daemon. The fork server is a small process,
+started once, that has imported Pillow and this module and nothing else. The daemon has threads and, with a model,
+gigabytes of memory, so forking it would be unsafe and costly; a fork of the server costs milliseconds and inherits
+none of the daemon's state. The child sends back only the image's size after EXIF rotation (all intake needs);
+the worker decodes the validated bytes again for the model, after checking their sha256.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import resource
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from daemon.safeopen import InputRejected, decode_image, oriented_size, rejected
+
+_CONTEXT = multiprocessing.get_context("forkserver")
+_CONTEXT.set_forkserver_preload(["__main__", "daemon.decodebox"])
+"""The server imports the main module once, as multiprocessing's children otherwise each would (the `i2vd` script
+imports the CLI; a `python -m` main is never imported again)."""
+
+BASE_MEMORY_BYTES = 512 * 1024 * 1024
+"""The child's address space before any image: the interpreter, Pillow and its codecs (about 60 MB in use, but
+shared libraries and allocator arenas reserve more address space than they touch)."""
+BYTES_PER_PIXEL = 8
+"""Decoded pixels at their widest (RGBA, or 32-bit modes for 16-bit PNGs), plus one converted copy's headroom."""
+JOIN_SECONDS = 5.0
+"""How long a child that has answered (or was killed) gets to exit before it is killed (again)."""
+
+Decode = Callable[[bytes, int, str], tuple[int, int]]
+
+
+class DecodeError(RuntimeError):
+    """The decode raised an error that is not a refusal of the image (a bug, as in-process it would be)."""
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What one image's decode may use: address space, CPU seconds (`RLIMIT_CPU` counts whole seconds) and wall
+    seconds (a child blocked on something other than CPU is killed after these)."""
+
+    memory_bytes: int
+    cpu_seconds: int
+    wall_seconds: float
+
+    @classmethod
+    def for_image(cls, max_pixels: int, max_bytes: int, cpu_seconds: float) -> DecodeLimits:
+        """Limits that fit any image that passes the pixel and size checks: the base, the pixels at their widest,
+        and the file's bytes twice (the copy received and Pillow's buffer)."""
+        memory = BASE_MEMORY_BYTES + BYTES_PER_PIXEL * max_pixels + 2 * max_bytes
+        whole = max(1, int(cpu_seconds + 0.999))
+        return cls(memory_bytes=memory, cpu_seconds=whole, wall_seconds=2.0 * whole + 5.0)
+
+
+def decode_oriented_size(data: bytes, max_pixels: int, name: str) -> tuple[int, int]:
+    """The full decode (`safeopen.decode_image`) and the size after EXIF rotation: what runs in the child."""
+    return oriented_size(decode_image(data, max_pixels, name))
+
+
+def isolated_oriented_size(
+    data: bytes, max_pixels: int, name: str, limits: DecodeLimits, decode: Decode = decode_oriented_size
+) -> tuple[int, int]:
+    """`decode(data, max_pixels, name)` in a child under `limits`; raises `InputRejected` for the image's own
+    refusals, and for a decode that ran out of memory or time (`decode_too_costly`) or crashed (`decode_crashed`);
+    `DecodeError` for any other error it raised.
+    `decode` must be a module-level function (it is sent to the child by name)."""
+    receiver, sender = _CONTEXT.Pipe(duplex=False)
+    child = _CONTEXT.Process(
+        target=_child_main, args=(sender, data, max_pixels, name, limits, decode), name="i2vd-decode", daemon=True
+    )
+    child.start()
+    sender.close()  # the child holds the only writer: its death reads as end-of-file here
+    try:
+        answer = _answer(receiver, limits.wall_seconds)
+    finally:
+        receiver.close()
+        _reap(child)
+    return _outcome(answer, child.exitcode, name, limits)
+
+
+def _answer(receiver: multiprocessing.connection.Connection, seconds: float) -> tuple[Any, ...] | None:
+    """The child's message; `("wall",)` if none came in time; None if it died without one."""
+    if not receiver.poll(seconds):
+        return ("wall",)
+    try:
+        message: tuple[Any, ...] = receiver.recv()
+    except (EOFError, OSError):
+        return None
+    return message
+
+
+def _reap(child: Any) -> None:
+    child.join(JOIN_SECONDS if child.exitcode is None else 0)
+    if child.exitcode is None:
+        child.kill()
+        child.join(JOIN_SECONDS)
+
+
+def _outcome(answer: tuple[Any, ...] | None, exitcode: int | None, name: str, limits: DecodeLimits) -> tuple[int, int]:
+    if answer is not None and answer[0] == "size":
+        return int(answer[1]), int(answer[2])
+    if answer is not None and answer[0] == "rejected":
+        raise rejected(name, answer[1], answer[2], answer[3])
+    if answer is not None and answer[0] == "error":
+        raise DecodeError(f"decoding {name} in the child failed: {answer[1]}")
+    if answer is not None and answer[0] == "memory":
+        mib = limits.memory_bytes // (1024 * 1024)
+        message = f"Decoding {name} needed more than {mib} MiB of memory; it was not accepted."
+        raise rejected(name, "decode_too_costly", message, {"limit": "memory", "memory_mib": mib})
+    if (answer is not None and answer[0] == "wall") or exitcode == -signal.SIGXCPU:
+        message = f"Decoding {name} took more than {limits.cpu_seconds} s; it was not accepted."
+        detail = {"limit": "cpu" if exitcode == -signal.SIGXCPU else "wall", "cpu_seconds": limits.cpu_seconds}
+        raise rejected(name, "decode_too_costly", message, detail)
+    how = _describe_exit(exitcode)
+    message = f"The image decoder crashed on {name} ({how}); it was not accepted."
+    raise rejected(name, "decode_crashed", message, {"exit": how})
+
+
+def _describe_exit(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return signal.Signals(-exitcode).name
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit status {exitcode}"
+
+
+def _child_main(
+    sender: multiprocessing.connection.Connection,
+    data: bytes,
+    max_pixels: int,
+    name: str,
+    limits: DecodeLimits,
+    decode: Decode,
+) -> None:
+    """In the child: limits first, then the decode; the answer is a plain tuple (exceptions with keyword
+    arguments do not always survive pickling)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
+    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
+    answer: tuple[Any, ...]
+    try:
+        width, height = decode(data, max_pixels, name)
+        answer = ("size", width, height)
+    except InputRejected as exc:
+        answer = ("rejected", exc.reason, exc.message, exc.detail)
+    except MemoryError:
+        answer = ("memory",)
+    except Exception as exc:  # a bug of ours, not the image's fault: the caller's internal-error path
+        answer = ("error", f"{type(exc).__name__}: {exc}")
+    sender.send(answer)
+    sender.close()

@@ -1,0 +1,109 @@
+"""Decoding inbox images in a child process under limits (`daemon/decodebox.py`): real children of the fork
+server, real signals and real resource limits. Each failure is the refusal of that one image; the calling process
+goes on and the next decode works."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import decode_faults
+import pytest
+from intake_helpers import SIDECAR, Harness, image_bytes
+from PIL import Image
+
+from daemon.config import DaemonConfig
+from daemon.decodebox import DecodeError, DecodeLimits, isolated_oriented_size
+from daemon.safeopen import InputRejected
+
+LIMITS = DecodeLimits.for_image(1_000_000, 1_000_000, 5.0)
+
+
+def refusal(data: bytes, limits: DecodeLimits = LIMITS, **kwargs: object) -> InputRejected:
+    with pytest.raises(InputRejected) as caught:
+        isolated_oriented_size(data, 60_000_000, "cat.png", limits, **kwargs)  # type: ignore[arg-type]
+    return caught.value
+
+
+def exif_rotated_jpeg(size: tuple[int, int]) -> bytes:
+    image = Image.new("RGB", size)
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotated 90 degrees: the model sees it upright
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif)
+    return buffer.getvalue()
+
+
+def test_the_child_decodes_and_returns_the_size_after_exif_rotation() -> None:
+    assert isolated_oriented_size(image_bytes((64, 48)), 1_000_000, "cat.png", LIMITS) == (64, 48)
+    assert isolated_oriented_size(exif_rotated_jpeg((64, 48)), 1_000_000, "cat.jpg", LIMITS) == (48, 64)
+
+
+def test_the_images_own_refusals_come_back_with_their_reason() -> None:
+    assert refusal(b"GIF89a" + bytes(64)).reason == "image_format"
+    assert refusal(image_bytes((64, 48))[:60]).reason == "image_unreadable"
+    with pytest.raises(InputRejected) as caught:
+        isolated_oriented_size(image_bytes((2000, 1000)), 1_000_000, "big.png", LIMITS)
+    assert caught.value.reason == "decompression_bomb" and "big.png" in caught.value.message
+
+
+def test_a_decoder_crash_refuses_the_image_and_the_next_decode_works() -> None:
+    problem = refusal(image_bytes(), decode=decode_faults.segfault)
+    assert problem.reason == "decode_crashed" and problem.detail == {"exit": "SIGSEGV"}
+    assert "cat.png" in problem.message and problem.input_name == "cat.png"
+    assert refusal(image_bytes(), decode=decode_faults.exit_quietly).detail == {"exit": "exit status 3"}
+    assert isolated_oriented_size(image_bytes((64, 48)), 1_000_000, "next.png", LIMITS) == (64, 48)
+
+
+def test_an_ordinary_error_in_the_child_is_an_internal_error_not_a_refusal() -> None:
+    with pytest.raises(DecodeError, match="KeyError"):
+        isolated_oriented_size(image_bytes(), 1_000_000, "cat.png", LIMITS, decode=decode_faults.raise_bug)
+
+
+def test_a_small_file_that_decodes_to_more_memory_than_the_limit_is_refused() -> None:
+    """A 7000x7000 RGBA PNG of one colour: 0.2 MB on disk, 196 MB decoded; under a 128 MiB address space the
+    decode fails with MemoryError in the child, which is reported, not taken for damage."""
+    buffer = io.BytesIO()
+    Image.new("RGBA", (7000, 7000), (1, 2, 3, 4)).save(buffer, "PNG")
+    assert len(buffer.getvalue()) < 1_000_000
+    tight = DecodeLimits(memory_bytes=128 * 1024 * 1024, cpu_seconds=20, wall_seconds=60.0)
+    problem = refusal(buffer.getvalue(), tight)
+    assert problem.reason == "decode_too_costly"
+    assert problem.detail == {"limit": "memory", "memory_mib": 128}
+    roomy = DecodeLimits.for_image(60_000_000, 1_000_000, 20.0)
+    assert isolated_oriented_size(buffer.getvalue(), 60_000_000, "cat.png", roomy) == (7000, 7000)
+
+
+def test_a_decode_that_burns_cpu_is_stopped_by_the_cpu_limit() -> None:
+    limits = DecodeLimits(memory_bytes=LIMITS.memory_bytes, cpu_seconds=1, wall_seconds=30.0)
+    started = time.monotonic()
+    problem = refusal(image_bytes(), limits, decode=decode_faults.spin)
+    assert problem.reason == "decode_too_costly" and problem.detail == {"limit": "cpu", "cpu_seconds": 1}
+    assert time.monotonic() - started < 10
+
+
+def test_a_decode_that_blocks_is_killed_after_the_wall_clock_limit() -> None:
+    limits = DecodeLimits(memory_bytes=LIMITS.memory_bytes, cpu_seconds=1, wall_seconds=0.5)
+    started = time.monotonic()
+    problem = refusal(image_bytes(), limits, decode=decode_faults.stall)
+    assert problem.reason == "decode_too_costly" and problem.detail == {"limit": "wall", "cpu_seconds": 1}
+    assert time.monotonic() - started < 10
+
+
+def test_limits_cover_every_image_the_size_and_pixel_checks_let_through() -> None:
+    limits = DecodeLimits.for_image(50_000_000, 50 * 1024 * 1024, 2.5)
+    assert limits.memory_bytes >= 4 * 50_000_000 + 2 * 50 * 1024 * 1024
+    assert (limits.cpu_seconds, limits.wall_seconds) == (3, 11.0)
+
+
+def test_intake_decodes_in_the_child_by_default_and_refuses_through_it(tmp_path: Path) -> None:
+    """The daemon's path: with the default config a pair is decoded in a child, accepted with its size, and a
+    damaged image is refused with the child's reason."""
+    assert DaemonConfig(inbox=tmp_path).intake.decode_in_child
+    harness = Harness(tmp_path / "inbox", stable_seconds=0.0, incomplete_grace_seconds=0.0)
+    harness.drop_pair("fine", image=image_bytes((64, 48)))
+    harness.drop_pair("other", image=b"GIF89a" + bytes(64), sidecar=SIDECAR)
+    result = harness.settle()
+    assert [job.stem for job in result.accepted] == ["fine"]
+    assert [(stem, problem.reason) for stem, problem, _ in result.rejected] == [("other", "image_format")]
