@@ -31,10 +31,8 @@ from collections import Counter
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import numpy.typing as npt
 from PIL import Image
 
 from daemon import worker as worker_module
@@ -45,6 +43,10 @@ from daemon.media import MediaInfo
 from daemon.publish import Publisher
 from daemon.service import Service
 from daemon.store import JobStore, Pair
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 REPO = Path(__file__).resolve().parent.parent
 SIDECAR = "prompt: flood {index}\nwidth: 64\nheight: 64\nnum_frames: 8\nsteps: 1\nvariants: []\nseed: {index}\n"
@@ -59,6 +61,8 @@ class InstantGenerator:
         self, request: GenerationRequest, on_step: Any = None, should_interrupt: Any = None
     ) -> GenerationResult:
         shape = (request.num_frames, request.height, request.width, 3)
+        import numpy as np  # here, not at the top: intake's decode children run this script's top again
+
         ramp = np.linspace(20, 200, request.width, dtype=np.float32)[None, None, :, None]
         step = (np.arange(request.num_frames, dtype=np.float32) * 5)[:, None, None, None]
         return GenerationResult(frames=np.broadcast_to(ramp + step, shape).astype(np.uint8))

@@ -27,9 +27,11 @@ from typing import Any
 from daemon.safeopen import InputRejected, decode_image, oriented_size, rejected
 
 _CONTEXT = multiprocessing.get_context("forkserver")
-_CONTEXT.set_forkserver_preload(["__main__", "daemon.decodebox"])
-"""The server imports the main module once, as multiprocessing's children otherwise each would (the `i2vd` script
-imports the CLI; a `python -m` main is never imported again)."""
+_CONTEXT.set_forkserver_preload(["daemon.cli", "daemon.decodebox"])
+"""What the server imports once, so that its children inherit it. multiprocessing runs the parent's main script
+again in each child (as `__mp_main__`, which its `__name__` guard keeps from acting), and the `i2vd` script's only
+import is the CLI: preloaded, that costs nothing; not preloaded, ~150 ms per image. (A `python -m` main is not run
+again; `"__main__"` in this list does nothing on Python 3.11, whose fork server is not given the main's path.)"""
 
 BASE_MEMORY_BYTES = 512 * 1024 * 1024
 """The child's address space before any image: the interpreter, Pillow and its codecs (about 60 MB in use, but
@@ -82,11 +84,12 @@ def isolated_oriented_size(
     )
     child.start()
     sender.close()  # the child holds the only writer: its death reads as end-of-file here
+    answer: tuple[Any, ...] | None = ("wall",)  # what an interrupted wait amounts to: kill the child
     try:
         answer = _answer(receiver, limits.wall_seconds)
     finally:
         receiver.close()
-        _reap(child)
+        _reap(child, at_once=answer == ("wall",))
     return _outcome(answer, child.exitcode, name, limits)
 
 
@@ -101,8 +104,11 @@ def _answer(receiver: multiprocessing.connection.Connection, seconds: float) -> 
     return message
 
 
-def _reap(child: Any) -> None:
-    child.join(JOIN_SECONDS if child.exitcode is None else 0)
+def _reap(child: Any, at_once: bool) -> None:
+    """Wait for the child to exit (it does right after answering); kill it `at_once` (out of time) or if it
+    does not."""
+    if not at_once:
+        child.join(JOIN_SECONDS)
     if child.exitcode is None:
         child.kill()
         child.join(JOIN_SECONDS)
@@ -147,12 +153,12 @@ def _child_main(
 ) -> None:
     """In the child: limits first, then the decode; the answer is a plain tuple (exceptions with keyword
     arguments do not always survive pickling)."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
     answer: tuple[Any, ...]
     try:
+        _lower(resource.RLIMIT_CORE, 0, 0)
+        _lower(resource.RLIMIT_FSIZE, 0, 0)
+        _lower(resource.RLIMIT_AS, limits.memory_bytes, limits.memory_bytes)
+        _lower(resource.RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + 1)
         width, height = decode(data, max_pixels, name)
         answer = ("size", width, height)
     except InputRejected as exc:
@@ -163,3 +169,12 @@ def _child_main(
         answer = ("error", f"{type(exc).__name__}: {exc}")
     sender.send(answer)
     sender.close()
+
+
+def _lower(kind: int, soft: int, hard: int) -> None:
+    """Set a limit no higher than the one the daemon already runs under (systemd's `LimitAS=`, `ulimit`): a
+    process may lower its hard limits but not raise them."""
+    _, current = resource.getrlimit(kind)
+    if current != resource.RLIM_INFINITY:
+        soft, hard = min(soft, current), min(hard, current)
+    resource.setrlimit(kind, (soft, hard))

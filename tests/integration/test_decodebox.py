@@ -5,6 +5,9 @@ goes on and the next decode works."""
 from __future__ import annotations
 
 import io
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -88,7 +91,39 @@ def test_a_decode_that_blocks_is_killed_after_the_wall_clock_limit() -> None:
     started = time.monotonic()
     problem = refusal(image_bytes(), limits, decode=decode_faults.stall)
     assert problem.reason == "decode_too_costly" and problem.detail == {"limit": "wall", "cpu_seconds": 1}
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 3  # killed when the time is up, not after a grace period
+
+
+UNDER_A_LOWER_HARD_LIMIT = """\
+import io, resource
+from PIL import Image
+from daemon.decodebox import DecodeLimits, isolated_oriented_size
+
+if __name__ == "__main__":
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(buffer, "PNG")
+    limits = DecodeLimits.for_image(500_000_000, 50_000_000, 5.0)
+    assert limits.memory_bytes > resource.getrlimit(resource.RLIMIT_AS)[1]
+    print(isolated_oriented_size(buffer.getvalue(), 1_000_000, "cat.png", limits))
+"""
+
+
+def test_a_daemon_under_a_lower_hard_limit_still_decodes(tmp_path: Path) -> None:
+    """Under systemd's `LimitAS=` or a `ulimit -v` lower than the computed limit, the child keeps the lower one
+    (a process cannot raise its hard limit) instead of failing every decode."""
+    script = tmp_path / "decode.py"
+    script.write_text(UNDER_A_LOWER_HARD_LIMIT)
+    four_gib = 4 * 1024**3
+
+    def lower() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (four_gib, four_gib))
+
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=repo, capture_output=True, text=True, timeout=60, preexec_fn=lower
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(64, 48)"
 
 
 def test_limits_cover_every_image_the_size_and_pixel_checks_let_through() -> None:
