@@ -35,18 +35,18 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from daemon import worker as worker_module
-from daemon.config import DaemonConfig, EncodeConfig
 from daemon.generate.base import GenerationRequest, GenerationResult, ModelInfo
-from daemon.logs import configure_logging
 from daemon.media import MediaInfo
-from daemon.publish import Publisher
-from daemon.service import Service
-from daemon.store import JobStore, Pair
 
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
+
+    from daemon.config import EncodeConfig
+
+# The daemon's heavier modules (the service, the worker and what they import) are imported where they are used:
+# intake decodes each image in a child that runs this script's top again (multiprocessing does that for a script
+# main), and the `i2vd` script the daemon runs as has only the CLI there, which the decode server preloads.
 
 REPO = Path(__file__).resolve().parent.parent
 SIDECAR = "prompt: flood {index}\nwidth: 64\nheight: 64\nnum_frames: 8\nsteps: 1\nvariants: []\nseed: {index}\n"
@@ -61,7 +61,7 @@ class InstantGenerator:
         self, request: GenerationRequest, on_step: Any = None, should_interrupt: Any = None
     ) -> GenerationResult:
         shape = (request.num_frames, request.height, request.width, 3)
-        import numpy as np  # here, not at the top: intake's decode children run this script's top again
+        import numpy as np
 
         ramp = np.linspace(20, 200, request.width, dtype=np.float32)[None, None, :, None]
         step = (np.arange(request.num_frames, dtype=np.float32) * 5)[:, None, None, None]
@@ -100,6 +100,10 @@ def run_flood(root: Path, count: int, real_ffmpeg: bool, decode_in_child: bool =
     inbox, outbox = root / "inbox", root / "outbox"
     inbox.mkdir(parents=True)
     drop_pairs(inbox, count)
+    from daemon import worker as worker_module
+    from daemon.config import DaemonConfig
+    from daemon.service import Service
+
     if not real_ffmpeg:
         worker_module.Encoder = InstantEncoder  # type: ignore[misc, assignment]
     config = DaemonConfig(
@@ -149,6 +153,9 @@ def run_flood(root: Path, count: int, real_ffmpeg: bool, decode_in_child: bool =
 
 def claim_and_publish_rates(root: Path, count: int) -> dict[str, float]:
     """`JobStore.claim` and `Publisher.publish` (1 video + manifest) per second, fsyncs included."""
+    from daemon.publish import Publisher
+    from daemon.store import JobStore, Pair
+
     inbox, outbox = root / "rates-inbox", root / "rates-outbox"
     inbox.mkdir(parents=True)
     store = JobStore(inbox, inbox / ".i2vd")
@@ -181,6 +188,8 @@ def main() -> None:
         "--decode-in-process", action="store_true", help="intake.decode_in_child: false (images decoded in the daemon)"
     )
     args = parser.parse_args()
+    from daemon.logs import configure_logging
+
     configure_logging("warning")
     root = Path(tempfile.mkdtemp(prefix="i2vd-flood-", dir=args.root))
     try:

@@ -33,9 +33,9 @@ again in each child (as `__mp_main__`, which its `__name__` guard keeps from act
 import is the CLI: preloaded, that costs nothing; not preloaded, ~150 ms per image. (A `python -m` main is not run
 again; `"__main__"` in this list does nothing on Python 3.11, whose fork server is not given the main's path.)"""
 
-BASE_MEMORY_BYTES = 512 * 1024 * 1024
-"""The child's address space before any image: the interpreter, Pillow and its codecs (about 60 MB in use, but
-shared libraries and allocator arenas reserve more address space than they touch)."""
+BASE_MEMORY_BYTES = 256 * 1024 * 1024
+"""Address space a decode may add beyond the pixels and the bytes: Pillow's codec state and buffers, the
+allocator's arenas."""
 BYTES_PER_PIXEL = 8
 """Decoded pixels at their widest (RGBA, or 32-bit modes for 16-bit PNGs), plus one converted copy's headroom."""
 JOIN_SECONDS = 5.0
@@ -50,8 +50,10 @@ class DecodeError(RuntimeError):
 
 @dataclass(frozen=True)
 class DecodeLimits:
-    """What one image's decode may use: address space, CPU seconds (`RLIMIT_CPU` counts whole seconds) and wall
-    seconds (a child blocked on something other than CPU is killed after these)."""
+    """What one image's decode may use: address space beyond what the child has mapped when it starts (the fork
+    server's interpreter and libraries, and whatever the parent's main script imports again in it), CPU seconds
+    (`RLIMIT_CPU` counts whole seconds) and wall seconds (a child blocked on something other than CPU is killed
+    after these)."""
 
     memory_bytes: int
     cpu_seconds: int
@@ -157,7 +159,8 @@ def _child_main(
     try:
         _lower(resource.RLIMIT_CORE, 0, 0)
         _lower(resource.RLIMIT_FSIZE, 0, 0)
-        _lower(resource.RLIMIT_AS, limits.memory_bytes, limits.memory_bytes)
+        address_space = _address_space_in_use() + limits.memory_bytes
+        _lower(resource.RLIMIT_AS, address_space, address_space)
         _lower(resource.RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + 1)
         width, height = decode(data, max_pixels, name)
         answer = ("size", width, height)
@@ -178,3 +181,13 @@ def _lower(kind: int, soft: int, hard: int) -> None:
     if current != resource.RLIM_INFINITY:
         soft, hard = min(soft, current), min(hard, current)
     resource.setrlimit(kind, (soft, hard))
+
+
+def _address_space_in_use() -> int:
+    """This process's mapped address space (`/proc/self/statm`'s first field); 0 where there is no /proc. A
+    process that has imported a large library (torch maps gigabytes) must not be limited below what it has."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[0]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -142,3 +142,29 @@ def test_intake_decodes_in_the_child_by_default_and_refuses_through_it(tmp_path:
     result = harness.settle()
     assert [job.stem for job in result.accepted] == ["fine"]
     assert [(stem, problem.reason) for stem, problem, _ in result.rejected] == [("other", "image_format")]
+
+
+MAIN_THAT_IMPORTS_TORCH = """\
+import io
+import torch  # multiprocessing runs this again in the decode child: gigabytes of address space mapped there
+from PIL import Image
+from daemon.decodebox import DecodeLimits, isolated_oriented_size
+
+if __name__ == "__main__":
+    buffer = io.BytesIO()
+    Image.new("RGBA", (7000, 7000), (1, 2, 3, 4)).save(buffer, "PNG")
+    limits = DecodeLimits(memory_bytes=300 * 2**20, cpu_seconds=20, wall_seconds=60.0)  # less than torch maps
+    print(isolated_oriented_size(buffer.getvalue(), 60_000_000, "cat.png", limits))
+"""
+
+
+def test_the_memory_limit_counts_from_what_the_child_already_maps(tmp_path: Path) -> None:
+    """The address-space limit is added to what the child has mapped when it starts. A main script that imports
+    torch has the child import it again (multiprocessing re-runs the main); an absolute limit would then sit below
+    the child's own libraries and refuse every large image."""
+    script = tmp_path / "decode.py"
+    script.write_text(MAIN_THAT_IMPORTS_TORCH)
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, str(script)], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(7000, 7000)"
