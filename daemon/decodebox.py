@@ -127,10 +127,12 @@ def _outcome(answer: tuple[Any, ...] | None, exitcode: int | None, name: str, li
         mib = limits.memory_bytes // (1024 * 1024)
         message = f"Decoding {name} needed more than {mib} MiB of memory; it was not accepted."
         raise rejected(name, "decode_too_costly", message, {"limit": "memory", "memory_mib": mib})
-    if (answer is not None and answer[0] == "wall") or exitcode == -signal.SIGXCPU:
-        message = f"Decoding {name} took more than {limits.cpu_seconds} s; it was not accepted."
-        detail = {"limit": "cpu" if exitcode == -signal.SIGXCPU else "wall", "cpu_seconds": limits.cpu_seconds}
-        raise rejected(name, "decode_too_costly", message, detail)
+    if exitcode == -signal.SIGXCPU:
+        message = f"Decoding {name} took more than {limits.cpu_seconds} s of CPU; it was not accepted."
+        raise rejected(name, "decode_too_costly", message, {"limit": "cpu", "cpu_seconds": limits.cpu_seconds})
+    if answer is not None and answer[0] == "wall":
+        message = f"Decoding {name} did not finish within {limits.wall_seconds:g} s; it was not accepted."
+        raise rejected(name, "decode_too_costly", message, {"limit": "wall", "wall_seconds": limits.wall_seconds})
     how = _describe_exit(exitcode)
     message = f"The image decoder crashed on {name} ({how}); it was not accepted."
     raise rejected(name, "decode_crashed", message, {"exit": how})
