@@ -14,13 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
-from PIL import Image, ImageOps
+from PIL import Image
 
 from daemon.config import DaemonConfig
-from daemon.decodebox import DecodeLimits, isolated_oriented_size
+from daemon.decodebox import DecodeLimits, isolated_model_rgb, isolated_oriented_size
 from daemon.errors import JobRejected
 from daemon.jobspec import JobSpec, parse_sidecar
-from daemon.safeopen import INPUT_PIXELS_PER_OUTPUT_PIXEL, decode_image, oriented_size, read_input, rejected
+from daemon.safeopen import (
+    INPUT_PIXELS_PER_OUTPUT_PIXEL,
+    decode_image,
+    oriented_size,
+    read_input,
+    rejected,
+    upright_rgb,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -102,9 +109,8 @@ def decoded_size(data: bytes, name: str, digest: str, config: DaemonConfig, guar
     """Decode the image fully and return its size after EXIF rotation: in a child under limits
     (`intake.decode_in_child`, `decodebox`), or in this process under `decoding_guarded`'s mark."""
     limit = image_pixel_limit(config)
-    settings = config.intake
-    if settings.decode_in_child:
-        limits = DecodeLimits.for_image(limit, settings.max_image_bytes, settings.decode_cpu_seconds)
+    limits = decode_isolation(config)
+    if limits is not None:
         return isolated_oriented_size(data, limit, name, limits)
     with decoding_guarded(guard_dir, digest, name):
         try:
@@ -137,22 +143,31 @@ def load_image_rgb(
     max_bytes: int | None = None,
     expected_sha256: str | None = None,
     name: str | None = None,
+    isolation: DecodeLimits | None = None,
 ) -> Image.Image:
     """Load a validated image for the model: same safety checks, EXIF rotation applied, RGB.
 
     `expected_sha256`: the bytes intake validated. The claimed copy is still the dropper's file (its inode), so
     it can be rewritten after validation; a changed image is rejected instead of run under the old checksum.
-    `name`: the file's name in messages (the claimed copy's own name is the daemon's)."""
+    `name`: the file's name in messages (the claimed copy's own name is the daemon's). `isolation`: decode in a
+    child under these limits (`decodebox`), as intake did; None: in this process."""
     name = name or path.name
     data = read_input(path, max_bytes, name)
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
         message = f"{name} changed after it was accepted; drop the pair again to run the new image."
         raise rejected(name, "input_changed", message, {"expected_sha256": expected_sha256})
-    image = decode_image(data, max_pixels, name)
-    try:
-        image = ImageOps.exif_transpose(image) or image
-    except Exception:
+    if isolation is not None:
+        image, rotated = isolated_model_rgb(data, max_pixels, name, isolation)
+    else:
+        image, rotated = upright_rgb(decode_image(data, max_pixels, name))
+    if not rotated:
         log.warning("exif_transpose_failed", path=str(path))
-    if image.mode == "P":
-        image = image.convert("RGBA")  # palette transparency must go through RGBA, or Pillow warns
-    return image.convert("RGB")
+    return image
+
+
+def decode_isolation(config: DaemonConfig) -> DecodeLimits | None:
+    """The limits of the decode child (`intake.decode_in_child`), or None to decode in the daemon's process."""
+    settings = config.intake
+    if not settings.decode_in_child:
+        return None
+    return DecodeLimits.for_image(image_pixel_limit(config), settings.max_image_bytes, settings.decode_cpu_seconds)

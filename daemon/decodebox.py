@@ -10,8 +10,8 @@ writes) turns each of these into the refusal of that one pair, while the daemon 
 The children fork from multiprocessing's fork server, not from the daemon. The fork server is a small process,
 started once, that has imported Pillow and this module and nothing else. The daemon has threads and, with a model,
 gigabytes of memory, so forking it would be unsafe and costly; a fork of the server costs milliseconds and inherits
-none of the daemon's state. The child sends back only the image's size after EXIF rotation (all intake needs);
-the worker decodes the validated bytes again for the model, after checking their sha256.
+none of the daemon's state. Intake's check gets back only the image's size after EXIF rotation; the worker, which
+decodes the validated bytes again for the model (after checking their sha256), gets the upright RGB pixels.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from daemon.safeopen import InputRejected, decode_image, oriented_size, rejected
+from PIL import Image
+
+from daemon.safeopen import InputRejected, decode_image, oriented_size, rejected, upright_rgb
 
 _CONTEXT = multiprocessing.get_context("forkserver")
 _CONTEXT.set_forkserver_preload(["daemon.cli", "daemon.decodebox"])
@@ -69,16 +71,36 @@ class DecodeLimits:
 
 
 def decode_oriented_size(data: bytes, max_pixels: int, name: str) -> tuple[int, int]:
-    """The full decode (`safeopen.decode_image`) and the size after EXIF rotation: what runs in the child."""
+    """The full decode (`safeopen.decode_image`) and the size after EXIF rotation: intake's check."""
     return oriented_size(decode_image(data, max_pixels, name))
+
+
+def decode_model_rgb(data: bytes, max_pixels: int, name: str) -> tuple[int, int, bytes, bool]:
+    """The full decode, upright and in RGB (`safeopen.upright_rgb`): the worker's image for the model, as
+    (width, height, RGB bytes, whether the EXIF rotation could be read)."""
+    image, rotated = upright_rgb(decode_image(data, max_pixels, name))
+    return image.width, image.height, image.tobytes(), rotated
 
 
 def isolated_oriented_size(
     data: bytes, max_pixels: int, name: str, limits: DecodeLimits, decode: Decode = decode_oriented_size
 ) -> tuple[int, int]:
-    """`decode(data, max_pixels, name)` in a child under `limits`; raises `InputRejected` for the image's own
-    refusals, and for a decode that ran out of memory or time (`decode_too_costly`) or crashed (`decode_crashed`);
-    `DecodeError` for any other error it raised.
+    """`decode(data, max_pixels, name)` (the size after EXIF rotation) in a child under `limits` (`in_child`)."""
+    width, height = in_child(decode, data, max_pixels, name, limits)
+    return int(width), int(height)
+
+
+def isolated_model_rgb(data: bytes, max_pixels: int, name: str, limits: DecodeLimits) -> tuple[Image.Image, bool]:
+    """`decode_model_rgb` in a child under `limits` (`in_child`): the RGB image and whether its EXIF rotation
+    could be read. The pixels come back through the pipe (36 MB for a 12-megapixel photo)."""
+    width, height, pixels, rotated = in_child(decode_model_rgb, data, max_pixels, name, limits)
+    return Image.frombytes("RGB", (width, height), pixels), rotated
+
+
+def in_child(decode: Callable[..., Any], data: bytes, max_pixels: int, name: str, limits: DecodeLimits) -> Any:
+    """`decode(data, max_pixels, name)` in a child under `limits`, and its (picklable) result; raises
+    `InputRejected` for the image's own refusals, and for a decode that ran out of memory or time
+    (`decode_too_costly`) or crashed (`decode_crashed`); `DecodeError` for any other error it raised.
     `decode` must be a module-level function (it is sent to the child by name)."""
     receiver, sender = _CONTEXT.Pipe(duplex=False)
     child = _CONTEXT.Process(
@@ -116,9 +138,9 @@ def _reap(child: Any, at_once: bool) -> None:
         child.join(JOIN_SECONDS)
 
 
-def _outcome(answer: tuple[Any, ...] | None, exitcode: int | None, name: str, limits: DecodeLimits) -> tuple[int, int]:
-    if answer is not None and answer[0] == "size":
-        return int(answer[1]), int(answer[2])
+def _outcome(answer: tuple[Any, ...] | None, exitcode: int | None, name: str, limits: DecodeLimits) -> Any:
+    if answer is not None and answer[0] == "value":
+        return answer[1]
     if answer is not None and answer[0] == "rejected":
         raise rejected(name, answer[1], answer[2], answer[3])
     if answer is not None and answer[0] == "error":
@@ -153,7 +175,7 @@ def _child_main(
     max_pixels: int,
     name: str,
     limits: DecodeLimits,
-    decode: Decode,
+    decode: Callable[..., Any],
 ) -> None:
     """In the child: limits first, then the decode; the answer is a plain tuple (exceptions with keyword
     arguments do not always survive pickling)."""
@@ -164,8 +186,7 @@ def _child_main(
         address_space = _address_space_in_use() + limits.memory_bytes
         _lower(resource.RLIMIT_AS, address_space, address_space)
         _lower(resource.RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + 1)
-        width, height = decode(data, max_pixels, name)
-        answer = ("size", width, height)
+        answer = ("value", decode(data, max_pixels, name))
     except InputRejected as exc:
         answer = ("rejected", exc.reason, exc.message, exc.detail)
     except MemoryError:

@@ -27,6 +27,7 @@ from typing import Any
 import structlog
 
 from daemon.checks import Inspection, inspect_data, inspect_inputs
+from daemon.checks import decode_isolation as decode_isolation  # re-exported for the worker
 from daemon.checks import image_pixel_limit as image_pixel_limit  # re-exported for tests and tools
 from daemon.checks import load_image_rgb as load_image_rgb  # re-exported: the worker and CLI load images from here
 from daemon.config import DaemonConfig

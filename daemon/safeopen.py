@@ -21,7 +21,7 @@ from pathlib import Path
 from stat import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFMT, S_IFSOCK, S_ISLNK, S_ISREG
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from daemon.errors import JobRejected
 
@@ -185,6 +185,19 @@ def decode_image(data: bytes, max_pixels: int, name: str) -> Image.Image:
 
 
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+
+
+def upright_rgb(image: Image.Image) -> tuple[Image.Image, bool]:
+    """The decoded image as the model takes it: EXIF rotation applied, RGB; and False if the rotation could not
+    be read (the image is then used as stored)."""
+    rotated = True
+    try:
+        image = ImageOps.exif_transpose(image) or image
+    except Exception:
+        rotated = False
+    if image.mode == "P":
+        image = image.convert("RGBA")  # palette transparency must go through RGBA, or Pillow warns
+    return image.convert("RGB"), rotated
 
 
 def oriented_size(image: Image.Image) -> tuple[int, int]:

@@ -34,7 +34,7 @@ from daemon.encode import Encoder
 from daemon.errors import FatalError, JobInterrupted, JobRejected, TransientJobError
 from daemon.finish import Finisher
 from daemon.generate.base import GenerationRequest, GenerationResult, Generator
-from daemon.intake import image_pixel_limit, load_image_rgb
+from daemon.intake import decode_isolation, image_pixel_limit, load_image_rgb
 from daemon.jobqueue import JobQueue
 from daemon.metrics import DaemonMetrics
 from daemon.publish import Publisher
@@ -248,7 +248,13 @@ class Worker:
         with attempt.timer.stage("load_image"):
             job, config = attempt.job, self._config
             limits = (image_pixel_limit(config), config.intake.max_image_bytes)  # the limits intake applied
-            image = load_image_rgb(job.image_path, *limits, expected_sha256=job.image_sha256, name=job.image_name)
+            image = load_image_rgb(
+                job.image_path,
+                *limits,
+                expected_sha256=job.image_sha256,
+                name=job.image_name,
+                isolation=decode_isolation(config),
+            )
         return generation_request(resolved, image)
 
     def _complete(self, attempt: Attempt) -> str:

@@ -4,6 +4,7 @@ goes on and the next decode works."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import resource
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 from intake_helpers import SIDECAR, Harness, image_bytes
 from PIL import Image
 
+from daemon.checks import decode_isolation, load_image_rgb
 from daemon.config import DaemonConfig
 from daemon.decodebox import DecodeError, DecodeLimits, isolated_oriented_size
 from daemon.safeopen import InputRejected
@@ -41,6 +43,39 @@ def exif_rotated_jpeg(size: tuple[int, int]) -> bytes:
 def test_the_child_decodes_and_returns_the_size_after_exif_rotation() -> None:
     assert isolated_oriented_size(image_bytes((64, 48)), 1_000_000, "cat.png", LIMITS) == (64, 48)
     assert isolated_oriented_size(exif_rotated_jpeg((64, 48)), 1_000_000, "cat.jpg", LIMITS) == (48, 64)
+
+
+def palette_png_with_transparency() -> bytes:
+    image = Image.new("P", (40, 30))
+    image.putpalette([0, 0, 0, 200, 30, 30] + [0, 0, 0] * 254)
+    image.paste(1, (10, 5, 30, 25))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", transparency=0)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "data", [exif_rotated_jpeg((64, 48)), palette_png_with_transparency(), image_bytes((33, 21), "WEBP")]
+)
+def test_the_workers_image_from_the_child_is_the_one_decoded_in_process(tmp_path: Path, data: bytes) -> None:
+    """The worker's decode for the model (`load_image_rgb` with `isolation`): upright RGB pixels through the
+    pipe, equal to the in-process decode of the same bytes, under the same checksum check."""
+    path = tmp_path / "cat.img"
+    path.write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    in_process = load_image_rgb(path, 1_000_000, expected_sha256=digest)
+    isolated = load_image_rgb(path, 1_000_000, expected_sha256=digest, isolation=LIMITS)
+    assert isolated.mode == in_process.mode == "RGB"
+    assert isolated.size == in_process.size
+    assert isolated.tobytes() == in_process.tobytes()
+    with pytest.raises(InputRejected) as caught:
+        load_image_rgb(path, 1_000_000, expected_sha256="0" * 64, isolation=LIMITS)
+    assert caught.value.reason == "input_changed"
+
+
+def test_the_worker_decodes_in_a_child_unless_the_config_says_otherwise() -> None:
+    assert decode_isolation(DaemonConfig(inbox=Path("inbox"))) is not None
+    assert decode_isolation(DaemonConfig(inbox=Path("inbox"), intake={"decode_in_child": False})) is None  # type: ignore[arg-type]
 
 
 def test_the_images_own_refusals_come_back_with_their_reason() -> None:
