@@ -1,5 +1,6 @@
 """What decoding an inbox image in a limited child (`daemon/decodebox.py`, `intake.decode_in_child`) costs against
-decoding it in the daemon's process, per image, for a few sizes and formats.
+decoding it in the daemon's process, per image, for a few sizes and formats: intake's check (the size comes back)
+and the worker's decode for the model (the upright RGB pixels come back).
 
     PYTHONPATH=. .venv/bin/python bench/decode_isolation.py [--repeats 30]
 
@@ -22,7 +23,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from daemon.decodebox import DecodeLimits, decode_oriented_size, isolated_oriented_size
+from daemon.decodebox import DecodeLimits, decode_oriented_size, isolated_model_rgb, isolated_oriented_size
+from daemon.safeopen import decode_image, upright_rgb
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_PIXELS = 50_000_000
@@ -65,6 +67,11 @@ def main() -> None:
         child = median_ms(lambda d=data: isolated_oriented_size(d, MAX_PIXELS, "x", LIMITS), args.repeats)
         row = {"case": label, "bytes": len(data), "in_process_ms": in_process, "child_ms": child}
         row["overhead_ms"] = round(child - in_process, 2)
+        # The worker's decode for the model: upright RGB pixels, which come back through the pipe.
+        rgb_in_process = median_ms(lambda d=data: upright_rgb(decode_image(d, MAX_PIXELS, "x")), args.repeats)
+        rgb_child = median_ms(lambda d=data: isolated_model_rgb(d, MAX_PIXELS, "x", LIMITS), args.repeats)
+        row |= {"rgb_in_process_ms": rgb_in_process, "rgb_child_ms": rgb_child}
+        row["rgb_overhead_ms"] = round(rgb_child - rgb_in_process, 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {

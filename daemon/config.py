@@ -369,6 +369,11 @@ class WorkerConfig(_Frozen):
     """Per-job error policy: transient failures (OOM, ffmpeg crash, full disk) are retried, then quarantined."""
 
     max_attempts: Annotated[int, Field(ge=1, le=20)] = 3
+    decode_in_child: bool = False
+    """Decode the image for the model in a limited child too, as intake's check does (`daemon/decodebox.py`).
+    Off by default: the worker decodes bytes that intake's child already decoded, checked by sha256, and this
+    decode is on the GPU's critical path, where the pixels' trip back through the pipe costs 17 ms for a 512x512
+    PNG and 184 ms for a 12-megapixel JPEG (2 cores, BENCHMARKS.md)."""
     retry_delay_seconds: Annotated[float, Field(ge=0.0, le=3600.0)] = 5.0
     stop_timeout_seconds: Annotated[float, Field(gt=0.0, le=3600.0)] = 60.0
     job_timeout_seconds: Annotated[float, Field(gt=0.0, le=86400.0)] = 3600.0

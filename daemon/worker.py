@@ -253,7 +253,7 @@ class Worker:
                 *limits,
                 expected_sha256=job.image_sha256,
                 name=job.image_name,
-                isolation=decode_isolation(config),
+                isolation=decode_isolation(config) if config.worker.decode_in_child else None,
             )
         return generation_request(resolved, image)
 

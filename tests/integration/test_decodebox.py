@@ -73,7 +73,7 @@ def test_the_workers_image_from_the_child_is_the_one_decoded_in_process(tmp_path
     assert caught.value.reason == "input_changed"
 
 
-def test_the_worker_decodes_in_a_child_unless_the_config_says_otherwise() -> None:
+def test_intake_decodes_in_a_child_unless_the_config_says_otherwise() -> None:
     assert decode_isolation(DaemonConfig(inbox=Path("inbox"))) is not None
     assert decode_isolation(DaemonConfig(inbox=Path("inbox"), intake={"decode_in_child": False})) is None  # type: ignore[arg-type]
 

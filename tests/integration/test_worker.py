@@ -102,6 +102,35 @@ def test_a_job_is_published_and_its_inputs_archived(harness: Harness, make_image
     assert not (harness.config.outbox / ".i2vd-staging" / job.job_id).exists()
 
 
+def test_with_worker_decode_in_child_the_models_image_comes_from_a_limited_child(
+    tmp_path: Path, generator: Generator, make_image: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`worker.decode_in_child: true`: the worker's decode for the model runs in `decodebox`'s child too (the
+    same one intake uses), and the job succeeds with it; off (the default), it runs in this process."""
+    from daemon import checks
+
+    calls: list[str] = []
+    real = checks.isolated_model_rgb
+
+    def counted(data: bytes, max_pixels: int, name: str, limits: Any) -> Any:
+        calls.append(name)
+        return real(data, max_pixels, name, limits)
+
+    monkeypatch.setattr(checks, "isolated_model_rgb", counted)
+    default = Harness(tmp_path / "default", generator)
+    assert default.run_until_settled(default.claim(make_image, "here", "prompt: fine\nvariants: []\n")) == ["succeeded"]
+    assert calls == []
+    isolated = Harness(tmp_path / "isolated", generator)
+    worker = isolated.config.worker.model_copy(update={"decode_in_child": True})
+    isolated.config = isolated.config.model_copy(update={"worker": worker})
+    isolated.worker = Worker(
+        isolated.config, generator, isolated.store, isolated.queue, isolated.metrics, interrupt=isolated.interrupt
+    )
+    job = isolated.claim(make_image, "there", "prompt: fine\nvariants: []\n")
+    assert isolated.run_until_settled(job) == ["succeeded"]
+    assert calls == ["there.png"]
+
+
 def test_the_manifest_times_every_stage_and_the_duration_runs_from_the_claim(
     harness: Harness, make_image: Callable[..., Path]
 ) -> None:
