@@ -178,7 +178,11 @@ def _child_main(
     decode: Callable[..., Any],
 ) -> None:
     """In the child: limits first, then the decode; the answer is a plain tuple (exceptions with keyword
-    arguments do not always survive pickling)."""
+    arguments do not always survive pickling). A Ctrl-C or a hangup to the terminal's process group reaches the
+    child too: the daemon decides what stops (it kills the child when the time is up), or an innocent image would
+    be refused as crashed."""
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     answer: tuple[Any, ...]
     try:
         _lower(resource.RLIMIT_CORE, 0, 0)

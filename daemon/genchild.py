@@ -106,10 +106,11 @@ def child_main(
 ) -> None:
     """Entry point of the spawned process. Returns (exit 0) on `stop` or when the parent's end closes."""
     exit_with_parent(parent_pid)
-    # The parent decides when a job stops: a Ctrl-C to the terminal's process group or a SIGTERM to the whole
-    # control group must not kill a job before the daemon has released its claim (it closes or kills us itself).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The parent decides when a job stops: a Ctrl-C or a hangup to the terminal's process group or a SIGTERM to
+    # the whole control group must not kill a job before the daemon has released its claim (it closes or kills
+    # us itself).
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     os.environ.update(env)
     from daemon.logs import configure_logging, get_logger
 

@@ -1,7 +1,9 @@
 """Signal handling that only sets flags (rq/dramatiq style): the main loop notices, logs and acts.
 
-First SIGINT/SIGTERM asks for a graceful stop (no new claims; the running job is interrupted between denoising
-steps and released back to the queue). A second one asks for an immediate stop.
+First SIGINT/SIGTERM/SIGHUP asks for a graceful stop (no new claims; the running job is interrupted between
+denoising steps and released back to the queue). A second one asks for an immediate stop. SIGHUP is what a closed
+terminal or a dropped SSH session sends to `i2vd run` in the foreground; its default action would end the process
+on the spot, with a job half generated. (There is no reload: a new config needs a restart.)
 
 The Python-level handler does nothing: the interpreter writes each signal's number to a wakeup pipe
 (`signal.set_wakeup_fd`), and a reader thread turns the bytes into the two events. Setting a `threading.Event`
@@ -19,7 +21,7 @@ import signal
 import threading
 from types import FrameType
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class StopSignals:

@@ -35,3 +35,13 @@ def exit_quietly(data: bytes, max_pixels: int, name: str) -> tuple[int, int]:
 def raise_bug(data: bytes, max_pixels: int, name: str) -> tuple[int, int]:
     """Our own bug in the decode path: an ordinary exception."""
     raise KeyError("orientation")
+
+
+def interrupted(data: bytes, max_pixels: int, name: str) -> tuple[int, int]:
+    """A Ctrl-C and a hangup to the terminal's process group arrive during the decode."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGHUP)
+    return 7, 5

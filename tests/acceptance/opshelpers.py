@@ -66,6 +66,7 @@ class OpsDaemon:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=full_env,
+            start_new_session=True,  # its own process group, as under a terminal: `stop(..., group=True)`
         )
 
     def events(self) -> list[dict[str, Any]]:
@@ -115,8 +116,13 @@ class OpsDaemon:
                 samples[f"{sample.name}{{{labels}}}"] = sample.value
         return samples
 
-    def stop(self, signum: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        self.process.send_signal(signum)
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 60.0, group: bool = False) -> int:
+        """Send `signum` to the daemon (systemd's KillMode=mixed), or with `group` to its whole process group, as a
+        terminal does on Ctrl-C or hangup (its generation process included); its exit status."""
+        if group:
+            os.killpg(self.process.pid, signum)
+        else:
+            self.process.send_signal(signum)
         try:
             return self.process.wait(timeout=timeout)
         finally:

@@ -99,16 +99,21 @@ def test_once_drains_the_inbox_and_exits_zero(
     assert any(e.get("event") == "inbox_drained" for e in daemon.events())
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
 def test_sigterm_mid_job_releases_it_and_the_next_start_finishes_it(
-    ops_daemon: Callable[..., OpsDaemon], make_image: Callable[..., Path], tmp_path: Path
+    ops_daemon: Callable[..., OpsDaemon], make_image: Callable[..., Path], tmp_path: Path, signum: signal.Signals
 ) -> None:
+    """systemd's SIGTERM, or the SIGHUP of a closed terminal: a graceful stop. The job being generated is
+    released (its generation process ignores both: the daemon decides), and the next start finishes it."""
     daemon = ops_daemon()
     daemon.wait_for_event("service_ready")
     # Long enough on the CPU that the signal lands between denoising steps.
     drop_pair(daemon.inbox, make_image, "slow", "prompt: slow\nwidth: 128\nheight: 128\nsteps: 60\nvariants: []\n")
     daemon.wait_for_event("generate_step", JOB_SECONDS)
-    assert daemon.stop(signal.SIGTERM) == 0
+    assert daemon.stop(signum, group=signum == signal.SIGHUP) == 0  # a hangup reaches the whole group
     assert any(e.get("event") == "job_released" for e in daemon.events())
+    restarts = [e for e in daemon.events() if e.get("event") == "generator_process_restarting"]
+    assert restarts == [], "the generation process must outlive the signal and stop when the daemon says so"
     assert manifests(daemon.outbox) == []
     claimed = list((daemon.inbox / ".i2vd" / "jobs").iterdir())
     assert len(claimed) == 1, "the interrupted job must stay claimed on disk"

@@ -94,6 +94,13 @@ def test_a_decoder_crash_refuses_the_image_and_the_next_decode_works() -> None:
     assert isolated_oriented_size(image_bytes((64, 48)), 1_000_000, "next.png", LIMITS) == (64, 48)
 
 
+def test_a_ctrl_c_or_hangup_to_the_process_group_does_not_refuse_the_image_being_decoded() -> None:
+    assert isolated_oriented_size(image_bytes(), 1_000_000, "cat.png", LIMITS, decode=decode_faults.interrupted) == (
+        7,
+        5,
+    )
+
+
 def test_an_ordinary_error_in_the_child_is_an_internal_error_not_a_refusal() -> None:
     with pytest.raises(DecodeError, match="KeyError"):
         isolated_oriented_size(image_bytes(), 1_000_000, "cat.png", LIMITS, decode=decode_faults.raise_bug)

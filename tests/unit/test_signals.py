@@ -32,6 +32,13 @@ def test_the_first_signal_asks_for_a_graceful_stop_and_the_second_for_an_immedia
     assert signals.force_requested.wait(5)
 
 
+def test_a_hangup_asks_for_a_graceful_stop_too(signals: StopSignals) -> None:
+    """A closed terminal (SIGHUP) stops `i2vd run` like SIGTERM instead of ending it mid-job."""
+    os.kill(os.getpid(), signal.SIGHUP)
+    assert signals.stop_requested.wait(5)
+    assert not signals.force_requested.is_set()
+
+
 def test_other_signals_are_not_stop_signals(signals: StopSignals) -> None:
     previous = signal.signal(signal.SIGUSR1, lambda *_: None)
     try:
@@ -49,6 +56,7 @@ def test_uninstall_gives_the_default_handlers_back() -> None:
     installed.uninstall()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
 
 
 def test_a_signal_while_the_main_thread_holds_the_events_lock_does_not_deadlock() -> None:
