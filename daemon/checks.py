@@ -17,7 +17,7 @@ import structlog
 from PIL import Image
 
 from daemon.config import DaemonConfig
-from daemon.decodebox import DecodeLimits, isolated_model_rgb, isolated_oriented_size
+from daemon.decodebox import DecodeLimits, DecodeUnavailable, isolated_model_rgb, isolated_oriented_size
 from daemon.errors import JobRejected
 from daemon.jobspec import JobSpec, parse_sidecar
 from daemon.safeopen import (
@@ -111,7 +111,10 @@ def decoded_size(data: bytes, name: str, digest: str, config: DaemonConfig, guar
     limit = image_pixel_limit(config)
     limits = decode_isolation(config)
     if limits is not None:
-        return isolated_oriented_size(data, limit, name, limits)
+        try:
+            return isolated_oriented_size(data, limit, name, limits)
+        except DecodeUnavailable as exc:
+            log.warning("decode_child_unavailable", error=str(exc))  # then in process, under the crash mark
     with decoding_guarded(guard_dir, digest, name):
         try:
             return oriented_size(decode_image(data, limit, name))
@@ -156,10 +159,13 @@ def load_image_rgb(
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
         message = f"{name} changed after it was accepted; drop the pair again to run the new image."
         raise rejected(name, "input_changed", message, {"expected_sha256": expected_sha256})
+    decoded: tuple[Image.Image, bool] | None = None
     if isolation is not None:
-        image, rotated = isolated_model_rgb(data, max_pixels, name, isolation)
-    else:
-        image, rotated = upright_rgb(decode_image(data, max_pixels, name))
+        try:
+            decoded = isolated_model_rgb(data, max_pixels, name, isolation)
+        except DecodeUnavailable as exc:
+            log.warning("decode_child_unavailable", error=str(exc))
+    image, rotated = decoded or upright_rgb(decode_image(data, max_pixels, name))
     if not rotated:
         log.warning("exif_transpose_failed", path=str(path))
     return image

@@ -22,6 +22,7 @@ import resource
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from typing import Any
 
 from PIL import Image
@@ -38,8 +39,13 @@ again; `"__main__"` in this list does nothing on Python 3.11, whose fork server 
 BASE_MEMORY_BYTES = 256 * 1024 * 1024
 """Address space a decode may add beyond the pixels and the bytes: Pillow's codec state and buffers, the
 allocator's arenas."""
-BYTES_PER_PIXEL = 8
-"""Decoded pixels at their widest (RGBA, or 32-bit modes for 16-bit PNGs), plus one converted copy's headroom."""
+BYTES_PER_PIXEL = 16
+"""Decoded pixels at their widest with the decoder's own buffers: libwebp peaks at ~14.7 bytes per pixel, a
+progressive CMYK JPEG at ~12 (RGBA or 32-bit modes hold 4 per pixel themselves)."""
+GUARDED_SIGNALS = frozenset({signal.SIGINT, signal.SIGHUP, signal.SIGTERM})
+"""Blocked in the fork server (so in every child it forks) from its start: a Ctrl-C, a hangup or a SIGTERM to the
+whole process group must neither kill the server nor a child before it ignores them itself, or an innocent image
+would be refused as crashed. The daemon decides when a decode stops."""
 JOIN_SECONDS = 5.0
 """How long a child that has answered (or was killed) gets to exit before it is killed (again)."""
 
@@ -48,6 +54,10 @@ Decode = Callable[[bytes, int, str], tuple[int, int]]
 
 class DecodeError(RuntimeError):
     """The decode raised an error that is not a refusal of the image (a bug, as in-process it would be)."""
+
+
+class DecodeUnavailable(RuntimeError):
+    """No child could be started (the fork server failed): not the image's fault; the caller decodes in process."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +116,19 @@ def in_child(decode: Callable[..., Any], data: bytes, max_pixels: int, name: str
     child = _CONTEXT.Process(
         target=_child_main, args=(sender, data, max_pixels, name, limits, decode), name="i2vd-decode", daemon=True
     )
-    child.start()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, GUARDED_SIGNALS)  # inherited by a fork server started now
+    try:
+        # The fork server needs multiprocessing's resource tracker, whose start unblocks SIGINT and SIGTERM in
+        # this thread when it is done: start it first, then block them again for the fork server's start.
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, GUARDED_SIGNALS)
+        child.start()
+    except (OSError, EOFError) as exc:
+        receiver.close()
+        sender.close()
+        raise DecodeUnavailable(f"no decode child could be started: {exc!r}") from exc
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     sender.close()  # the child holds the only writer: its death reads as end-of-file here
     answer: tuple[Any, ...] | None = ("wall",)  # what an interrupted wait amounts to: kill the child
     try:
@@ -197,7 +219,10 @@ def _child_main(
         answer = ("memory",)
     except Exception as exc:  # a bug of ours, not the image's fault: the caller's internal-error path
         answer = ("error", f"{type(exc).__name__}: {exc}")
-    sender.send(answer)
+    try:
+        sender.send(answer)
+    except MemoryError:  # pickling a large result under the limit
+        sender.send(("memory",))
     sender.close()
 
 

@@ -3,7 +3,8 @@
 First SIGINT/SIGTERM/SIGHUP asks for a graceful stop (no new claims; the running job is interrupted between
 denoising steps and released back to the queue). A second one asks for an immediate stop. SIGHUP is what a closed
 terminal or a dropped SSH session sends to `i2vd run` in the foreground; its default action would end the process
-on the spot, with a job half generated. (There is no reload: a new config needs a restart.)
+on the spot, with a job half generated; under `nohup` (SIGHUP ignored when the daemon starts) it stays ignored.
+(There is no reload: a new config needs a restart.)
 
 The Python-level handler does nothing: the interpreter writes each signal's number to a wakeup pipe
 (`signal.set_wakeup_fd`), and a reader thread turns the bytes into the two events. Setting a `threading.Event`
@@ -20,6 +21,7 @@ import os
 import signal
 import threading
 from types import FrameType
+from typing import Any
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -31,6 +33,7 @@ class StopSignals:
         self.stop_requested = threading.Event()
         self.force_requested = threading.Event()
         self._previous_wakeup_fd = -1
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
         """Install handlers and start the reader thread; only possible from the main thread."""
@@ -38,13 +41,16 @@ class StopSignals:
         os.set_blocking(write_end, False)  # the interpreter drops a byte rather than block the main thread
         self._previous_wakeup_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
         for signum in STOP_SIGNALS:
-            signal.signal(signum, _noted_by_wakeup_fd)
+            if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
+                continue  # started under `nohup`: the terminal's hangup was meant not to stop it
+            self._previous[signum] = signal.signal(signum, _noted_by_wakeup_fd)
         threading.Thread(target=self._read, args=(read_end,), name="i2vd-signals", daemon=True).start()
 
     def uninstall(self) -> None:
-        """Default handlers and the previous wakeup fd again (in-process callers, tests)."""
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
+        """The previous handlers and wakeup fd again (in-process callers, tests)."""
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
         write_end = signal.set_wakeup_fd(self._previous_wakeup_fd)
         if write_end >= 0:
             with contextlib.suppress(OSError):

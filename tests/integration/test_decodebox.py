@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import decode_faults
 import pytest
@@ -212,3 +213,73 @@ def test_the_memory_limit_counts_from_what_the_child_already_maps(tmp_path: Path
     result = subprocess.run([sys.executable, str(script)], cwd=repo, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "(7000, 7000)"
+
+
+SIGNALS_TO_THE_GROUP_WHILE_DECODING = """\
+import io, os, signal, threading, time
+from PIL import Image
+from daemon.decodebox import DecodeLimits, isolated_oriented_size
+
+if __name__ == "__main__":
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, lambda *_: None)  # this process survives them; its exec'd helpers would not
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(buffer, "PNG")
+    limits = DecodeLimits.for_image(1_000_000, 1_000_000, 5.0)
+    done = threading.Event()
+
+    def storm():
+        while not done.is_set():
+            for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+                os.killpg(0, signum)
+            time.sleep(0.002)
+
+    threading.Thread(target=storm, daemon=True).start()
+    sizes = [isolated_oriented_size(buffer.getvalue(), 1_000_000, "cat.png", limits) for _ in range(60)]
+    done.set()
+    print(sizes.count((64, 48)))
+"""
+
+
+def test_signals_to_the_whole_process_group_never_refuse_an_image(tmp_path: Path) -> None:
+    """A Ctrl-C, a hangup or a group SIGTERM at any moment of a decode (the fork server's start and each child's
+    own start included, before the child could ignore them) must not kill the server or a child: they are blocked
+    from the server's start. 60 decodes under a storm of all three signals, every one answered."""
+    script = tmp_path / "storm.py"
+    script.write_text(SIGNALS_TO_THE_GROUP_WHILE_DECODING)
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=repo, capture_output=True, text=True, timeout=120, start_new_session=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "60"
+
+
+class _Unstartable:
+    """A multiprocessing context whose processes cannot start (the fork server failed)."""
+
+    def __init__(self, real: Any) -> None:
+        self.Pipe = real.Pipe
+
+    def Process(self, **kwargs: Any) -> Any:
+        class Broken:
+            def start(self) -> None:
+                raise OSError(11, "Resource temporarily unavailable")
+
+        return Broken()
+
+
+def test_without_a_decode_child_intake_decodes_in_process_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import daemon.decodebox as decodebox
+
+    monkeypatch.setattr(decodebox, "_CONTEXT", _Unstartable(decodebox._CONTEXT))
+    with pytest.raises(decodebox.DecodeUnavailable):
+        isolated_oriented_size(image_bytes(), 1_000_000, "cat.png", LIMITS)
+    harness = Harness(tmp_path / "inbox", stable_seconds=0.0)
+    harness.drop_pair("fine", image=image_bytes((64, 48)))
+    assert [job.stem for job in harness.settle().accepted] == ["fine"]
+    path = tmp_path / "cat.png"
+    path.write_bytes(image_bytes((33, 21)))
+    assert load_image_rgb(path, 1_000_000, isolation=LIMITS).size == (33, 21)

@@ -39,6 +39,22 @@ def test_a_hangup_asks_for_a_graceful_stop_too(signals: StopSignals) -> None:
     assert not signals.force_requested.is_set()
 
 
+def test_under_nohup_a_hangup_stays_ignored_and_uninstall_gives_the_previous_handlers_back() -> None:
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what `nohup` leaves
+    try:
+        installed = StopSignals()
+        installed.install()
+        try:
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert not installed.stop_requested.wait(0.3)
+        finally:
+            installed.uninstall()
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 def test_other_signals_are_not_stop_signals(signals: StopSignals) -> None:
     previous = signal.signal(signal.SIGUSR1, lambda *_: None)
     try:
@@ -50,13 +66,13 @@ def test_other_signals_are_not_stop_signals(signals: StopSignals) -> None:
         signal.signal(signal.SIGUSR1, previous)
 
 
-def test_uninstall_gives_the_default_handlers_back() -> None:
+def test_uninstall_gives_the_previous_handlers_back() -> None:
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     installed = StopSignals()
     installed.install()
+    assert all(signal.getsignal(signum) != handler for signum, handler in before.items())
     installed.uninstall()
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
-    assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+    assert {signum: signal.getsignal(signum) for signum in before} == before
 
 
 def test_a_signal_while_the_main_thread_holds_the_events_lock_does_not_deadlock() -> None:
