@@ -17,13 +17,18 @@ import structlog
 from PIL import Image
 
 from daemon.config import DaemonConfig
-from daemon.decodebox import DecodeLimits, DecodeUnavailable, isolated_model_rgb, isolated_oriented_size
+from daemon.decodebox import (
+    DecodeLimits,
+    DecodeUnavailable,
+    decode_oriented_size,
+    isolated_model_rgb,
+    isolated_oriented_size,
+)
 from daemon.errors import JobRejected
 from daemon.jobspec import JobSpec, parse_sidecar
 from daemon.safeopen import (
     INPUT_PIXELS_PER_OUTPUT_PIXEL,
     decode_image,
-    oriented_size,
     read_input,
     rejected,
     upright_rgb,
@@ -117,7 +122,7 @@ def decoded_size(data: bytes, name: str, digest: str, config: DaemonConfig, guar
             log.warning("decode_child_unavailable", error=str(exc))  # then in process, under the crash mark
     with decoding_guarded(guard_dir, digest, name):
         try:
-            return oriented_size(decode_image(data, limit, name))
+            return decode_oriented_size(data, limit, name)
         except MemoryError as exc:
             message = f"Decoding {name} ran out of memory; it was not accepted."
             raise rejected(name, "decode_too_costly", message, {"limit": "memory"}) from exc

@@ -596,9 +596,9 @@ DECODE_KILLS_THE_PROCESS = """\
 import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, "tests")
-import daemon.checks
+import daemon.decodebox
 from intake_helpers import SIDECAR, Harness, image_bytes
-daemon.checks.decode_image = lambda *args: os.kill(os.getpid(), signal.SIGKILL)  # a decoder crash, not an error
+daemon.decodebox.decode_image = lambda *args: os.kill(os.getpid(), signal.SIGKILL)  # a decoder crash, not an error
 harness = Harness(Path(sys.argv[1]), stable_seconds=0.0, decode_in_child=False)  # decoding here
 harness.drop_pair("crash", image=image_bytes((40, 30)))
 harness.settle()
