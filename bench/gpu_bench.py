@@ -681,6 +681,10 @@ TUNINGS: dict[str, dict[str, Any]] = {
     "multi-kernel": {"triton.multi_kernel": 1},
     "combo-kernels": {"combo_kernels": True},
     "aggressive-fusion": {"aggressive_fusion": True},
+    "freezing": {"freezing": True},
+    "cooperative-reductions": {"triton.cooperative_reductions": True},
+    "fused-projections": {},
+    "split-bias": {},
 }
 """Inductor options per `--tunings` name: coordinate descent tunes the block sizes of inductor's own pointwise and
 reduction kernels; max-autotune also benchmarks Triton GEMM/convolution templates against cuBLAS/cuDNN (and can
@@ -691,7 +695,32 @@ Unfused addmm: a linear's bias is added in the pointwise kernel that follows ins
 option); multi-kernel: inductor
 compiles both a persistent and a looped variant of each reduction and keeps the faster per kernel at run time;
 combo kernels: independent small kernels (the GroupNorm statistics' later stages) launched as one; aggressive
-fusion: nodes fused even without shared reads."""
+fusion: nodes fused even without shared reads; freezing: weights as constants (inductor then concatenates linears
+that share an input); cooperative reductions: a split reduction in one kernel with a grid-wide barrier instead of
+several (the GroupNorm statistics' later stages). Two are changes to the model, not options:
+`MODEL_CHANGES`."""
+
+
+def _set_fused_projections(unet: Any, on: bool) -> None:
+    for module in unet.modules():
+        processor = getattr(module, "processor", None)
+        if isinstance(processor, gpu_speed.AttentionProcessor):
+            processor.fuse_projections = on
+
+
+MODEL_CHANGES: dict[str, Callable[[Any, bool], Any]] = {
+    "fused-projections": _set_fused_projections,
+    "split-bias": lambda unet, on: gpu_speed.split_linear_bias(unet, undo=not on),
+}
+"""`--tunings` names that change the model (on, then off again) under inductor's default options:
+`AttentionProcessor.fuse_projections` and `gpu_speed.split_linear_bias`."""
+
+
+def _max_difference(ours: Any, reference: Any) -> float:
+    """The largest absolute difference between two layer outputs (tensors, or tuples/lists of them)."""
+    if isinstance(ours, torch.Tensor):
+        return float((ours.float() - reference.float()).abs().max())
+    return max((_max_difference(a, b) for a, b in zip(ours, reference, strict=True)), default=0.0)
 
 
 def _time_tuning(tuning: str, ordered: list[dict[str, Any]], rows: list[dict[str, Any]], budget: float) -> float:
@@ -705,12 +734,44 @@ def _time_tuning(tuning: str, ordered: list[dict[str, Any]], rows: list[dict[str
         call = functools.partial(compiled, *layer["args"], **layer["kwargs"])
         with torch.inference_mode():
             begin = time.perf_counter()
-            call()
+            out = call()
             torch.cuda.synchronize()
             spent += time.perf_counter() - begin
             row[tuning] = round(_median_ms(call), 3)
+            row[f"{tuning}_max_diff"] = _max_difference(out, layer["reference"])
+            del out
         print(json.dumps({"tuning": tuning, "spent_s": round(spent, 1)} | row), flush=True)
     return spent
+
+
+def _run_tunings(
+    b: Bench, tunings: list[str], ordered: list[dict[str, Any]], rows: list[dict[str, Any]]
+) -> dict[str, float]:
+    """`_time_tuning` for each of `tunings` (those that fail are removed from the list); their compile seconds."""
+    import torch._dynamo
+
+    compile_s: dict[str, float] = {}
+    for tuning in list(tunings):
+        torch._dynamo.reset()
+        change = MODEL_CHANGES.get(tuning)
+        try:
+            if change is not None:
+                change(b.parts.unet, True)
+            spent = _time_tuning(tuning, ordered, rows, b.args.tuning_budget)
+        except Exception:  # an option this torch lacks, or a failed compile: the other tunings still count
+            traceback.print_exc()
+            print(json.dumps({"tuning": tuning, "failed": True}), flush=True)
+            tunings.remove(tuning)
+            for row in rows:
+                row.pop(tuning, None)
+                row.pop(f"{tuning}_max_diff", None)
+            continue
+        finally:
+            if change is not None:
+                change(b.parts.unet, False)
+        compile_s[tuning] = round(spent, 1)
+        print(json.dumps({"tuning": tuning, "compile_s": compile_s[tuning]}), flush=True)
+    return compile_s
 
 
 def phase_tuning(b: Bench) -> None:
@@ -747,7 +808,17 @@ def phase_tuning(b: Bench) -> None:
         ordered = []
         for module, args, kwargs, calls in layers.values():
             eager_ms = _median_ms(lambda m=module, a=args, k=kwargs: m(*a, **k))
-            ordered.append({"module": module, "args": args, "kwargs": kwargs, "calls": calls, "eager_ms": eager_ms})
+            reference = module(*args, **kwargs)
+            ordered.append(
+                {
+                    "module": module,
+                    "args": args,
+                    "kwargs": kwargs,
+                    "calls": calls,
+                    "eager_ms": eager_ms,
+                    "reference": reference,
+                }
+            )
         ordered.sort(key=lambda layer: -layer["eager_ms"] * layer["calls"])
     compile_cache.raise_graph_limits()  # as the daemon's per-layer compile does
     rows = [
@@ -755,20 +826,7 @@ def phase_tuning(b: Bench) -> None:
         for m in ordered
     ]
     tunings = b.args.tunings.split(",")
-    compile_s: dict[str, float] = {}
-    for tuning in list(tunings):
-        torch._dynamo.reset()
-        try:
-            spent = _time_tuning(tuning, ordered, rows, b.args.tuning_budget)
-        except Exception:  # an option this torch lacks, or a failed compile: the other tunings still count
-            traceback.print_exc()
-            print(json.dumps({"tuning": tuning, "failed": True}), flush=True)
-            tunings.remove(tuning)
-            for row in rows:
-                row.pop(tuning, None)
-            continue
-        compile_s[tuning] = round(spent, 1)
-        print(json.dumps({"tuning": tuning, "compile_s": compile_s[tuning]}), flush=True)
+    compile_s = _run_tunings(b, tunings, ordered, rows)
     covered = [row for row in rows if all(tuning in row for tuning in tunings)]
     for row in rows:
         b.rec.emit({"tuning_layer": row | {"shape": b.args.step_shape}})

@@ -192,6 +192,69 @@ def test_a_guided_step_with_a_first_block_without_context_shares_only_the_head()
     assert torch.allclose(guided_shallow, doubled_shallow, rtol=0, atol=1e-12)
 
 
+def _tiny_unet_step(unet: Any, seed: int) -> torch.Tensor:
+    """One guided step (full pass) of `unet` in float64 on fixed random inputs."""
+    torch.manual_seed(seed)
+    latents, image_latents = (torch.randn(1, 4, 8, 8, 8, dtype=torch.float64) for _ in range(2))
+    images = torch.randn(2, 1, 32, dtype=torch.float64)
+    prompts = torch.randn(2, 77, 32, dtype=torch.float64)
+    with torch.inference_mode():
+        prep = gpu_speed.prepare(unet, torch.cat([image_latents] * 2), images, prompts, torch.tensor([16, 16]))
+        noise, _ = gpu_speed.step(unet, latents, torch.tensor(400), prep, guided=True)
+    return noise
+
+
+def test_fused_projections_compute_the_same_step() -> None:
+    """The query/key/value projections as one GEMM (self-attention) and key/value as one (cross-attention) give
+    the same step as one GEMM each (float64), through every attention layer of the UNet."""
+    from diffusers import I2VGenXLUNet
+    from diffusers.models.attention_processor import Attention
+
+    config = json.loads((tiny.SHIPPED_DIR / "unet" / "config.json").read_text(encoding="utf-8"))
+    torch.manual_seed(6)
+    unet = I2VGenXLUNet.from_config(config).eval().double()
+    layers = [m for m in unet.modules() if isinstance(m, Attention)]
+    assert layers and all(gpu_speed.fusable(m) for m in layers)
+    assert {m.is_cross_attention for m in layers} == {True, False}  # both kinds are covered
+    assert gpu_speed.install_attention(unet) == len(layers)
+    separate = _tiny_unet_step(unet, 7)
+    called: list[str] = []
+    hooks = [
+        getattr(m, name).register_forward_pre_hook(lambda *_, key=f"{m.is_cross_attention}:{name}": called.append(key))
+        for m in layers
+        for name in ("to_q", "to_k", "to_v")
+    ]
+    assert gpu_speed.install_attention(unet, fuse_projections=True) == len(layers)
+    try:
+        fused = _tiny_unet_step(unet, 7)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.allclose(fused, separate, rtol=0, atol=1e-12)
+    assert called and set(called) == {"True:to_q"}  # only a cross-attention's query is a GEMM of its own
+
+
+def test_a_bias_added_after_the_gemm_computes_the_same_step() -> None:
+    """`split_linear_bias` swaps the class of every plain biased `Linear` (weights and state dict untouched), the
+    step is the same (float64), and `undo` swaps them back."""
+    from diffusers import I2VGenXLUNet
+
+    config = json.loads((tiny.SHIPPED_DIR / "unet" / "config.json").read_text(encoding="utf-8"))
+    torch.manual_seed(8)
+    unet = I2VGenXLUNet.from_config(config).eval().double()
+    biased = [m for m in unet.modules() if type(m) is torch.nn.Linear and m.bias is not None]
+    state = {name: tensor.clone() for name, tensor in unet.state_dict().items()}
+    before = _tiny_unet_step(unet, 9)
+    assert gpu_speed.split_linear_bias(unet) == len(biased) > 0
+    assert all(type(m) is gpu_speed.BiasAfterLinear for m in biased)
+    after = _tiny_unet_step(unet, 9)
+    assert torch.allclose(after, before, rtol=0, atol=1e-12)
+    assert unet.state_dict().keys() == state.keys()
+    assert all(torch.equal(tensor, state[name]) for name, tensor in unet.state_dict().items())
+    assert gpu_speed.split_linear_bias(unet, undo=True) == len(biased)
+    assert all(type(m) is torch.nn.Linear for m in biased)
+
+
 @pytest.mark.parametrize("length", [8, 33])  # a short (temporal) and a long sequence
 def test_padded_heads_compute_the_same_attention(length: int) -> None:
     torch.manual_seed(1)
