@@ -13,10 +13,11 @@ Phases: `ref` (fp32 reference loop, stock attention: the PSNR reference), `stock
 convolution of a step alone, cuDNN's heuristic or `--cudnn-benchmark`'s measured algorithm), `layout` (NCHW vs
 channels-last weights), `vram` (peak per stage for the VRAM model), `creep` (allocated memory over many jobs),
 `tuning` (each compiled layer alone under inductor's tuning options: `--tunings`, `--tuning-budget`), `sharing`
-(the guided step against the doubled batch, alternating in one process), `roofline` (one compiled step's kernels
+(the guided step against the doubled batch, alternating in one process), `changes` (whole compiled steps with
+and without a model change: `--changes`), `roofline` (one compiled step's kernels
 against the GPU's bandwidth and FLOP rate: `--roofline triton|extern`), `ready` (load + compile + first video: run
 twice in fresh processes to see the cold and the warm compile cache).
-`profile`, `attn`, `conv`, `tuning`, `sharing`, `roofline` and `layout` look at one step of `--step-shape`
+`profile`, `attn`, `conv`, `tuning`, `sharing`, `changes`, `roofline` and `layout` look at one step of `--step-shape`
 (default 512p:16).
 """
 
@@ -850,6 +851,61 @@ def phase_tuning(b: Bench) -> None:
     b.rec.emit(summary)
 
 
+def phase_changes(b: Bench) -> None:
+    """Whole compiled steps with and without `MODEL_CHANGES` (`--changes`, in that order; a name given again is
+    compiled again with inductor's caches off, so that the difference between two compiles of the same code, which
+    inductor's own kernel benchmarks at compile time make vary, is measured next to the change). Each variant: the
+    layers compiled per layer (`compile_cache.compile_regions`, dynamo, as without precompiled graphs) after a
+    dynamo reset, one guided step at `--step-shape`, 5 rounds of the median of 10, and the step's largest
+    difference to the first variant's output."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    from daemon.generate import compile_cache
+
+    generator = make_generator(b.parts, torch.float16)
+    if b.args.channels_last:
+        gpu_speed.to_channels_last(b.parts.unet)
+    cond, latents, t = step_inputs(generator, *step_shape(b.args))
+    unet = b.parts.unet
+    seen: set[str] = set()
+    first: Any = None
+    for name in b.args.changes.split(","):
+        torch._dynamo.reset()
+        change = MODEL_CHANGES.get(name)
+        if change is not None:
+            change(unet, True)
+        caches = contextlib.nullcontext() if name not in seen else inductor_config.patch(force_disable_caches=True)
+        try:
+            with torch.inference_mode(), caches:
+                compile_cache.compile_regions([unet], "default")
+                prep = pred.prepare(unet, cond)
+                begin = time.perf_counter()
+                out = guided_step(unet, latents, t, prep)[0]
+                torch.cuda.synchronize()
+                compile_s = time.perf_counter() - begin
+                timed_step = functools.partial(guided_step, unet, latents, t, prep)
+                rounds = [_median_ms(timed_step) for _ in range(5)]
+        finally:
+            if change is not None:
+                change(unet, False)
+        first = out if first is None else first
+        row = {
+            "change": name,
+            "again": name in seen,
+            "shape": b.args.step_shape,
+            "channels_last": b.args.channels_last,
+            "compile_s": round(compile_s, 1),
+            "ms_per_step": round(statistics.median(rounds), 3),
+            "rounds": [round(x, 3) for x in rounds],
+            "max_diff_to_first": _max_difference(out, first),
+        }
+        seen.add(name)
+        print(json.dumps(row), flush=True)
+        b.rec.emit({"changes": row})
+        del out
+
+
 def phase_sharing(b: Bench) -> None:
     """The guidance halves' shared head against the doubled batch: one step at `--step-shape` both ways, on the
     generator as configured (with `--compile`, the compiled layers: the shared layers get graphs of one job's rows),
@@ -1200,6 +1256,11 @@ def main() -> None:
         default=True,
         help="blocks scope: layer graphs saved whole (model.precompile_layers, the daemon's default)",
     )
+    parser.add_argument(
+        "--changes",
+        default="default,split-bias,default",
+        help=f"changes phase: variants in order, of default, {', '.join(MODEL_CHANGES)}",
+    )
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--fast-variants", default="3,0,50;5,0,50;3,0.3,50;3,0,25")
     parser.add_argument("--creep-jobs", type=int, default=100)
@@ -1258,6 +1319,7 @@ def main() -> None:
         ("conv", phase_conv),
         ("tuning", phase_tuning),
         ("sharing", phase_sharing),
+        ("changes", phase_changes),
         ("roofline", phase_roofline),
         ("profile", phase_profile),
         ("vram", phase_vram),
