@@ -112,16 +112,20 @@ def eager_layers(*models: Any) -> Iterator[None]:
 
 @contextlib.contextmanager
 def stock_attention(unet: Any, vae: Any) -> Iterator[None]:
-    """The stock pipeline runs with diffusers' own processors and uncompiled layers, whatever ours installed."""
+    """The stock pipeline runs with diffusers' own processors, linear layers and uncompiled layers, whatever ours
+    installed."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     saved = unet.attn_processors
     unet.set_attn_processor(AttnProcessor2_0())
+    split = gpu_speed.split_linear_bias(unet, undo=True)
     try:
         with eager_layers(unet, vae):
             yield
     finally:
         unet.set_attn_processor(saved)
+        if split:
+            gpu_speed.split_linear_bias(unet)
 
 
 def request(tier: str, frames: int, steps: int, seed: int = 42, guidance: float = 9.0) -> GenerationRequest:
@@ -229,6 +233,7 @@ class Bench:
                 compile_scope=self.args.compile_scope,
                 compile_vae=self.args.compile_vae,
                 channels_last=self.args.channels_last,
+                split_linear_bias=self.args.split_linear_bias,
                 precompiled_dir=layers if self.args.precompile_layers else None,
             )
             warm_up = warm_up or request("512p", 16, 2)
@@ -287,6 +292,7 @@ def run_exact_case(b: Bench, tier: str, frames: int, repeats: int, stock: np.nda
         "precompile_layers": b.args.precompile_layers,
         "compile": b.args.compile,
         "channels_last": b.args.channels_last,
+        "split_linear_bias": b.args.split_linear_bias,
     }
     b.rec.add(
         b.parts,
@@ -969,6 +975,7 @@ def phase_roofline(b: Bench) -> None:
         compile_mode=b.args.compile,
         compile_scope=b.args.compile_scope,
         channels_last=b.args.channels_last,
+        split_linear_bias=b.args.split_linear_bias,
     )
     cond, latents, t = step_inputs(generator, *step_shape(b.args))
     unet = b.parts.unet
@@ -1278,6 +1285,12 @@ def main() -> None:
         help="channels-last UNet convolution weights (default: as the daemon's model.channels_last unset decides)",
     )
     parser.add_argument(
+        "--split-linear-bias",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="UNet linear biases added after the GEMM (default: as the daemon's model.split_linear_bias unset decides)",
+    )
+    parser.add_argument(
         "--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark for the whole run"
     )
     parser.add_argument(
@@ -1299,6 +1312,10 @@ def main() -> None:
         scope = args.compile_scope if compiled == args.compile else resolve_compile_scope(compiled, "auto")
         model = ModelConfig(compile=compiled, compile_scope=scope)
         args.channels_last = model.resolved_channels_last(compiled)
+    if args.split_linear_bias is None:  # as the daemon decides (the tuning and changes phases set it themselves)
+        args.split_linear_bias = ModelConfig(
+            compile=args.compile, compile_scope=args.compile_scope
+        ).resolved_split_linear_bias(args.compile)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     from daemon.generate import compile_cache

@@ -147,6 +147,14 @@ class ModelConfig(_Frozen):
         "6.63 s on an H200), off otherwise (an eager step was slower with it); BENCHMARKS.md, "
         '"Attention kernels and channels-last"',
     )
+    split_linear_bias: bool | None = Field(
+        default=None,
+        description="i2vgen-xl on CUDA: the UNet's linear layers add their bias after the GEMM, where the compiler "
+        "fuses it into the next kernel, instead of in cuBLAS's epilogue (its 320-wide biased GEMM ran at 278 "
+        "TFLOP/s, 486 without the bias). Unset: on with the per-layer compile (one 512x512x16 step 117.5 -> 114.2 "
+        "ms on an H200), off otherwise (an extra kernel in eager mode); BENCHMARKS.md, \"A linear's bias after "
+        'its GEMM"',
+    )
     warm_up_batch_sizes: tuple[Annotated[int, Field(ge=1, le=64)], ...] = Field(
         default=(1,),
         min_length=1,
@@ -179,6 +187,15 @@ class ModelConfig(_Frozen):
         on this device: 'off' on the CPU)."""
         if self.channels_last is not None:
             return self.channels_last
+        return self._compiled_per_layer(compile_mode)
+
+    def resolved_split_linear_bias(self, compile_mode: str) -> bool:
+        """`split_linear_bias`, or where unset whether the UNet is compiled per layer (as `resolved_channels_last`)."""
+        if self.split_linear_bias is not None:
+            return self.split_linear_bias
+        return self._compiled_per_layer(compile_mode)
+
+    def _compiled_per_layer(self, compile_mode: str) -> bool:
         return compile_mode != "off" and self.resolved_compile_scope == "blocks"
 
     @field_validator("device")

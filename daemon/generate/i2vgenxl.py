@@ -129,6 +129,7 @@ def _load_generator(config: ModelConfig, clip_skip: int | None) -> I2VGenXLGener
         compile_scope=config.resolved_compile_scope,
         compile_vae=config.compile_vae,
         channels_last=config.resolved_channels_last(compile_mode),
+        split_linear_bias=config.resolved_split_linear_bias(compile_mode),
         precompiled_dir=_precompiled_dir(config, parts) if compile_mode != "off" else None,
     )
     warm = generator.warm_up(
@@ -206,6 +207,7 @@ class I2VGenXLGenerator:
         compile_backend: compile_cache.Backend = "inductor",
         fast_options: pred.FastOptions | None = None,
         channels_last: bool = False,
+        split_linear_bias: bool = False,
         precompiled_dir: Path | None = None,
     ) -> None:
         self._parts = parts
@@ -219,6 +221,8 @@ class I2VGenXLGenerator:
             gpu_speed.install_attention(parts.unet)
             if channels_last:
                 gpu_speed.to_channels_last(parts.unet)
+            if split_linear_bias:
+                gpu_speed.split_linear_bias(parts.unet)
         regions = (parts.unet, parts.vae.decoder) if compile_vae else (parts.unet,)
         layer_graphs = None
         if precompiled_dir is not None:  # used with scope 'blocks' only (`GuardedCompile` decides)

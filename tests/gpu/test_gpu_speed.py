@@ -227,7 +227,8 @@ def test_a_restart_takes_every_layer_graph_from_disk(cache: Path) -> None:
 @pytest.mark.parametrize("compile_vae", [False, True])
 def test_per_layer_compile_matches_eager_in_both_modes(cache: Path, compile_vae: bool) -> None:
     """The shipped way to compile (`compile: default`, scope auto -> blocks; with and without the VAE decoder's
-    layers): same video as eager within fp16 in exact and fast mode, no fallback, the heap frozen after the warm-up."""
+    layers; linear biases after their GEMMs): same video as eager within fp16 in exact and fast mode, no fallback,
+    the heap frozen after the warm-up."""
     import gc
 
     config = ModelConfig(device="cuda", dtype="float16", cache_dir=cache, compile="default", compile_vae=compile_vae)
@@ -235,6 +236,7 @@ def test_per_layer_compile_matches_eager_in_both_modes(cache: Path, compile_vae:
     unet_layers = sum(type(m).__name__ in compile_cache.REGION_CLASSES for m in compiled.components.unet.modules())
     assert compiled.step_fn.scope == "blocks"
     assert (compiled.step_fn.regions > unet_layers) == compile_vae
+    assert any(type(m) is gpu_speed.BiasAfterLinear for m in compiled.components.unet.modules())  # the default
     assert gc.get_freeze_count() > 0
     eager = load_generator(ModelConfig(device="cuda", dtype="float16", cache_dir=cache))
     for mode in ("exact", "fast"):

@@ -147,3 +147,22 @@ def test_channels_last_follows_the_compile_unless_set(
 
     config = ModelConfig(channels_last=channels_last, compile=compile_mode, compile_scope=scope)
     assert config.resolved_channels_last(config.compile) is want
+
+
+@pytest.mark.parametrize(
+    ("split", "compile_mode", "scope", "want"),
+    [
+        (None, "default", "auto", True),  # per-layer compile: the bias fuses into the next kernel (measured faster)
+        (None, "default", "step", False),  # not measured with the whole-step graph
+        (None, "off", "auto", False),  # eager: an extra kernel per layer
+        (False, "default", "auto", False),
+        (True, "off", "auto", True),
+    ],
+)
+def test_split_linear_bias_follows_the_compile_unless_set(
+    split: bool | None, compile_mode: str, scope: str, want: bool
+) -> None:
+    from daemon.config import ModelConfig
+
+    config = ModelConfig(split_linear_bias=split, compile=compile_mode, compile_scope=scope)
+    assert config.resolved_split_linear_bias(config.compile) is want
