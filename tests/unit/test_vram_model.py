@@ -36,19 +36,22 @@ def recorded(name: str) -> list[dict[str, Any]]:
 
 
 def test_the_time_model_follows_the_measured_shapes() -> None:
-    """Against the compiled runs on the H200 (`bench/results/gpu_bench-2026-12-01-*.jsonl`): the shipped
-    configuration's 512p/16f videos (guidance halves sharing their head) within 2% (exact) and 5% (fast), the daemon
-    bench's bare 30-step video on the same code within 2%, a batch of two's step relative to one video's (both
-    measured before the packed temporal attention) within 5%, each tier's denoising step (packed; 32 frames, which
-    are not packed, from the run before) relative to the packed 512p/16f step of the same run within 5%, and the
-    VAE decode within 15%. The step terms were scaled once for the shared head, so the tiers' ratios are those of
-    the runs before it."""
-    for row in recorded("gpu_bench-2026-12-01-guided.jsonl"):
+    """Against the compiled runs on the H200 (`bench/results/gpu_bench-2026-12-0*.jsonl`): the shipped
+    configuration's 512p/16f videos (guidance halves sharing their head, linear biases after their GEMMs) within 2%
+    (exact) and 5% (fast), the daemon bench's bare 30-step video relative to the exact video of the same code
+    (before the biases moved) within 2%, a batch of two's step relative to one video's (both measured before the
+    packed temporal attention) within 5%, each tier's denoising step (packed; 32 frames, which are not packed, from
+    the run before) relative to the packed 512p/16f step of the same run within 5%, and the VAE decode within 15%.
+    The step terms were scaled for the shared head and for the biases, so the tiers' ratios are those of the runs
+    before."""
+    for row in recorded("gpu_bench-2026-12-02-split-bias.jsonl"):
         shallow = 8 if row["mode"] == "fast" else 0  # 3@12: 4 full steps, 8 shallow
         want = vram.estimate_seconds(512, 512, 16, row["steps"], shallow_steps=shallow)
         assert want == pytest.approx(row["s_per_video"], rel=0.02 if shallow == 0 else 0.05), row
     bare = json.loads((RESULTS / "gpu_daemon-2026-12-01-compiled-guided.json").read_text())["bare"]
-    assert vram.estimate_seconds(512, 512, 16, 30) == pytest.approx(bare["s_per_video"], rel=0.02)
+    (same_code,) = [r for r in recorded("gpu_bench-2026-12-01-guided.jsonl") if r["mode"] == "exact"]
+    ratio = vram.estimate_seconds(512, 512, 16, 30) / vram.estimate_seconds(512, 512, 16, 50)
+    assert ratio == pytest.approx(bare["s_per_video"] / same_code["s_per_video"], rel=0.02)
     (pair,) = recorded("gpu_bench-2026-12-01-batch2.jsonl")
     (single,) = [r for r in recorded("gpu_bench-2026-12-01-shipped.jsonl") if r["mode"] == "exact"]
     assert (pair["batch"], single["batch"]) == (2, 1)

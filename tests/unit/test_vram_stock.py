@@ -114,13 +114,13 @@ def test_fast_mode_is_estimated_as_its_capped_steps_with_cheaper_shallow_ones(
 ) -> None:
     """I2VGen-XL fast mode runs at most 12 steps, 4 of them full and 8 shallow at 0.47 of a full one (BENCHMARKS.md,
     "Compile scope"); the `preview` preset (25 steps, fast) is estimated so, and the shipped model reproduces the
-    measured H200 figures of the shipped configuration (`gpu_bench-2026-12-01-guided.jsonl`: 5.99 s exact and 1.34 s
-    fast)."""
+    measured H200 figures of the shipped configuration (`gpu_bench-2026-12-02-split-bias.jsonl`: 5.77 s exact and
+    1.23 s fast)."""
     capped = estimates.job_seconds("i2vgen-xl", 512, 512, 16, 12)
     fast = estimates.job_seconds("i2vgen-xl", 512, 512, 16, 25, "fast")
     assert fast == pytest.approx(vram.estimate_seconds(512, 512, 16, 12, shallow_steps=8))
     assert fast < capped < estimates.job_seconds("i2vgen-xl", 512, 512, 16, 25, "exact")
-    lines = (RESULTS / "gpu_bench-2026-12-01-guided.jsonl").read_text().splitlines()
+    lines = (RESULTS / "gpu_bench-2026-12-02-split-bias.jsonl").read_text().splitlines()
     measured = {row["mode"]: row["s_per_video"] for row in map(json.loads, lines)}
     assert estimates.job_seconds("i2vgen-xl", 512, 512, 16, 50) == pytest.approx(measured["exact"], rel=0.02)
     assert fast == pytest.approx(measured["fast"], rel=0.05)
