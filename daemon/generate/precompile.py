@@ -89,14 +89,31 @@ def value_signature(value: object) -> Hashable:
 
 
 def state_signature(module: torch.nn.Module) -> Hashable:
-    """The layer's class and the names, shapes, strides and dtypes of its weights and buffers (their device is
-    checked per call: offloading moves models). Weights are graph inputs, and a graph is specialised on their
-    layout as on any input's (channels-last convolution weights need their own graphs); the signature is taken
-    when the layer is installed, so a layout change means installing again."""
-    kind = type(module)
+    """The classes of the layer and of each of its submodules (and their attention processors, with their
+    settings), and the names, shapes, strides and dtypes of its weights and buffers (their device is checked per
+    call: offloading moves models). Weights are graph inputs, and a graph is specialised on their layout as on any
+    input's (channels-last convolution weights need their own graphs); a submodule's class is its code
+    (`model.split_linear_bias` swaps `Linear` for `gpu_speed.BiasAfterLinear`, same weights). The signature is
+    taken when the layer is installed, so a layout or class change means installing again."""
+    classes = tuple((name, _qualified(sub), _processor(sub)) for name, sub in module.named_modules())
     tensors = [*module.named_parameters(), *module.named_buffers()]
     weights = tuple((name, tuple(t.shape), t.stride(), t.dtype) for name, t in tensors)
-    return (kind.__module__, kind.__qualname__, weights)
+    return (classes, weights)
+
+
+def _qualified(value: object) -> str:
+    kind = type(value)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _processor(module: torch.nn.Module) -> Hashable:
+    """An attention layer's processor: its class and its plain settings (`AttentionProcessor.fuse_projections`)."""
+    processor = getattr(module, "processor", None)
+    if processor is None:
+        return None
+    settings = getattr(processor, "__dict__", {})
+    plain = tuple(sorted((k, v) for k, v in settings.items() if isinstance(v, (bool, int, float, str, type(None)))))
+    return (_qualified(processor), plain)
 
 
 def serialisable_guards(entries: Sequence[Any]) -> list[bool]:

@@ -139,6 +139,32 @@ def test_channels_last_weights_get_graphs_of_their_own(tmp_path: Path) -> None:
     assert precompile.state_signature(contiguous) != precompile.state_signature(converted)
 
 
+def test_layers_with_other_submodule_classes_or_processor_settings_get_graphs_of_their_own(tmp_path: Path) -> None:
+    """`model.split_linear_bias` changes a layer's code (its `Linear`s' class), not its weights: a layer with
+    biases after the GEMM must not be handed the graph compiled with cuBLAS's bias, nor the other way round; an
+    attention processor's settings are part of the code too."""
+    from diffusers.models.attention_processor import Attention
+
+    from daemon.generate import gpu_speed
+
+    plain, split = resnet(1.0, 1), resnet(1.0, 1)
+    assert gpu_speed.split_linear_bias(split) > 0
+    x, temb = torch.randn(2, 8, 6, 6), torch.randn(2, 16)
+    with torch.inference_mode():
+        want = plain._call_impl(x, temb)
+        graphs = precompile.LayerGraphs(tmp_path, "default", "aot_eager")
+        graphs.install([plain, split])
+        for layer in (plain, split):
+            torch.testing.assert_close(layer(x, temb), want)
+    assert graphs.stats.compiled == 2 == len(list(tmp_path.glob(f"*{precompile.SUFFIX}")))
+    assert precompile.state_signature(plain) != precompile.state_signature(split)
+    attention = Attention(8, heads=2, dim_head=4)
+    attention.set_processor(gpu_speed.AttentionProcessor())  # type: ignore[arg-type]
+    separate = precompile.state_signature(attention)
+    attention.set_processor(gpu_speed.AttentionProcessor(fuse_projections=True))  # type: ignore[arg-type]
+    assert precompile.state_signature(attention) != separate
+
+
 def test_it_works_where_torch_leaves_the_entry_point_off(tmp_path: Path) -> None:
     """torch 2.11 ships `enable_aot_compile = False`, without which `torch.compile(fn)` has no `aot_compile`."""
     import torch._dynamo
