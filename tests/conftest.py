@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,13 @@ from daemon.manifest import manifest_json_schema
 from daemon.publish import STAGING_DIR_NAME
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The tests model a terminal session. Run under `nohup` (or by a runner that ignores SIGHUP), this process
+    and every `i2vd run` it starts would inherit SIGHUP ignored, which the daemon rightly keeps
+    (tests/unit/test_signals.py tests that case on its own)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 @pytest.fixture

@@ -132,7 +132,9 @@ def test_a_stop_while_the_model_loads_gives_the_start_up_and_loses_nothing(
         while not _group_gone(daemon.process.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert _group_gone(daemon.process.pid), "a process of the daemon's group outlived it"
-        assert sorted(p.name for p in (tmp_path / "inbox").iterdir()) == ["early.png", "early.yaml"]
+        inbox = tmp_path / "inbox"
+        assert sorted(p.name for p in inbox.iterdir() if p.is_file()) == ["early.png", "early.yaml"]
+        assert not any((inbox / "failed").iterdir())  # nothing refused
     finally:
         listener.close()
     again = ops_daemon()
