@@ -781,7 +781,7 @@ def _run_tunings(
     return compile_s
 
 
-def phase_tuning(b: Bench) -> None:
+def _tuning_on_plain_unet(b: Bench) -> None:
     """Each distinct compiled layer of one guided step at `--step-shape` (one per `compile_cache.REGION_CLASSES`
     layer, inputs recorded from an eager step) compiled alone under each `--tunings` inductor option set and timed
     against eager. The heaviest layers go first and each tuning stops compiling new layers after `--tuning-budget`
@@ -857,7 +857,7 @@ def phase_tuning(b: Bench) -> None:
     b.rec.emit(summary)
 
 
-def phase_changes(b: Bench) -> None:
+def _changes_on_plain_unet(b: Bench) -> None:
     """Whole compiled steps with and without `MODEL_CHANGES` (`--changes`, in that order; a name given again is
     compiled again with inductor's caches off, so that the difference between two compiles of the same code, which
     inductor's own kernel benchmarks at compile time make vary, is measured next to the change). Each variant: the
@@ -910,6 +910,41 @@ def phase_changes(b: Bench) -> None:
         print(json.dumps(row), flush=True)
         b.rec.emit({"changes": row})
         del out
+
+
+@contextlib.contextmanager
+def plain_unet(unet: Any) -> Iterator[None]:
+    """The UNet as the `tuning` and `changes` phases compare from, whatever a generator of an earlier phase
+    installed: plain `Linear`s, unfused projections, uncompiled layers; put back as it was afterwards."""
+    classes = [(module, type(module)) for module in unet.modules()]
+    calls = [(module, module._compiled_call_impl) for module in unet.modules()]
+    processors = [getattr(module, "processor", None) for module in unet.modules()]
+    flags = [(p, p.fuse_projections) for p in processors if isinstance(p, gpu_speed.AttentionProcessor)]
+    gpu_speed.split_linear_bias(unet, undo=True)
+    _set_fused_projections(unet, False)
+    for module, _ in calls:
+        module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for module, kind in classes:
+            module.__class__ = kind
+        for module, call in calls:
+            module._compiled_call_impl = call
+        for processor, flag in flags:
+            processor.fuse_projections = flag
+
+
+def phase_tuning(b: Bench) -> None:
+    """`_tuning_on_plain_unet` on `plain_unet`."""
+    with plain_unet(b.parts.unet):
+        _tuning_on_plain_unet(b)
+
+
+def phase_changes(b: Bench) -> None:
+    """`_changes_on_plain_unet` on `plain_unet`."""
+    with plain_unet(b.parts.unet):
+        _changes_on_plain_unet(b)
 
 
 def phase_sharing(b: Bench) -> None:

@@ -151,9 +151,9 @@ class ModelConfig(_Frozen):
         default=None,
         description="i2vgen-xl on CUDA: the UNet's linear layers add their bias after the GEMM, where the compiler "
         "fuses it into the next kernel, instead of in cuBLAS's epilogue (its 320-wide biased GEMM ran at 278 "
-        "TFLOP/s, 486 without the bias). Unset: on with the per-layer compile (one 512x512x16 step 117.5 -> 114.2 "
-        "ms on an H200), off otherwise (an extra kernel in eager mode); BENCHMARKS.md, \"A linear's bias after "
-        'its GEMM"',
+        "TFLOP/s, 486 without the bias). Unset: on with the per-layer compile (on an H200 a 512x512x16 step timed "
+        "alone 117.5 -> 114.2 ms, inside a 50-step video 111.2 -> 108.0 ms), off otherwise and after a compile "
+        'falls back to eager (an extra kernel in eager mode); BENCHMARKS.md, "A linear\'s bias after its GEMM"',
     )
     warm_up_batch_sizes: tuple[Annotated[int, Field(ge=1, le=64)], ...] = Field(
         default=(1,),

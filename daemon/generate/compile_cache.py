@@ -210,7 +210,8 @@ class GuardedCompile:
     `scope` 'step' compiles `eager` itself; 'blocks' compiles the layers of `regions` (`compile_regions`) and calls
     `eager`, which runs them; `run` puts other work that goes through one of those models (the VAE decode) under
     the same fallback. `backend` is torch.compile's (tests use 'eager' to check the wiring on the CPU). With
-    `layer_graphs` (scope 'blocks' only) the layers' compiled graphs are saved whole and loaded at the next start."""
+    `layer_graphs` (scope 'blocks' only) the layers' compiled graphs are saved whole and loaded at the next start;
+    `on_fallback` runs once when it falls back."""
 
     def __init__(
         self,
@@ -221,8 +222,11 @@ class GuardedCompile:
         regions: Sequence[torch.nn.Module] = (),
         backend: Backend = "inductor",
         layer_graphs: precompile.LayerGraphs | None = None,
+        on_fallback: Callable[[], object] | None = None,
     ) -> None:
         self.eager = eager
+        self.on_fallback = on_fallback
+        """Called once at a fallback, before the eager call (the generator puts back what only pays compiled)."""
         self.mode = mode
         self.scope = scope
         self.compiled: Callable[..., Any] | None = None
@@ -283,3 +287,5 @@ class GuardedCompile:
         self._regions = []
         self._compiled_models = ()
         self.layer_graphs = None
+        if self.on_fallback is not None:
+            self.on_fallback()

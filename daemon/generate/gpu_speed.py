@@ -431,6 +431,15 @@ def step(
     return _tail(unet, out, frames), deep
 
 
+def eager_layout(model: Any) -> None:
+    """Undo what pays only when compiled (`split_linear_bias`, `to_channels_last`: an eager step was slower with
+    each): what the generator does when its compile falls back to eager."""
+    split_linear_bias(model, undo=True)
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
+            module.weight.data = module.weight.data.contiguous()
+
+
 def to_channels_last(model: Any) -> int:
     """Convolution weights in channels-last layout (cuDNN's native one: no NCHW<->NHWC transposes around each
     convolution); 5-D (temporal) convolutions get the 3-D variant. Returns how many weights changed."""

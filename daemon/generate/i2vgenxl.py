@@ -8,6 +8,7 @@ imports torch, diffusers and transformers; the rest of the daemon reaches it laz
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -227,6 +228,7 @@ class I2VGenXLGenerator:
         layer_graphs = None
         if precompiled_dir is not None:  # used with scope 'blocks' only (`GuardedCompile` decides)
             layer_graphs = precompile.LayerGraphs(precompiled_dir, compile_mode, compile_backend)
+        compiled_only = device.type == "cuda" and (channels_last or split_linear_bias)
         self.step_fn = GuardedCompile(
             pred.StepModule(parts.unet),
             compile_mode,
@@ -234,6 +236,7 @@ class I2VGenXLGenerator:
             regions=regions,
             backend=compile_backend,
             layer_graphs=layer_graphs,
+            on_fallback=functools.partial(gpu_speed.eager_layout, parts.unet) if compiled_only else None,
         )
 
     @property

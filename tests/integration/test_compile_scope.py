@@ -114,6 +114,23 @@ def one_layer() -> tuple[torch.nn.Module, ...]:
     return (Upsample2D(2),)
 
 
+def test_a_fallback_calls_its_hook_once_before_the_eager_call() -> None:
+    """`on_fallback` (the generator's `gpu_speed.eager_layout`: what pays only when compiled) runs at the fallback,
+    before the eager call that follows it, and never again."""
+    order: list[str] = []
+
+    def eager_call(x: torch.Tensor) -> torch.Tensor:
+        order.append("eager")
+        return x * 2
+
+    guarded = GuardedCompile(
+        eager_call, "default", scope="step", backend=broken_backend, on_fallback=lambda: order.append("hook")
+    )
+    assert torch.equal(guarded(torch.ones(2)), torch.full((2,), 2.0))
+    guarded(torch.ones(2))
+    assert order == ["hook", "eager", "eager"] and not guarded.active
+
+
 def test_run_guards_other_work_and_lets_out_of_memory_through() -> None:
     """`run` is how the VAE decode goes under the same fallback as the step, when layers are compiled."""
     layers = one_layer()

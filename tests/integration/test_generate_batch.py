@@ -255,6 +255,24 @@ def test_a_bias_added_after_the_gemm_computes_the_same_step() -> None:
     assert all(type(m) is torch.nn.Linear for m in biased)
 
 
+def test_eager_layout_undoes_what_pays_only_when_compiled() -> None:
+    """After a compile falls back to eager, the generator puts the UNet back as eager mode runs fastest: plain
+    `Linear`s and contiguous convolution weights, the same step."""
+    from diffusers import I2VGenXLUNet
+
+    config = json.loads((tiny.SHIPPED_DIR / "unet" / "config.json").read_text(encoding="utf-8"))
+    torch.manual_seed(10)
+    unet = I2VGenXLUNet.from_config(config).eval().double()
+    before = _tiny_unet_step(unet, 11)
+    assert gpu_speed.split_linear_bias(unet) > 0 and gpu_speed.to_channels_last(unet) > 0
+    convs = [m for m in unet.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+    assert not all(m.weight.is_contiguous() for m in convs)
+    gpu_speed.eager_layout(unet)
+    assert not any(type(m) is gpu_speed.BiasAfterLinear for m in unet.modules())
+    assert all(m.weight.is_contiguous() for m in convs)
+    assert torch.allclose(_tiny_unet_step(unet, 11), before, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("length", [8, 33])  # a short (temporal) and a long sequence
 def test_padded_heads_compute_the_same_attention(length: int) -> None:
     torch.manual_seed(1)

@@ -156,7 +156,9 @@ def test_layers_with_other_submodule_classes_or_processor_settings_get_graphs_of
         graphs.install([plain, split])
         for layer in (plain, split):
             torch.testing.assert_close(layer(x, temb), want)
-    assert graphs.stats.compiled == 2 == len(list(tmp_path.glob(f"*{precompile.SUFFIX}")))
+    saved = list(tmp_path.glob(f"*{precompile.SUFFIX}"))
+    assert graphs.stats.compiled == 2 == len(saved)
+    assert len({path.name.split("-")[0] for path in saved}) == 2  # two keys, not two graphs under one key
     assert precompile.state_signature(plain) != precompile.state_signature(split)
     attention = Attention(8, heads=2, dim_head=4)
     attention.set_processor(gpu_speed.AttentionProcessor())  # type: ignore[arg-type]
