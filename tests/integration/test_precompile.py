@@ -121,45 +121,33 @@ def test_same_shaped_layers_share_a_graph_unless_their_constants_differ(tmp_path
     assert not torch.equal(want[0], want[1])
 
 
-def test_channels_last_weights_get_graphs_of_their_own(tmp_path: Path) -> None:
-    """A graph is specialised on its weights' layout like on any input's: a layer installed with channels-last
-    convolution weights (`model.channels_last`) must not be handed the graph compiled for contiguous ones."""
+@pytest.mark.parametrize("change", ["to_channels_last", "split_linear_bias"])
+def test_a_layer_changed_in_layout_or_code_gets_graphs_of_its_own(tmp_path: Path, change: str) -> None:
+    """A graph is specialised on its weights' layout like on any input's (`model.channels_last`), and on its code:
+    `model.split_linear_bias` changes the class of a layer's `Linear`s, not its weights. Either way the changed
+    layer must not be handed the plain one's graph, nor the other way round: two keys, two graphs."""
     from daemon.generate import gpu_speed
 
-    contiguous, converted = resnet(1.0, 1), resnet(1.0, 1)
-    gpu_speed.to_channels_last(converted)
-    x, temb = torch.randn(2, 8, 6, 6), torch.randn(2, 16)
-    with torch.inference_mode():
-        want = contiguous._call_impl(x, temb)
-        graphs = precompile.LayerGraphs(tmp_path, "default", "aot_eager")
-        graphs.install([contiguous, converted])
-        for layer in (contiguous, converted):
-            torch.testing.assert_close(layer(x, temb), want)
-    assert graphs.stats.compiled == 2 == len(list(tmp_path.glob(f"*{precompile.SUFFIX}")))
-    assert precompile.state_signature(contiguous) != precompile.state_signature(converted)
-
-
-def test_layers_with_other_submodule_classes_or_processor_settings_get_graphs_of_their_own(tmp_path: Path) -> None:
-    """`model.split_linear_bias` changes a layer's code (its `Linear`s' class), not its weights: a layer with
-    biases after the GEMM must not be handed the graph compiled with cuBLAS's bias, nor the other way round; an
-    attention processor's settings are part of the code too."""
-    from diffusers.models.attention_processor import Attention
-
-    from daemon.generate import gpu_speed
-
-    plain, split = resnet(1.0, 1), resnet(1.0, 1)
-    assert gpu_speed.split_linear_bias(split) > 0
+    plain, changed = resnet(1.0, 1), resnet(1.0, 1)
+    assert getattr(gpu_speed, change)(changed) > 0
     x, temb = torch.randn(2, 8, 6, 6), torch.randn(2, 16)
     with torch.inference_mode():
         want = plain._call_impl(x, temb)
         graphs = precompile.LayerGraphs(tmp_path, "default", "aot_eager")
-        graphs.install([plain, split])
-        for layer in (plain, split):
+        graphs.install([plain, changed])
+        for layer in (plain, changed):
             torch.testing.assert_close(layer(x, temb), want)
     saved = list(tmp_path.glob(f"*{precompile.SUFFIX}"))
     assert graphs.stats.compiled == 2 == len(saved)
     assert len({path.name.split("-")[0] for path in saved}) == 2  # two keys, not two graphs under one key
-    assert precompile.state_signature(plain) != precompile.state_signature(split)
+    assert precompile.state_signature(plain) != precompile.state_signature(changed)
+
+
+def test_an_attention_processors_settings_are_part_of_the_signature() -> None:
+    from diffusers.models.attention_processor import Attention
+
+    from daemon.generate import gpu_speed
+
     attention = Attention(8, heads=2, dim_head=4)
     attention.set_processor(gpu_speed.AttentionProcessor())  # type: ignore[arg-type]
     separate = precompile.state_signature(attention)

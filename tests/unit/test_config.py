@@ -129,40 +129,23 @@ def test_config_is_frozen() -> None:
         config.metrics.port = 1  # type: ignore[misc]
 
 
+@pytest.mark.parametrize("option", ["channels_last", "split_linear_bias"])
 @pytest.mark.parametrize(
-    ("channels_last", "compile_mode", "scope", "want"),
+    ("value", "compile_mode", "scope", "want"),
     [
-        (None, "default", "auto", True),  # per-layer compile: measured faster with it
-        (None, "default", "step", False),
+        (None, "default", "auto", True),  # per-layer compile: measured faster with each
+        (None, "default", "step", False),  # not with the whole-step graph
         (None, "reduce-overhead", "auto", False),  # auto -> the whole step
-        (None, "off", "auto", False),  # eager (and the CPU): measured slower with it
+        (None, "off", "auto", False),  # eager (and the CPU): slower with each
         (False, "default", "auto", False),
         (True, "off", "auto", True),
     ],
 )
-def test_channels_last_follows_the_compile_unless_set(
-    channels_last: bool | None, compile_mode: str, scope: str, want: bool
+def test_the_compiled_only_layouts_follow_the_compile_unless_set(
+    option: str, value: bool | None, compile_mode: str, scope: str, want: bool
 ) -> None:
+    """`model.channels_last` and `model.split_linear_bias`: unset, on exactly with the per-layer compile."""
     from daemon.config import ModelConfig
 
-    config = ModelConfig(channels_last=channels_last, compile=compile_mode, compile_scope=scope)
-    assert config.resolved_channels_last(config.compile) is want
-
-
-@pytest.mark.parametrize(
-    ("split", "compile_mode", "scope", "want"),
-    [
-        (None, "default", "auto", True),  # per-layer compile: the bias fuses into the next kernel (measured faster)
-        (None, "default", "step", False),  # not measured with the whole-step graph
-        (None, "off", "auto", False),  # eager: an extra kernel per layer
-        (False, "default", "auto", False),
-        (True, "off", "auto", True),
-    ],
-)
-def test_split_linear_bias_follows_the_compile_unless_set(
-    split: bool | None, compile_mode: str, scope: str, want: bool
-) -> None:
-    from daemon.config import ModelConfig
-
-    config = ModelConfig(split_linear_bias=split, compile=compile_mode, compile_scope=scope)
-    assert config.resolved_split_linear_bias(config.compile) is want
+    config = ModelConfig(**{option: value}, compile=compile_mode, compile_scope=scope)
+    assert getattr(config, f"resolved_{option}")(config.compile) is want
