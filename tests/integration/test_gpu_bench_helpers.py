@@ -72,3 +72,38 @@ def test_the_tflop_figure_is_the_stock_forward_on_plain_layers(gpu_bench: Module
         assert gpu_bench.step_tflop(parts, 64, 64, 4, 1) == pytest.approx(plain)
     assert all(module._compiled_call_impl is not None for module in resnets)  # given back afterwards
     assert not list(tmp_path.iterdir())  # the count compiled nothing
+
+
+def test_the_stock_pipeline_and_the_comparisons_run_the_plain_unet(gpu_bench: ModuleType, tmp_path: Path) -> None:
+    """`stock_attention` (the stock pipeline, the flop count) and `plain_unet` (the tuning and changes phases)
+    see the UNet as diffusers has it, whatever ours installed on the shared one: plain `Linear`s, unfused
+    projections, uncompiled layers, and diffusers' processors for the stock one. Afterwards everything is ours
+    again, and a layer compiled meanwhile is uncompiled again."""
+    from diffusers import I2VGenXLUNet
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from daemon.generate import gpu_speed
+
+    config = json.loads((tiny.SHIPPED_DIR / "unet" / "config.json").read_text(encoding="utf-8"))
+    unet = I2VGenXLUNet.from_config(config).eval()
+    gpu_speed.install_attention(unet, fuse_projections=True)
+    assert gpu_speed.split_linear_bias(unet) > 0
+    resnets = [module for module in unet.modules() if isinstance(module, ResnetBlock2D)]
+    precompile.LayerGraphs(tmp_path, "default", "aot_eager").install(resnets[:1])
+    installed = resnets[0]._compiled_call_impl
+    ours = list(unet.attn_processors.values())
+
+    def plain_inside() -> None:
+        assert not any(type(m) is gpu_speed.BiasAfterLinear for m in unet.modules())
+        assert all(m._compiled_call_impl is None for m in unet.modules())
+
+    with gpu_bench.plain_unet(unet):
+        plain_inside()
+        assert not any(p.fuse_projections for p in ours)
+        resnets[1].compile(backend="eager")  # as the changes phase compiles its variants
+    with gpu_bench.stock_attention(unet, torch.nn.Identity()):
+        plain_inside()
+        assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
+    assert any(type(m) is gpu_speed.BiasAfterLinear for m in unet.modules())
+    assert resnets[0]._compiled_call_impl is installed and resnets[1]._compiled_call_impl is None
+    assert list(unet.attn_processors.values()) == ours and all(p.fuse_projections for p in ours)
